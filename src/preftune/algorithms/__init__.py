@@ -1,0 +1,31 @@
+"""The algorithm table: name -> Algorithm class. Explicit on purpose (greppable, no registration magic)."""
+
+from __future__ import annotations
+
+from preftune.algorithms.dpo import CDPO, DPO, IPO, ORPO, Hinge, ReferenceFreeDPO, RobustDPO, SimPO, Unlikelihood
+from preftune.algorithms.best_of_n import BestOfN
+from preftune.algorithms.kto import KTO
+from preftune.algorithms.ppo import PPO
+from preftune.algorithms.reinforce import Reinforce
+from preftune.algorithms.rloo import RLOO
+from preftune.algorithms.reward import RewardModelAlgorithm
+from preftune.algorithms.sft import SFT
+
+ALGORITHMS = {
+    "sft": SFT,
+    "dpo": DPO,
+    "cdpo": CDPO,
+    "robust_dpo": RobustDPO,
+    "ipo": IPO,
+    "hinge": Hinge,
+    "ref_free_dpo": ReferenceFreeDPO,
+    "simpo": SimPO,
+    "orpo": ORPO,
+    "unlikelihood": Unlikelihood,
+    "kto": KTO,
+    "reward": RewardModelAlgorithm,
+    "best_of_n": BestOfN,
+    "reinforce": Reinforce,
+    "rloo": RLOO,
+    "ppo": PPO,
+}

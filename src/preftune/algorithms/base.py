@@ -1,0 +1,147 @@
+"""The algorithm contract: how one batch becomes (loss, metrics), and what the algorithm needs.
+
+An algorithm is an ``nn.Module`` that owns the policy (and any heads or reference it needs), so
+that the loop can hand the whole thing to Accelerate (DDP/FSDP see every trainable parameter and
+every forward goes through the wrapper). The loop never branches on an algorithm's name: whatever
+differs between algorithms is declared in ``needs`` or implemented in one of the methods below.
+
+Loss normalisation (see the batch glossary in the README): ``forward`` returns the *sum* of the
+per-unit losses of its micro-batch, where a unit is a token or a row (``needs.loss_unit``). The loop
+divides by the number of units in the whole global batch (all micro-batches, all processes), so
+``micro_batch_size x grad_accum_steps x world_size`` can be split any way without changing results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+Metrics = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""metric name -> (sum over the micro-batch, count). The loop reports sum / count over the global batch."""
+
+
+@dataclass(frozen=True)
+class Needs:
+    data_kind: Literal["sft", "pairs", "rankings", "unpaired", "prompts"]
+    """Record kind the algorithm trains on (see preftune.data.records)."""
+    loss_unit: Literal["token", "row"]
+    """What the loss is averaged over across the global batch."""
+    reference_model: bool = False
+    """Whether a frozen reference policy is needed (LoRA runs use the adapter-disabled base)."""
+    length_averaged: bool = False
+    """Whether the loss uses per-token averages of log-probs instead of sums (IPO, SimPO, ORPO)."""
+
+
+class Algorithm(nn.Module):
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    needs: ClassVar[Needs]
+
+    def __init__(self, config: Any, policy: nn.Module, tokenizer: Any, run: Any):
+        super().__init__()
+        self.config = config
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.run = run
+
+    # -- model ----------------------------------------------------------------------------------
+    @classmethod
+    def load_policy(cls, config: Any, run: Any) -> tuple[nn.Module, Any]:
+        """Load the trained model and its tokenizer, before LoRA is applied (a causal LM by default;
+        a reward model loads a one-label sequence classifier)."""
+        from preftune.models.loading import load_model
+
+        return load_model(run.model.name, dtype=run.model.dtype, seed=run.train.seed)
+
+    @classmethod
+    def member_runs(cls, run: Any) -> list:
+        """The independent runs one config asks for, each trained by the loop in turn (e.g. the
+        members of a reward-model ensemble). Default: the run itself."""
+        return [run]
+
+    # -- data -----------------------------------------------------------------------------------
+    @classmethod
+    def load_records(cls, config: Any, source: str, split: str) -> list:
+        """Read and validate the training records (of kind ``needs.data_kind``), before any model loads."""
+        from preftune.data.loaders import load_records
+
+        return load_records(source, cls.needs.data_kind, split=split)
+
+    def prepare_examples(self, examples: list[dict], accelerator: Any) -> list[dict]:
+        """Work over the whole tokenized dataset before training (e.g. precomputing reference
+        log-probs). Called once on every process, after the model is on its device."""
+        return examples
+
+    def make_source(self, examples: list[dict], accelerator: Any):
+        """The batch source the loop draws optimizer steps from (offline: the tokenized dataset)."""
+        from preftune.train.source import OfflineSource
+
+        t = self.run.train
+        return OfflineSource(
+            examples,
+            self.collate,
+            micro_batch_size=t.micro_batch_size,
+            grad_accum_steps=t.grad_accum_steps,
+            world_size=accelerator.num_processes,
+            rank=accelerator.process_index,
+            seed=t.seed,
+            length_of=self.example_length if self.run.data.group_by_length else None,
+        )
+
+    def tokenize(self, records: list, source: str) -> tuple[list[dict], Any]:
+        """Records -> tokenized examples (+ a truncation report)."""
+        from preftune.data.tokenize import tokenize_pairs, tokenize_sft
+
+        d = self.run.data
+        kwargs = dict(
+            max_length=d.max_length,
+            max_prompt_length=d.max_prompt_length,
+            truncation=d.truncation,
+            text_as_chat=d.text_as_chat,
+            source=source,
+        )
+        if self.needs.data_kind == "pairs":
+            return tokenize_pairs(records, self.tokenizer, **kwargs)
+        return tokenize_sft(records, self.tokenizer, **kwargs)
+
+    def example_length(self, example: dict) -> int:
+        """Tokens an example occupies in a batch (used to group rows of similar length)."""
+        n = len(example["prompt_ids"])
+        if "chosen_ids" in example:
+            return n + max(len(example["chosen_ids"]), len(example["rejected_ids"]))
+        return n + len(example["completion_ids"])
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        from preftune.data.collate import collate_completions, collate_pairs
+
+        pad = self.tokenizer.pad_token_id
+        if self.needs.data_kind == "pairs":
+            return collate_pairs(examples, pad)
+        return collate_completions(examples, pad)
+
+    # -- loss -----------------------------------------------------------------------------------
+    def count_units(self, batch: dict[str, torch.Tensor]) -> int:
+        """Units (tokens or rows) in a micro-batch that its summed loss covers."""
+        if self.needs.loss_unit == "token":
+            return int(batch["completion_mask"].sum())
+        n = batch["input_ids"].shape[0] if "seq_lengths" not in batch else batch["seq_lengths"].numel()
+        return n // 2 if self.needs.data_kind == "pairs" else n
+
+    def before_step(self, micro_batches: list[dict], accelerator: Any) -> None:
+        """Called with all of this process's micro-batches of a step before any forward: the place
+        for statistics over the whole global batch (e.g. KTO's KL reference point). Collective."""
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        """Return (sum of per-unit losses over this micro-batch, metrics)."""
+        raise NotImplementedError
+
+    # -- output ---------------------------------------------------------------------------------
+    def save(self, out_dir: Path) -> None:
+        """Save the trained model so transformers (or peft, for adapters) loads it directly."""
+        from preftune.models.loading import save_model
+
+        save_model(self.policy, self.tokenizer, out_dir, merge=self.run.model.lora.merge_on_save)

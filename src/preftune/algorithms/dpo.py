@@ -1,0 +1,162 @@
+"""DPO and its family: each variant = a loss from preftune.losses.preference + what it needs.
+
+DPO (Rafailov et al. 2023), cDPO (label smoothing), robust DPO (Chowdhury et al. 2024), IPO (Azar et
+al. 2023), hinge / SLiC (Zhao et al. 2023), reference-free DPO, SimPO (Meng et al. 2024), ORPO (Hong et
+al. 2024) and the unlikelihood baseline (seed 000). All share one concatenated forward and the
+reference handling of algorithms/pairwise.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from preftune.algorithms.base import Needs
+from preftune.algorithms.pairwise import PairsConfig, PairwiseAlgorithm, PairwiseConfig
+from preftune.config import ConfigError, doc
+from preftune.losses import preference as L
+
+NO_REFERENCE = Needs(data_kind="pairs", loss_unit="row", reference_model=False)
+
+
+@dataclass
+class DPOConfig(PairwiseConfig):
+    beta: float = doc(0.1, "β: strength of the KL leash to the reference (higher = stay closer).")
+
+
+@dataclass
+class SmoothedDPOConfig(PairwiseConfig):
+    beta: float = doc(0.1, "β: strength of the KL leash to the reference (higher = stay closer).")
+    label_smoothing: float = doc(0.1, "ε: assumed fraction of preference labels that are flipped, in [0, 0.5).")
+
+    def validate(self, path: str) -> None:
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"{path}.label_smoothing: must lie in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclass
+class IPOConfig(PairwiseConfig):
+    tau: float = doc(0.1, "τ: regularisation; the loss pulls the length-averaged log-ratio gap to 1/(2τ).")
+
+
+@dataclass
+class ReferenceFreeConfig(PairsConfig):
+    beta: float = doc(0.1, "β: scale of the implicit reward β·log π(y|x) (the reference is uniform).")
+
+
+@dataclass
+class SimPOConfig(PairsConfig):
+    beta: float = doc(2.0, "β: scale of the length-normalised implicit reward (the paper uses 2-10).")
+    gamma: float = doc(1.0, "γ: target reward margin (absolute, not γ/β).")
+
+
+@dataclass
+class ORPOConfig(PairsConfig):
+    lam: float = doc(0.1, "λ: weight of the odds-ratio term added to the SFT loss on the chosen completion.")
+
+
+@dataclass
+class UnlikelihoodConfig(PairsConfig):
+    alpha: float = doc(1.0, "α: weight of the unlikelihood term −log(1 − p) on rejected tokens.")
+
+
+class DPO(PairwiseAlgorithm):
+    """DPO (Rafailov et al. 2023, eq. 7): logistic loss on the implicit reward margin."""
+
+    name = "dpo"
+    Config = DPOConfig
+
+    def loss(self, batch, out, pc, pr, rc, rr):
+        return L.dpo_loss(pc, pr, rc, rr, beta=self.config.beta)
+
+
+class CDPO(PairwiseAlgorithm):
+    """Conservative DPO: DPO with label smoothing ε (labels assumed flipped with probability ε)."""
+
+    name = "cdpo"
+    Config = SmoothedDPOConfig
+
+    def loss(self, batch, out, pc, pr, rc, rr):
+        return L.cdpo_loss(pc, pr, rc, rr, beta=self.config.beta, label_smoothing=self.config.label_smoothing)
+
+
+class RobustDPO(PairwiseAlgorithm):
+    """Robust DPO (Chowdhury et al. 2024): unbiased DPO loss under a known label-flip rate ε."""
+
+    name = "robust_dpo"
+    Config = SmoothedDPOConfig
+
+    def loss(self, batch, out, pc, pr, rc, rr):
+        return L.robust_dpo_loss(pc, pr, rc, rr, beta=self.config.beta, label_smoothing=self.config.label_smoothing)
+
+
+class IPO(PairwiseAlgorithm):
+    """IPO (Azar et al. 2023): squared loss pulling the averaged log-ratio gap to 1/(2τ)."""
+
+    name = "ipo"
+    Config = IPOConfig
+    needs = Needs(data_kind="pairs", loss_unit="row", reference_model=True, length_averaged=True)
+
+    def loss(self, batch, out, pc, pr, rc, rr):
+        return L.ipo_loss(pc, pr, rc, rr, tau=self.config.tau)
+
+
+class Hinge(PairwiseAlgorithm):
+    """Hinge / SLiC-HF (Zhao et al. 2023): max(0, 1 − β·margin)."""
+
+    name = "hinge"
+    Config = DPOConfig
+
+    def loss(self, batch, out, pc, pr, rc, rr):
+        return L.hinge_loss(pc, pr, rc, rr, beta=self.config.beta)
+
+
+class ReferenceFreeDPO(PairwiseAlgorithm):
+    """Reference-free DPO: DPO with a uniform reference policy."""
+
+    name = "ref_free_dpo"
+    Config = ReferenceFreeConfig
+    needs = NO_REFERENCE
+
+    def loss(self, batch, out, pc, pr, rc, rr):
+        return L.reference_free_dpo_loss(pc, pr, beta=self.config.beta)
+
+
+class SimPO(PairwiseAlgorithm):
+    """SimPO (Meng et al. 2024): reference-free, length-normalised, target margin γ."""
+
+    name = "simpo"
+    Config = SimPOConfig
+    needs = Needs(data_kind="pairs", loss_unit="row", reference_model=False, length_averaged=True)
+
+    def loss(self, batch, out, pc, pr, rc, rr):
+        return L.simpo_loss(pc, pr, beta=self.config.beta, gamma=self.config.gamma)
+
+
+class ORPO(PairwiseAlgorithm):
+    """ORPO (Hong et al. 2024): SFT loss on the chosen answer + λ·odds-ratio term."""
+
+    name = "orpo"
+    Config = ORPOConfig
+    needs = Needs(data_kind="pairs", loss_unit="row", reference_model=False, length_averaged=True)
+
+    def loss(self, batch, out, pc, pr, rc, rr):
+        return L.orpo_loss(pc, pr, -pc, lam=self.config.lam)  # pc is the mean chosen log-prob: −pc = mean NLL
+
+
+class Unlikelihood(PairwiseAlgorithm):
+    """Unlikelihood baseline (seed 000): raise log p(y_w), push down each token of y_l; degenerates."""
+
+    name = "unlikelihood"
+    Config = UnlikelihoodConfig
+    needs = NO_REFERENCE
+
+    def loss(self, batch, out, pc, pr, rc, rr):
+        mask = batch["completion_mask"]
+        b = mask.shape[0] // 2
+        mask_c, mask_r = mask[:b], mask[b:]
+        return L.unlikelihood_loss(
+            out["chosen_per_token_logps"], mask_c, out["rejected_per_token_logps"], mask_r, alpha=self.config.alpha
+        )
+

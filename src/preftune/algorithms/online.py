@@ -1,0 +1,235 @@
+"""Online RL with a KL leash (seed 000, RLHF step 3): maximise E[r(x, y)] − β·KL(π_θ‖π_ref).
+
+An online algorithm's batch source is a RolloutSource (preftune/rollout/source.py): prompts ->
+samples from the current policy -> reward -> log-probs recomputed by the training forward (never
+trusted from the sampler) -> KL to the reference -> the algorithm's advantages. The loop is the same
+one every algorithm uses. Subclasses say how a scored rollout becomes training rows (``advantages``)
+and how a batch becomes a loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional
+
+import torch
+
+from preftune.algorithms.base import Algorithm, Metrics, Needs
+from preftune.config import ConfigError, doc
+from preftune.rollout.source import RolloutSource, pad_token_fields, row_sums
+
+log = logging.getLogger("preftune.rl")
+
+TOKEN_FIELDS = ("old_logps", "ref_logps")
+
+
+@dataclass
+class RolloutConfig:
+    reward: str = doc(
+        "vader",
+        "Reward source: 'vader' (VADER sentiment of the completion), 'module:function' or 'file.py:function' "
+        "(texts in, floats out), or trained reward model(s): a run directory or model folder, comma-separated "
+        "for an ensemble.",
+    )
+    samples_per_prompt: int = doc(2, "Completions sampled per prompt in each rollout.")
+    max_new_tokens: int = doc(48, "Maximum tokens sampled per completion.")
+    temperature: float = doc(1.0, "Sampling temperature of rollouts.")
+    top_p: float = doc(1.0, "Nucleus sampling of rollouts (1 = off).")
+    top_k: int = doc(0, "Top-k sampling of rollouts (0 = off).")
+    generation_batch_size: int = doc(16, "Sequences per generate call (KV cache on, left padding).")
+    kl_coef: float = doc(0.05, "β: weight of the KL penalty to the reference policy (the initial value when adaptive).")
+    kl_estimator: Literal["k1", "k2", "k3"] = doc(
+        "k1", "Per-token KL estimator (Schulman): k1 = log π/π_ref, k2 = ½(log π/π_ref)², k3 = (π_ref/π − 1) − log π_ref/π."
+    )
+    kl_in_reward: bool = doc(
+        True, "true: subtract β·KL from the reward (InstructGPT); false: add β·KL as a loss term (GRPO-style)."
+    )
+    kl_target: Optional[float] = doc(
+        None, "Adaptive KL controller (Ziegler et al. 2019): target KL per sequence. null = fixed β."
+    )
+    kl_horizon: int = doc(10000, "Adaptive KL controller horizon (in samples).")
+    missing_eos_penalty: Optional[float] = doc(
+        None, "Subtract this from the score of completions that never emit EOS (hit max_new_tokens). null = none."
+    )
+    log_samples_steps: int = doc(10, "Write a few prompt/response/reward samples to OUTPUT_DIR/samples.jsonl every N rollouts (0 = never).")
+
+    def validate(self, path: str) -> None:
+        if self.samples_per_prompt < 1 or self.max_new_tokens < 1 or self.generation_batch_size < 1:
+            raise ConfigError(f"{path}: samples_per_prompt, max_new_tokens and generation_batch_size must be >= 1")
+        if self.temperature <= 0:
+            raise ConfigError(f"{path}.temperature: RL samples need temperature > 0, got {self.temperature}")
+
+
+class OnlineAlgorithm(Algorithm):
+    needs = Needs(data_kind="prompts", loss_unit="row", reference_model=True)
+    token_fields: ClassVar[tuple[str, ...]] = TOKEN_FIELDS
+    """Per-completion-token lists a rollout row carries into its training batch."""
+
+    def __init__(self, config: Any, policy, tokenizer, run):
+        super().__init__(config, policy, tokenizer, run)
+        from preftune.rollout.kl import AdaptiveKLController, FixedKLController
+        from preftune.rollout.rewards import resolve_reward
+
+        self.reward_fn = resolve_reward(config.reward)
+        if config.kl_target is not None:
+            self.kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        else:
+            self.kl_ctl = FixedKLController(config.kl_coef)
+        self.reference_model = None
+        from preftune.models.lora import is_peft_model
+
+        if self.needs.reference_model and not is_peft_model(policy):
+            import copy
+
+            self.reference_model = copy.deepcopy(policy).requires_grad_(False).eval()
+
+    # -- layout of a rollout ---------------------------------------------------------------------
+    def rows_per_prompt(self) -> int:
+        return self.config.samples_per_prompt
+
+    def minibatches(self) -> int:
+        return 1
+
+    def epochs(self) -> int:
+        return 1
+
+    def make_source(self, examples: list[dict], accelerator: Any):
+        return RolloutSource(self, examples, accelerator, rows_per_prompt=self.rows_per_prompt(),
+                             minibatches=self.minibatches(), epochs=self.epochs())
+
+    def tokenize(self, records: list, source: str):
+        examples, report = super().tokenize(records, source)
+        for ex, rec in zip(examples, records):
+            ex["prompt"] = rec.prompt  # reward sources score the original prompt (text or messages)
+        return examples, report
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.reference_model is not None:
+            self.reference_model.eval()
+        return self
+
+    # -- rollouts --------------------------------------------------------------------------------
+    def make_rollout(self, prompts: list[dict], *, seed: int, accelerator, rollout: int) -> tuple[list[dict], dict]:
+        from preftune.generate import generate_completions
+
+        c = self.config
+        start = time.perf_counter()
+        repeated = [p for p in prompts for _ in range(c.samples_per_prompt)]
+        with accelerator.autocast():
+            samples = generate_completions(
+                self.policy, self.tokenizer, [p["prompt_ids"] for p in repeated], max_new_tokens=c.max_new_tokens,
+                temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, batch_size=c.generation_batch_size,
+                seed=seed, return_token_ids=True,
+            )
+        gen_seconds = time.perf_counter() - start
+        scores = torch.tensor(list(self.reward_fn([p["prompt"] for p in repeated], [s["completion"] for s in samples])), dtype=torch.float32)
+        finished = torch.tensor([s["finished"] for s in samples], dtype=torch.bool)
+        raw_scores = scores.clone()
+        if c.missing_eos_penalty is not None:
+            scores = torch.where(finished, scores, scores - c.missing_eos_penalty)
+        rows = [{"prompt": p["prompt"], "prompt_ids": s["prompt_ids"], "completion_ids": s["completion_ids"] or [self.tokenizer.eos_token_id],
+                 "completion": s["completion"]} for p, s in zip(repeated, samples)]
+        forward = self._score_rows(rows, accelerator)
+        kl = forward["kl"]  # [N, T] per-token estimate, 0 off the response
+        mask = forward["mask"]
+        seq_kl = kl.sum(-1)
+        beta = self.kl_ctl.value
+        rewards = scores - beta * seq_kl if c.kl_in_reward else scores
+        global_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu()
+        rows, extra = self.advantages(rows, scores=scores, rewards=rewards, forward=forward, global_rewards=global_rewards)
+        self.kl_ctl.update(float(accelerator.reduce(seq_kl.mean().to(accelerator.device), reduction="mean")), len(samples) * accelerator.num_processes)
+        lengths = mask.sum(-1).float()
+        metrics = {
+            "reward/score": scores, "reward/raw_score": raw_scores, "reward/with_kl": scores - beta * seq_kl,
+            "kl": seq_kl, "entropy": (forward["entropy"] * mask).sum(-1) / lengths.clamp(min=1),
+            "response_length": lengths, "eos_fraction": finished.float(), **extra,
+        }
+        per_row = row_sums({k: v.detach().cpu() for k, v in metrics.items()}, accelerator.device)
+        per_row["kl_coef"] = (torch.tensor(beta, device=accelerator.device), torch.tensor(1.0, device=accelerator.device))
+        per_row["samples_per_s"] = (torch.tensor(len(samples) / max(gen_seconds, 1e-9), device=accelerator.device), torch.tensor(1.0, device=accelerator.device))
+        self._log_samples(rows[: min(4, len(rows))], scores, rollout, accelerator)
+        return rows, per_row
+
+    @torch.no_grad()
+    def _score_rows(self, rows: list[dict], accelerator) -> dict[str, torch.Tensor]:
+        """Old-policy and reference log-probs, entropy and KL for every rollout row, [N, T] padded
+        like a training batch of all rows; also writes per-token lists into the rows."""
+        from preftune.models.logprobs import policy_forward
+        from preftune.models.lora import reference_context
+        from preftune.rollout.kl import kl_estimate
+
+        batch = {k: v.to(accelerator.device) for k, v in self._collate_ids(rows).items()}
+        with accelerator.autocast():
+            out = policy_forward(self.policy, batch, with_entropy=True)
+            if self.reference_model is not None:
+                ref = policy_forward(self.reference_model, batch)["logps"]
+            else:
+                with reference_context(self.policy):
+                    ref = policy_forward(self.policy, batch)["logps"]
+        mask = out["mask"]
+        kl = kl_estimate(out["logps"], ref, self.config.kl_estimator, mask)
+        for i, row in enumerate(rows):
+            m = mask[i]
+            row["old_logps"] = out["logps"][i][m].tolist()
+            row["ref_logps"] = ref[i][m].tolist()
+        return {"logps": out["logps"].cpu(), "ref_logps": ref.cpu(), "mask": mask.cpu(), "kl": kl.cpu(),
+                "entropy": out["entropy"].cpu(), "hidden": out["hidden"], "batch": batch}
+
+    def _collate_ids(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        from preftune.data.collate import collate_completions
+
+        return collate_completions([{"prompt_ids": r["prompt_ids"], "completion_ids": r["completion_ids"]} for r in rows], self.tokenizer.pad_token_id)
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self._collate_ids(rows)
+        batch = pad_token_fields(rows, batch, self.token_fields)
+        for key in ("advantage", "score"):
+            if key in rows[0]:
+                batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
+        return batch
+
+    def advantages(self, rows: list[dict], *, scores, rewards, forward, global_rewards) -> tuple[list[dict], dict]:
+        """Attach what the loss needs to each row; return (rows, extra per-row metrics).
+
+        scores: [N] rewards of this process's rows; rewards: [N] scores − β·KL when the KL is in the
+        reward; forward: old/reference log-probs etc. ([N, T]); global_rewards: rewards of every process."""
+        raise NotImplementedError
+
+    # -- hooks of the source ---------------------------------------------------------------------
+    def stop_replay(self, metrics: dict) -> bool:
+        return False
+
+    def online_state_dict(self) -> dict:
+        return {"kl_ctl": self.kl_ctl.state_dict()}
+
+    def load_online_state_dict(self, state: dict) -> None:
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+
+    def _log_samples(self, rows: list[dict], scores: torch.Tensor, rollout: int, accelerator) -> None:
+        every = self.config.log_samples_steps
+        if not every or rollout % every or not accelerator.is_main_process:
+            return
+        path = Path(self.run.output_dir) / "samples.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            for row, score in zip(rows, scores.tolist()):
+                f.write(json.dumps({"rollout": rollout, "prompt": row["prompt"], "completion": row["completion"], "score": score}, ensure_ascii=False) + "\n")
+
+    # -- loss helpers ----------------------------------------------------------------------------
+    def kl_loss_term(self, logps: torch.Tensor, batch: dict) -> torch.Tensor:
+        """β·KL per token as a loss term [B, T] (only when kl_in_reward is false)."""
+        from preftune.rollout.kl import kl_estimate
+
+        if self.config.kl_in_reward:
+            return torch.zeros_like(logps)
+        return self.kl_ctl.value * kl_estimate(logps, batch["ref_logps"], self.config.kl_estimator)
+
+
+def masked_row_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, x, 0.0).sum(-1)
+

@@ -1,0 +1,211 @@
+"""Shared machinery of the reference-based and pairwise preference algorithms (DPO family, KTO).
+
+One concatenated forward scores chosen and rejected completions; reference log-probs come from the
+batch (precomputed once, see preftune.models.reference), from the adapter-disabled base (LoRA), or
+from a frozen copy. A variant only says which loss it uses, whether it wants length-averaged
+log-probs and whether it has a reference at all — see algorithms/dpo.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Optional
+
+import torch
+
+from preftune.algorithms.base import Algorithm, Metrics, Needs
+from preftune.config import doc
+
+log = logging.getLogger("preftune.algorithms")
+
+REF_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
+
+
+@dataclass
+class ReferenceConfig:
+    reference: Optional[str] = doc(
+        None,
+        "Reference policy π_ref. null = the initial policy (with LoRA: the base with the adapter disabled, "
+        "no second copy); or any name model.name accepts.",
+    )
+    precompute_reference: bool = doc(
+        True,
+        "Compute reference log-probs once before training and cache them on disk, keyed by a hash of the "
+        "reference weights, the tokenized data and the precision; the reference is then not kept in memory.",
+    )
+    reference_batch_size: int = doc(8, "Rows per forward when precomputing reference log-probs.")
+
+
+@dataclass
+class PairsConfig:
+    rankings_to_pairs: Literal["all", "best_vs_rest"] = doc(
+        "all", "If the data holds rankings: turn each into all ordered pairs, or best vs each worse one."
+    )
+
+
+@dataclass
+class PairwiseConfig(ReferenceConfig, PairsConfig):
+    pass
+
+
+class WithReference(Algorithm):
+    """An algorithm that compares the policy with a frozen reference π_ref.
+
+    Subclasses name the reference columns they need (``reference_keys``, per-row floats) and how to
+    compute them from a batch with a given model (``score_reference``). Those columns are either
+    precomputed once into the examples (``prepare_examples``; the batch then carries them) or
+    computed live, from a frozen copy or, under LoRA, from the adapter-disabled policy.
+    """
+
+    reference_keys: ClassVar[tuple[str, ...]] = ()
+    example_keys: ClassVar[tuple[str, ...]] = ()
+    """Tokenized fields that determine the reference columns (hashed into the cache key)."""
+
+    def __init__(self, config: Any, policy, tokenizer, run):
+        super().__init__(config, policy, tokenizer, run)
+        self.reference_model = None
+        if self.needs.reference_model:
+            if config.reference is not None:
+                from preftune.models.loading import load_model
+
+                ref, _ = load_model(config.reference, seed=run.train.seed)
+                self.reference_model = _frozen(ref)
+            elif not config.precompute_reference and not _is_peft(policy):
+                self.reference_model = _frozen(copy.deepcopy(policy))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.reference_model is not None:
+            self.reference_model.eval()  # never dropout in π_ref
+        return self
+
+    def score_reference(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        """{reference key: Tensor[B]} computed with `model` (no gradients needed)."""
+        raise NotImplementedError
+
+    def prepare_examples(self, examples: list[dict], accelerator) -> list[dict]:
+        if not (self.needs.reference_model and self.config.precompute_reference):
+            return examples
+        from preftune.models import reference as refmod
+
+        ref_module = self.reference_model if self.reference_model is not None else self.policy
+        key = refmod.cache_key(
+            refmod.weights_fingerprint(ref_module),
+            refmod.examples_fingerprint(examples, self.example_keys),
+            f"{self.name}|{self.run.model.dtype}",
+        )
+        columns = refmod.load_cached(key, len(examples))
+        if columns is None:
+
+            def compute(rows: list[dict]) -> dict[str, torch.Tensor]:
+                batch = {k: v.to(accelerator.device) for k, v in self.collate(rows).items()}
+                with accelerator.autocast():
+                    cols = self._live_reference(batch)
+                return {k: v.float().cpu() for k, v in cols.items()}
+
+            with refmod.eval_mode(ref_module):
+                columns = refmod.precompute(
+                    examples, compute, batch_size=self.config.reference_batch_size,
+                    rank=accelerator.process_index, world_size=accelerator.num_processes,
+                    length_of=self.example_length, progress=accelerator.is_main_process,
+                )
+            if accelerator.is_main_process:
+                path = refmod.save_cached(key, columns)
+                log.info("reference log-probs of %d rows cached at %s", len(examples), path)
+        elif accelerator.is_main_process:
+            log.info("reference log-probs reused from %s", refmod.cache_path(key))
+        self.reference_model = None  # the cache replaces it: no second model in memory
+        return refmod.attach(examples, columns)
+
+    def _live_reference(self, batch: dict) -> dict[str, torch.Tensor]:
+        from preftune.models.lora import reference_context
+
+        with torch.no_grad():
+            if self.reference_model is not None:
+                return self.score_reference(self.reference_model, batch)
+            with reference_context(self.policy):
+                return self.score_reference(self.policy, batch)
+
+    def reference_columns(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The reference columns of this batch: precomputed ones if present, else computed live."""
+        if all(k in batch for k in self.reference_keys):
+            return {k: batch[k] for k in self.reference_keys}
+        return self._live_reference(batch)
+
+
+class PairwiseAlgorithm(WithReference):
+    needs = Needs(data_kind="pairs", loss_unit="row", reference_model=True)
+    reference_keys = REF_KEYS
+    example_keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+    # -- data ------------------------------------------------------------------------------------
+    @classmethod
+    def load_records(cls, config: Any, source: str, split: str) -> list:
+        from preftune.data.loaders import load_records, rankings_to_pairs, read_rows
+
+        first = next(iter(read_rows(source, split=split)), (0, {}))[1]
+        if "ranking" in first:
+            return rankings_to_pairs(load_records(source, "rankings", split=split), mode=config.rankings_to_pairs)
+        return load_records(source, "pairs", split=split)
+
+    # -- loss ------------------------------------------------------------------------------------
+    def score_reference(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        from preftune.models.logprobs import concatenated_logps
+
+        out = concatenated_logps(model, batch)
+        return {REF_KEYS[0]: out["chosen_logps"], REF_KEYS[1]: out["rejected_logps"]}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        from preftune.models.logprobs import concatenated_logps
+
+        out = concatenated_logps(self.policy, batch)
+        n_c, n_r = out["chosen_lengths"].clamp(min=1), out["rejected_lengths"].clamp(min=1)
+        pc, pr = out["chosen_logps"], out["rejected_logps"]
+        extra: dict[str, torch.Tensor] = {"logps/chosen": pc.detach(), "logps/rejected": pr.detach()}
+        rc = rr = None
+        if self.needs.reference_model:
+            ref = self.reference_columns(batch)
+            rc, rr = ref[REF_KEYS[0]], ref[REF_KEYS[1]]
+            extra["ref_logps/chosen"], extra["ref_logps/rejected"] = rc.detach(), rr.detach()
+        if self.needs.length_averaged:
+            pc, pr = pc / n_c, pr / n_r
+            if rc is not None:
+                rc, rr = rc / n_c, rr / n_r
+        losses, metrics = self.loss(batch, out, pc, pr, rc, rr)
+        extra["lengths/chosen"], extra["lengths/rejected"] = n_c.float(), n_r.float()
+        return losses.sum(), row_metrics({**_rename(metrics), **extra})
+
+    def loss(self, batch: dict, out: dict, pc, pr, rc, rr) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-row losses [B] and per-row metrics from (policy, reference) chosen/rejected log-probs."""
+        raise NotImplementedError
+
+
+_NAMES = {
+    "chosen_rewards": "rewards/chosen",
+    "rejected_rewards": "rewards/rejected",
+    "margins": "rewards/margins",
+    "accuracies": "rewards/accuracies",
+    "grad_weights": "grad_weight",
+}
+
+
+def _rename(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {_NAMES.get(k, k): v for k, v in metrics.items()}
+
+
+def row_metrics(per_row: dict[str, torch.Tensor]) -> Metrics:
+    """Per-row values -> (sum, count) so the loop averages them over the global batch."""
+    return {k: (v.detach().float().sum(), torch.tensor(float(v.numel()), device=v.device)) for k, v in per_row.items()}
+
+
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _is_peft(model) -> bool:
+    from preftune.models.lora import is_peft_model
+
+    return is_peft_model(model)

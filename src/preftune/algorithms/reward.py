@@ -1,0 +1,492 @@
+"""Reward model: a scalar r_φ(x, y) trained on preference pairs (Bradley–Terry) or rankings (Plackett–Luce).
+
+Seed 000 ("Reward model") and seed 003: the SFT policy's transformer with the unembedding replaced
+by a freshly initialised linear scalar head (``reward.backbone: null``), or an encoder such as
+MiniLM, trained with −log σ(r(x, y_w) − r(x, y_l)). The model is a one-label
+``AutoModelForSequenceClassification``, so ``OUTPUT_DIR/model`` loads directly in transformers; the
+reward is read at the last real token (``preftune.models.reward_head``).
+
+Ensembles (``reward.ensemble_size: N``): N independent models, trained one after another through
+the same loop into ``OUTPUT_DIR/member-i/`` (``member_runs``). Member i differs by its
+initialisation seed (the score head; the whole model for random-init presets) and its data order;
+all members keep the same held-out split, so the ensemble is evaluated on data none of them saw.
+``OUTPUT_DIR/ensemble.json`` names the members and the combine rule that ``RewardModel.load`` and
+``preftune score`` use by default.
+
+At the end of training ``OUTPUT_DIR/reward_eval.json`` reports, on the held-out pairs, accuracy,
+mean margin, BT log-likelihood, calibration, reward statistics and (with ``reward.gold_reward``)
+the correlation with a gold reward; an ensemble's root directory gets the same for the combined
+reward plus per-member accuracy and spread.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+
+from preftune.algorithms.base import Algorithm, Metrics, Needs
+from preftune.config import ConfigError, doc
+from preftune.data.records import DataError, PairRecord, RankingRecord, type_name
+from preftune.rewards.evaluation import json_ready
+
+log = logging.getLogger("preftune.algorithms")
+
+# Encoders (BERT, MiniLM) ship no chat template; conversations are rendered as "role: content" lines.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+REPORT_FILE = "reward_eval.json"
+TRAIN_REPORT_ROWS = 512  # rows of training data reported on when there is no held-out data
+
+
+@dataclass
+class RewardConfig:
+    backbone: Optional[str] = doc(
+        None,
+        "Model the reward model starts from. null = model.name (e.g. the SFT policy: its transformer with the "
+        "LM head replaced by a fresh scalar head); or an encoder such as 'minilm-l6-v2' (packaged, offline), or "
+        "any name model.name accepts.",
+    )
+    loss: Literal["bt", "plackett_luce"] = doc(
+        "bt",
+        "'bt': Bradley-Terry −log σ(r_w − r_l) on pairs (rankings are first turned into pairs); 'plackett_luce': "
+        "the likelihood of each whole ranking (ties = unordered groups; pairs are rankings of 2).",
+    )
+    rankings_to_pairs: Literal["all", "best_vs_rest"] = doc(
+        "all", "With loss=bt and ranking data: turn each ranking into all ordered pairs, or best vs each worse one."
+    )
+    margin_column: Optional[str] = doc(
+        None,
+        "Name of a numeric column of the pair rows holding a margin m per pair (Llama 2's preference-strength "
+        "margin); the loss becomes −log σ(r_w − r_l − m). null = no margin. loss=bt only.",
+    )
+    identical_pairs: Literal["drop", "error"] = doc(
+        "drop",
+        "Pairs whose chosen equals rejected carry no preference: 'drop' skips them (the count is logged), "
+        "'error' stops at the first one.",
+    )
+    centering_coef: float = doc(
+        0.0,
+        "Reward-centring regulariser coef · (r_w + r_l)² (Eisenstein et al. 2023; for rankings the sum over the "
+        "ranking): keeps rewards near 0, since BT only sees differences. 0 = off; 0.01 is typical.",
+    )
+    ensemble_size: int = doc(
+        1,
+        "Train N independent reward models (different init seed and data order, same held-out split) into "
+        "OUTPUT_DIR/member-i/; scored together as an ensemble.",
+    )
+    member: int = doc(
+        0,
+        "Which ensemble member this run trains (set for each member by `preftune train`; selects the seed and "
+        "data order). Leave at 0 otherwise.",
+    )
+    combine: Literal["mean", "mean_minus_std", "min"] = doc(
+        "mean",
+        "How an ensemble's members are combined when scoring: mean, mean − k·std (penalise disagreement), or min. "
+        "Saved in OUTPUT_DIR/ensemble.json; `preftune score combine=...` overrides it.",
+    )
+    combine_k: float = doc(1.0, "k of combine=mean_minus_std.")
+    gold_reward: Optional[str] = doc(
+        None,
+        "A gold reward function 'module:function' or 'file.py:function', called as fn(prompts=[...], "
+        "completions=[...]) -> list of floats; reward_eval.json then reports the correlation of the learned "
+        "reward with it. null = none.",
+    )
+    calibration_bins: int = doc(10, "Bins of the calibration table in reward_eval.json.")
+
+    def validate(self, path: str) -> None:
+        if self.ensemble_size < 1:
+            raise ConfigError(f"{path}.ensemble_size: must be >= 1, got {self.ensemble_size}")
+        if not 0 <= self.member < self.ensemble_size:
+            raise ConfigError(f"{path}.member: must lie in [0, ensemble_size - 1 = {self.ensemble_size - 1}], got {self.member}")
+        if self.centering_coef < 0 or self.combine_k < 0:
+            raise ConfigError(f"{path}.centering_coef / combine_k: must be >= 0")
+        if self.calibration_bins < 1:
+            raise ConfigError(f"{path}.calibration_bins: must be >= 1, got {self.calibration_bins}")
+        if self.margin_column is not None and self.loss != "bt":
+            raise ConfigError(f"{path}.margin_column: margins are per pair; use loss=bt (or drop the margin)")
+        if self.gold_reward is not None:  # fail now, not after training
+            from preftune.rewards.base import resolve_function
+
+            try:
+                resolve_function(self.gold_reward)
+            except ValueError as err:
+                raise ConfigError(f"{path}.gold_reward: {err}") from None
+
+
+@dataclass(frozen=True)
+class MarginPair(PairRecord):
+    """A preference pair with a margin m ≥ the chosen reward must win by (``reward.margin_column``)."""
+
+    margin: float = 0.0
+
+
+class RewardModelAlgorithm(Algorithm):
+    name = "reward"
+    Config = RewardConfig
+    needs = Needs(data_kind="pairs", loss_unit="row")  # rankings too; a row = one pair or one ranking
+
+    def __init__(self, config: RewardConfig, policy, tokenizer, run):
+        if config.ensemble_size > 1 and Path(run.output_dir).name != f"member-{config.member}":
+            raise ConfigError(
+                "reward.ensemble_size > 1: each member trains in OUTPUT_DIR/member-i; run `preftune train`, or "
+                "from Python `for r in RewardModelAlgorithm.member_runs(run): train(r)`"
+            )
+        super().__init__(config, policy, tokenizer, run)
+        self._data: dict[str, tuple[list, list[dict]]] = {}  # source -> (records, examples), aligned
+
+    # -- model -----------------------------------------------------------------------------------
+    @classmethod
+    def load_policy(cls, config: RewardConfig, run) -> tuple[Any, Any]:
+        from transformers import AutoModelForSequenceClassification
+
+        from preftune.models.loading import load_model
+
+        model, tokenizer = load_model(
+            config.backbone or run.model.name, dtype=run.model.dtype, seed=member_seed(run.train.seed, config.member),
+            model_class=AutoModelForSequenceClassification,
+        )  # fmt: skip
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = PLAIN_CHAT_TEMPLATE  # saved with the model, so scoring renders alike
+        return model, tokenizer
+
+    @classmethod
+    def member_runs(cls, run) -> list:
+        n = run.algo.ensemble_size
+        if n == 1:
+            return [run]
+        from preftune.train.checkpoint import list_checkpoints
+
+        if run.train.resume_from not in (None, "latest"):
+            raise ConfigError("train.resume_from: an ensemble resumes with 'latest' (each member from its own newest checkpoint)")
+        runs = []
+        for i in range(n):
+            member = copy.deepcopy(run)
+            member.output_dir = str(Path(run.output_dir) / f"member-{i}")
+            member.algo.member = i
+            if run.train.resume_from == "latest" and not list_checkpoints(Path(member.output_dir)):
+                if (Path(member.output_dir) / "model" / "reward_config.json").is_file():
+                    log.info("%s: already trained (and no checkpoint to continue from); skipped", member.output_dir)
+                    continue
+                member.train.resume_from = None  # --resume: members not started yet start fresh
+            runs.append(member)
+        return runs
+
+    # -- data ------------------------------------------------------------------------------------
+    @classmethod
+    def load_records(cls, config: RewardConfig, source: str, split: str) -> list:
+        from preftune.data.loaders import load_records, rankings_to_pairs, read_rows
+
+        first = next(iter(read_rows(source, split=split)), (0, {}))[1]
+        if first.get("ranking") is not None:
+            rankings = load_records(source, "rankings", split=split)
+            if config.loss == "plackett_luce":
+                return rankings
+            pairs = rankings_to_pairs(rankings, mode=config.rankings_to_pairs)
+            if not pairs:
+                raise DataError("no strictly ordered pair in any ranking (all completions tied)", source=str(source))
+            return pairs
+        pairs = load_pairs(source, split, config)
+        if config.loss == "plackett_luce":
+            return [RankingRecord(p.prompt, [p.chosen, p.rejected], [[0], [1]], row=p.row) for p in pairs]
+        return pairs
+
+    def tokenize(self, records: list, source: str) -> tuple[list[dict], Any]:
+        from preftune.data.tokenize import tokenize_pairs, tokenize_sft
+        from preftune.models.reward_head import extra_special_tokens, pooling_kind
+        from preftune.rewards.model import reward_limits
+
+        d = self.run.data
+        kind = pooling_kind(self.policy)
+        max_length, max_prompt = reward_limits(d.max_length, d.max_prompt_length, extra_special_tokens(kind, self.tokenizer))
+        kwargs = dict(
+            max_length=max_length, max_prompt_length=max_prompt, truncation=d.truncation,
+            text_as_chat=d.text_as_chat, add_eos=False, source=source,
+        )  # fmt: skip
+        if records and isinstance(records[0], RankingRecord):
+            kept, examples, report = self._tokenize_rankings(records, kind, lambda recs: tokenize_sft(recs, self.tokenizer, **kwargs))
+        else:
+            kept, examples, report = self._tokenize_pairs(records, kind, lambda recs: tokenize_pairs(recs, self.tokenizer, **kwargs))
+        if source == d.path and self.config.member > 0:
+            kept, examples = self._member_order(kept, examples)
+        self._data[source] = (kept, examples)
+        return examples, report
+
+    def _tokenize_pairs(self, records, kind, tokenize):
+        from preftune.models.reward_head import finish_reward_ids
+
+        examples, report = tokenize(records)
+        kept = _survivors(records, examples, tokenize)
+        out = []
+        for rec, ex in zip(kept, examples):
+            prompt, chosen = finish_reward_ids(ex["prompt_ids"], ex["chosen_ids"], self.tokenizer, kind)
+            _, rejected = finish_reward_ids(ex["prompt_ids"], ex["rejected_ids"], self.tokenizer, kind)
+            item = {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+            if self.config.margin_column is not None:
+                item["margin"] = float(rec.margin)
+            out.append(item)
+        return kept, out, report
+
+    def _tokenize_rankings(self, records, kind, tokenize):
+        from preftune.data.records import SFTRecord
+        from preftune.models.reward_head import finish_reward_ids
+
+        flat = [SFTRecord(rec.prompt, c, row=rec.row) for rec in records for c in rec.completions]
+        examples, report = tokenize(flat)
+        alive = set(map(id, _survivors(flat, examples, tokenize)))
+        by_item = iter(examples)
+        kept, out, start = [], [], 0
+        for rec in records:
+            items = flat[start : start + len(rec.completions)]
+            start += len(items)
+            tokenized = [next(by_item) for item in items if id(item) in alive]
+            if len(tokenized) < len(items):
+                continue  # truncation='drop' removed one of its completions: drop the ranking
+            level = {i: lvl for lvl, group in enumerate(rec.ranking) for i in group}
+            ids = [finish_reward_ids(ex["prompt_ids"], ex["completion_ids"], self.tokenizer, kind) for ex in tokenized]
+            kept.append(rec)
+            out.append({
+                "item_prompt_ids": [p for p, _ in ids], "item_completion_ids": [c for _, c in ids],
+                "tie_levels": [level[i] for i in range(len(items))],
+            })  # fmt: skip
+        return kept, out, report
+
+    def _member_order(self, records: list, examples: list[dict]) -> tuple[list, list[dict]]:
+        """Member i > 0: a seeded permutation of the training rows that keeps the held-out rows in place,
+        so every member holds out the same rows (the loop's split depends only on train.seed and the count)."""
+        from preftune.train.evaluate import split_eval
+
+        d = self.run.data
+        positions = list(range(len(examples)))
+        if not d.eval_path:
+            positions, _ = split_eval(positions, d.eval_fraction, self.run.train.seed)
+        shuffled = positions[:]
+        random.Random(member_seed(self.run.train.seed, self.config.member)).shuffle(shuffled)
+        new_records, new_examples = records[:], examples[:]
+        for dst, src in zip(positions, shuffled):
+            new_records[dst], new_examples[dst] = records[src], examples[src]
+        return new_records, new_examples
+
+    def example_length(self, example: dict) -> int:
+        if "tie_levels" in example:
+            return max(len(p) + len(c) for p, c in zip(example["item_prompt_ids"], example["item_completion_ids"]))
+        return super().example_length(example)
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        from preftune.data.collate import collate_completions, collate_pairs
+
+        pad = self.tokenizer.pad_token_id
+        if "tie_levels" not in examples[0]:
+            return collate_pairs(examples, pad)  # rows 0..B-1 chosen, B..2B-1 rejected; "margin" rides along
+        flat = [
+            {"prompt_ids": p, "completion_ids": c, "ranking_index": r, "item_index": j, "tie_level": lvl}
+            for r, ex in enumerate(examples)
+            for j, (p, c, lvl) in enumerate(zip(ex["item_prompt_ids"], ex["item_completion_ids"], ex["tie_levels"]))
+        ]
+        return collate_completions(flat, pad)
+
+    # -- loss ------------------------------------------------------------------------------------
+    def count_units(self, batch: dict[str, torch.Tensor]) -> int:
+        if "ranking_index" in batch:
+            return int(batch["ranking_index"].max()) + 1
+        return batch["input_ids"].shape[0] // 2
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        from preftune.losses.reward import bradley_terry_loss, centering_penalty
+        from preftune.models.reward_head import sequence_rewards
+
+        rewards = sequence_rewards(self.policy, batch["input_ids"], batch["attention_mask"]).float()
+        if "ranking_index" in batch:
+            return self._ranking_loss(batch, rewards)
+        b = rewards.shape[0] // 2
+        chosen, rejected = rewards[:b], rewards[b:]
+        losses, m = bradley_terry_loss(chosen, rejected, margin=batch.get("margin"))
+        metrics = {
+            "accuracy": _mean(m["accuracies"]),
+            "margin": _mean(m["margins"]),
+            "log_likelihood": _mean(m["log_likelihood"]),
+            "rewards/chosen": _mean(m["chosen_rewards"]),
+            "rewards/rejected": _mean(m["rejected_rewards"]),
+            "rewards/mean": _mean(rewards.detach()),
+        }
+        if self.config.centering_coef > 0:
+            penalty = centering_penalty(torch.stack([chosen, rejected], -1), self.config.centering_coef)
+            losses = losses + penalty
+            metrics["centering"] = _mean(penalty.detach())
+        return losses.sum(), metrics
+
+    def _ranking_loss(self, batch: dict[str, torch.Tensor], rewards: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        from preftune.losses.reward import centering_penalty, plackett_luce_loss
+
+        ranking, item = batch["ranking_index"], batch["item_index"]
+        shape = (int(ranking.max()) + 1, int(item.max()) + 1)
+        table = torch.zeros(shape, dtype=rewards.dtype, device=rewards.device).index_put((ranking, item), rewards)
+        levels = torch.full(shape, -1, dtype=torch.long, device=rewards.device).index_put((ranking, item), batch["tie_level"].long())
+        losses, m = plackett_luce_loss(table, levels)
+        pairs = m["ordered_pairs"].sum()
+        metrics = {
+            "accuracy": (m["correct_pairs"].sum(), pairs),
+            "margin": (m["margin_sum"].sum(), pairs),
+            "log_likelihood": _mean(m["log_likelihood"]),
+            "rewards/mean": _mean(rewards.detach()),
+        }
+        if self.config.centering_coef > 0:
+            penalty = centering_penalty(table, self.config.centering_coef, mask=levels >= 0)
+            losses = losses + penalty
+            metrics["centering"] = _mean(penalty.detach())
+        return losses.sum(), metrics
+
+    # -- output ----------------------------------------------------------------------------------
+    def save(self, out_dir: Path) -> None:
+        from preftune.rewards.model import RewardMember, RewardModel, ScoreSpec
+
+        super().save(out_dir)
+        d = self.run.data
+        spec = ScoreSpec(max_length=d.max_length, max_prompt_length=d.max_prompt_length, text_as_chat=d.text_as_chat)
+        pairs, split = self._report_pairs()
+        report = self._report(RewardModel([RewardMember(self.policy, self.tokenizer, spec)]), pairs, split)
+        spec.offset = report["rewards"].get("mean", 0.0)
+        spec.save(out_dir)
+        out = Path(self.run.output_dir)
+        _write_json(out / REPORT_FILE, report)
+        log.info("reward model: %s accuracy %.4f on %d pairs; report in %s", split.split(" ")[0], report["accuracy"], report["pairs"], out / REPORT_FILE)
+        if self.config.ensemble_size > 1:
+            self._save_ensemble(out.parent, pairs, split)
+
+    def _save_ensemble(self, root: Path, pairs: list[PairRecord], split: str) -> None:
+        from preftune.rewards.model import ENSEMBLE_FILE, SPEC_FILE, RewardModel
+
+        n = self.config.ensemble_size
+        members = [f"member-{i}/model" for i in range(n)]
+        _write_json(root / ENSEMBLE_FILE, {"members": members, "combine": self.config.combine, "k": self.config.combine_k})
+        if not all((root / m / SPEC_FILE).is_file() for m in members):
+            return  # the last member to finish writes the ensemble's report
+        device = next(self.policy.parameters()).device
+        ensemble = RewardModel.load(root, device=device, batch_size=self.run.train.eval_batch_size)
+        report = self._report(ensemble, pairs, split)
+        _write_json(root / REPORT_FILE, report)
+        log.info("ensemble of %d: accuracy %.4f (members %s); report in %s", n, report["accuracy"],
+                 [round(a, 4) for a in report["ensemble"]["member_accuracy"]], root / REPORT_FILE)  # fmt: skip
+
+    def _report_pairs(self) -> tuple[list[PairRecord], str]:
+        """Held-out pairs (rankings become all their ordered pairs), else the first training rows."""
+        from preftune.data.convert import rankings_to_pairs
+        from preftune.train.evaluate import split_eval
+
+        d = self.run.data
+        records, split = [], "held-out"
+        if d.eval_path and d.eval_path in self._data:
+            records = self._data[d.eval_path][0]
+        elif d.eval_fraction > 0 and d.path in self._data:
+            train_records = self._data[d.path][0]
+            _, held = split_eval(list(range(len(train_records))), d.eval_fraction, self.run.train.seed)
+            records = [train_records[i] for i in held]
+        if not records:
+            records = self._data.get(d.path, ([], []))[0][:TRAIN_REPORT_ROWS]
+            split = f"train (first {TRAIN_REPORT_ROWS} rows: no held-out data, set data.eval_fraction or data.eval_path)"
+        pairs = [r for r in records if isinstance(r, PairRecord)]
+        pairs += rankings_to_pairs([r for r in records if isinstance(r, RankingRecord)], mode="all")
+        return pairs, split
+
+    def _report(self, model, pairs: list[PairRecord], split: str) -> dict:
+        from preftune.rewards.base import FunctionReward
+        from preftune.rewards.evaluation import pair_report
+        from preftune.rewards.model import combine_scores
+
+        prompts = [p.prompt for p in pairs]
+        bs = self.run.train.eval_batch_size
+        member_c = model.member_scores(prompts, [p.chosen for p in pairs], bs) if pairs else torch.zeros(len(model.members), 0)
+        member_r = model.member_scores(prompts, [p.rejected for p in pairs], bs) if pairs else torch.zeros(len(model.members), 0)
+        chosen = combine_scores(member_c, model.combine, model.k)[0]
+        rejected = combine_scores(member_r, model.combine, model.k)[0]
+        extra = {}
+        if self.config.gold_reward and pairs:
+            fn = FunctionReward(self.config.gold_reward)
+            extra = {"gold_chosen": fn(prompts, [p.chosen for p in pairs]), "gold_rejected": fn(prompts, [p.rejected for p in pairs])}
+        if len(model.members) > 1:
+            extra.update(member_chosen=member_c, member_rejected=member_r)
+        report = pair_report(chosen, rejected, bins=self.config.calibration_bins, **extra)
+        rule = {"combine": model.combine, "k": model.k} if len(model.members) > 1 else {}
+        return {"split": split, "loss": self.config.loss, **rule, **report}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def member_seed(seed: int, member: int) -> int:
+    """Seed of ensemble member ``member`` (member 0 = the run's seed)."""
+    return seed + 1_000_003 * member
+
+
+def load_pairs(source: str, split: str, config: RewardConfig) -> list[PairRecord]:
+    """Pair rows -> PairRecords (MarginPairs with ``margin_column``); identical pairs dropped or refused."""
+    from preftune.data.loaders import read_rows
+    from preftune.data.validate import CONVERTERS, Where
+
+    records, identical = [], []
+    for row_no, row in read_rows(source, split):
+        where = Where(str(source), row_no)
+        rec = CONVERTERS["pairs"](row, where)
+        margin = _margin(row, config.margin_column, where, str(source)) if config.margin_column else None
+        if rec.chosen == rec.rejected:
+            if config.identical_pairs == "error":
+                raise where.error(
+                    "'chosen' and 'rejected' are identical, so the pair carries no preference "
+                    "(reward.identical_pairs=drop skips such pairs)", "rejected",
+                )  # fmt: skip
+            identical.append(row_no)
+            continue
+        records.append(rec if margin is None else MarginPair(rec.prompt, rec.chosen, rec.rejected, row=rec.row, margin=margin))
+    if identical:
+        shown = ", ".join(map(str, identical[:10])) + (", ..." if len(identical) > 10 else "")
+        log.warning("%s: dropped %d pair(s) whose chosen and rejected are identical (rows %s)", source, len(identical), shown)
+    if not records:
+        raise DataError(f"no pairs left after dropping {len(identical)} identical pair(s)", source=str(source))
+    return records
+
+
+def _margin(row: dict, column: str, where, source: str) -> float:
+    value = row.get(column)
+    if value is None:
+        raise where.error(f"missing field; reward.margin_column names it, expected a number (the pair's margin)", column)
+    if isinstance(value, str) and source.lower().endswith((".csv", ".tsv")):
+        try:
+            value = float(value)  # CSV cells are text
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise where.error(f"expected a number (the pair's margin), got {type_name(value)} {value!r}", column)
+    if not math.isfinite(value):
+        raise where.error(f"the margin must be finite, got {value}", column)
+    return float(value)
+
+
+def _survivors(records: list, examples: list[dict], tokenize) -> list:
+    """The records whose examples tokenize returned (truncation='drop' may skip some)."""
+    if len(examples) == len(records):
+        return list(records)
+    return [rec for rec in records if tokenize([rec])[0]]
+
+
+def _mean(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    values = values.detach().float()
+    return values.sum(), torch.tensor(float(values.numel()), device=values.device)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(json_ready(data), indent=2, default=str) + "\n")
+    os.replace(tmp, path)

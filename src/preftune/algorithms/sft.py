@@ -1,0 +1,49 @@
+"""Supervised fine-tuning: next-token loss on the completion only (seed 000, "Supervised Fine-tuning").
+
+    max_θ Σ_(x, y) Σ_k log P_θ(y_k | x, y_<k)
+
+The prompt tokens condition the model but are never scored. The loss is averaged over all
+completion tokens of the global batch (not per row, not per micro-batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from preftune.algorithms.base import Algorithm, Metrics, Needs
+from preftune.config import doc
+from preftune.losses.sft import sft_loss
+
+
+@dataclass
+class SFTConfig:
+    packing: bool = doc(
+        False,
+        "Concatenate the rows of a micro-batch into one sequence with per-sequence position ids, so no "
+        "compute is spent on padding. Attention never crosses row boundaries (checked by a test).",
+    )
+
+
+class SFT(Algorithm):
+    """Supervised fine-tuning: next-token loss on completion tokens only."""
+
+    name = "sft"
+    Config = SFTConfig
+    needs = Needs(data_kind="sft", loss_unit="token")
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if self.config.packing:
+            from preftune.data.collate import pack_completions
+
+            return pack_completions(examples)
+        return super().collate(examples)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        from preftune.models.logprobs import per_token_logps
+
+        mask = batch["completion_mask"]
+        logps = per_token_logps(self.policy, batch)
+        loss_sum, metrics = sft_loss(logps, mask)
+        return loss_sum, metrics

@@ -1,0 +1,268 @@
+"""``results.json`` + one self-contained ``report.html`` (plots embedded as base64 PNG data URIs).
+
+The HTML is rendered from the JSON text written to ``results.json``, parsed back: every number in
+the report is that file's number, formatted by :func:`format_number` (4 decimals for floats).
+Everything taken from data (model names, prompts, completions, configs) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MODEL_COLUMNS", "environment", "format_number", "write_report"]
+
+# (key in a model's metrics, column header); dotted keys reach into the win_rate dict.
+MODEL_COLUMNS = [
+    ("algorithm", "algorithm"),
+    ("n", "completions"),
+    ("reward_mean", "gold reward"),
+    ("reward_se", "± SE"),
+    ("reward_std", "std"),
+    ("kl", "KL(π‖π_ref)"),
+    ("kl_se", "± SE"),
+    ("kl_per_token", "KL / token"),
+    ("win_rate.rate", "win rate vs ref"),
+    ("win_rate.ci_low", "95% CI low"),
+    ("win_rate.ci_high", "95% CI high"),
+    ("win_rate.wins", "wins"),
+    ("win_rate.ties", "ties"),
+    ("win_rate.losses", "losses"),
+    ("length_mean", "mean length (tokens)"),
+    ("eos_rate", "EOS rate"),
+    ("distinct_1", "distinct-1"),
+    ("distinct_2", "distinct-2"),
+    ("repeated_3gram", "repeated 3-grams"),
+    ("proxy_reward_mean", "proxy reward"),
+    ("proxy_reward_se", "± SE"),
+    ("seconds", "seconds"),
+]
+BEST_OF_N_COLUMNS = [("n", "n"), ("kl", "KL (closed form)"), ("gold_mean", "gold reward"), ("gold_se", "± SE"),
+                     ("proxy_mean", "proxy reward"), ("proxy_se", "± SE")]
+_TEXT = ' class="text"'
+_KNOWN_SECTIONS = ("title", "created", "settings", "models", "best_of_n", "configs", "environment")
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; vertical-align: top; }
+th { background: #f3f3f3; } td.text, th.text { text-align: left; }
+td.text { white-space: pre-wrap; max-width: 40em; }
+figure { display: inline-block; margin: 0 1em 1em 0; } img { max-width: 100%; }
+pre { background: #f7f7f7; padding: 0.75em; overflow-x: auto; font-size: 0.85em; }
+.caveat { color: #8a4b00; }
+"""
+
+
+def format_number(value: Any) -> str:
+    """How the report prints a value: floats with 4 decimals, ints as they are, None as 'n/a'."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def environment() -> dict:
+    """Versions of what produced the numbers: Python, platform, torch (+ CUDA), transformers, peft, preftune."""
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for package in ("preftune", "torch", "transformers", "peft", "accelerate", "matplotlib"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = None
+    try:
+        import torch
+
+        out["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+        out["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        pass
+    return out
+
+
+def write_report(
+    results: Mapping,
+    out_dir,
+    *,
+    title: str = "preftune evaluation",
+    configs: Mapping | None = None,
+    plots: Mapping[str, bytes] | None = None,
+) -> Path:
+    """Write ``out_dir/results.json``, ``out_dir/NAME.png`` per plot and ``out_dir/report.html``.
+
+    Args:
+        results: from :func:`preftune.eval.evaluate` (``settings``, ``models``), optionally with
+            ``best_of_n`` (from :func:`~preftune.eval.best_of_n_curve`); other top-level keys are
+            kept in the JSON and shown in the report as JSON.
+        configs: the exact configs used (name -> dict), stored in results.json and shown verbatim.
+        plots: name -> PNG bytes, embedded in the report in this order.
+
+    Returns:
+        The path of ``report.html``.
+    """
+    from preftune.rewards.evaluation import json_ready
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"title": title, "created": _dt.datetime.now().isoformat(timespec="seconds"), **dict(results)}
+    if configs is not None:
+        payload["configs"] = dict(configs)
+    payload.setdefault("environment", environment())
+    text = json.dumps(json_ready(payload), indent=2, ensure_ascii=False, default=str)
+    _atomic_write(out_dir / "results.json", text.encode("utf-8"))
+    plots = dict(plots or {})
+    for name, png in plots.items():
+        _atomic_write(out_dir / f"{name}.png", png)
+    page = render_html(json.loads(text), plots)  # the numbers shown are the numbers written
+    path = out_dir / "report.html"
+    _atomic_write(path, page.encode("utf-8"))
+    return path
+
+
+def render_html(data: Mapping, plots: Mapping[str, bytes]) -> str:
+    """The report page of a parsed ``results.json``."""
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{e(str(data.get('title', 'report')))}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{e(str(data.get('title', 'report')))}</h1>",
+        f"<p>Created {e(str(data.get('created', '')))}. All numbers are in <code>results.json</code> next to this file.</p>",
+    ]
+    settings = data.get("settings") or {}
+    if settings:
+        parts += ["<h2>Settings</h2>", _key_value_table(settings, "settings")]
+        if settings.get("kl_exact_sampling") is False:
+            parts.append('<p class="caveat">Samples were drawn with temperature ≠ 1 or top_p &lt; 1: the KL column '
+                         "is the mean log-ratio on those samples, not KL(π‖π_ref) of the models.</p>")
+    if plots:
+        parts.append("<h2>Plots</h2>")
+        for name, png in plots.items():
+            uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+            parts.append(f'<figure><img src="{uri}" alt="{e(name)}"><figcaption>{e(name)}</figcaption></figure>')
+    models = data.get("models") or {}
+    if models:
+        parts += ["<h2>Models</h2>", _models_table(models), _models_note()]
+    if data.get("best_of_n"):
+        parts += ["<h2>Best-of-n (over-optimisation)</h2>", _best_of_n_table(data["best_of_n"])]
+    if models:
+        parts.append("<h2>Sample outputs</h2>")
+        for name, metrics in models.items():
+            parts += [f"<h3>{e(str(name))}</h3>", _samples_table(name, metrics.get("samples") or [])]
+    for key, value in data.items():
+        if key not in _KNOWN_SECTIONS:
+            parts += [f"<h2>{e(str(key))}</h2>", f"<pre>{e(json.dumps(value, indent=2, ensure_ascii=False))}</pre>"]
+    if data.get("configs"):
+        parts.append("<h2>Configs</h2>")
+        for name, config in data["configs"].items():
+            parts += [f"<h3>{e(str(name))}</h3>", f"<pre>{e(_yaml(config))}</pre>"]
+    if data.get("environment"):
+        parts += ["<h2>Versions</h2>", _key_value_table(data["environment"], "environment")]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _lookup(metrics: Mapping, key: str):
+    value: Any = metrics
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def _models_table(models: Mapping) -> str:
+    e = html.escape
+    columns = [(k, h) for k, h in MODEL_COLUMNS if any(_lookup(m, k) is not None for m in models.values())]
+    head = '<tr><th class="text">model</th>' + "".join(f"<th>{e(h)}</th>" for _, h in columns) + "</tr>"
+    rows = []
+    for name, metrics in models.items():
+        cells = "".join(
+            f'<td data-key="{e(k)}"{_TEXT if k == "algorithm" else ""}>{e(format_number(_lookup(metrics, k)))}</td>'
+            for k, _ in columns
+        )
+        rows.append(f'<tr data-model="{e(str(name))}"><td class="text">{e(str(name))}</td>{cells}</tr>')
+    return '<table class="models">' + head + "".join(rows) + "</table>"
+
+
+def _models_note() -> str:
+    return (
+        "<p>KL: mean over the model's own samples of Σ<sub>t</sub> log π/π<sub>ref</sub> (nats per completion), "
+        "± its standard error. Win rate: gold reward of each completion against the reference's completion for "
+        "the same prompt and sample index, ties count half; 95% Wilson interval. Length counts the EOS token. "
+        "Distinct-n and repeated 3-grams over whitespace tokens.</p>"
+    )
+
+
+def _best_of_n_table(curve: Mapping) -> str:
+    e = html.escape
+    head = "<tr>" + "".join(f"<th>{e(h)}</th>" for _, h in BEST_OF_N_COLUMNS) + "</tr>"
+    rows = []
+    for i in range(len(curve.get("n", []))):
+        cells = "".join(f'<td data-key="{e(k)}">{e(format_number(curve[k][i]))}</td>' for k, _ in BEST_OF_N_COLUMNS)
+        rows.append(f"<tr>{cells}</tr>")
+    note = (f"<p>{e(format_number(curve.get('samples_per_prompt')))} samples per prompt from the reference over "
+            f"{e(format_number(curve.get('prompts')))} prompts, picked by the proxy reward "
+            f"({e(str(curve.get('proxy_reward')))}); KL = log n − (n − 1)/n.</p>")
+    return '<table class="best-of-n">' + head + "".join(rows) + "</table>" + note
+
+
+def _samples_table(name, samples) -> str:
+    e = html.escape
+    rows = ['<tr><th class="text">prompt</th><th class="text">completion</th><th>gold reward</th></tr>']
+    for s in samples:
+        rows.append(
+            f'<tr><td class="text">{e(_as_text(s.get("prompt")))}</td><td class="text">{e(_as_text(s.get("completion")))}</td>'
+            f"<td>{e(format_number(s.get('reward')))}</td></tr>"
+        )
+    return f'<table class="samples" data-model="{e(str(name))}">' + "".join(rows) + "</table>"
+
+
+def _key_value_table(values: Mapping, cls: str) -> str:
+    e = html.escape
+    rows = [
+        f'<tr><th class="text">{e(str(k))}</th><td class="text" data-key="{e(str(k))}">'
+        f"{e(format_number(v) if not isinstance(v, (dict, list)) else json.dumps(v, ensure_ascii=False))}</td></tr>"
+        for k, v in values.items()
+    ]
+    return f'<table class="{cls}">' + "".join(rows) + "</table>"
+
+
+def _as_text(value) -> str:
+    """A prompt or completion for display: text, or a conversation as 'role: content' lines."""
+    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in value)
+    if isinstance(value, list):  # token ids
+        return json.dumps(value)
+    return "" if value is None else str(value)
+
+
+def _yaml(value) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, sort_keys=False, allow_unicode=True)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,327 @@
+"""Log-probabilities of completion tokens under a causal LM.
+
+Shapes: B = rows, T = sequence length, N = number of scored tokens in the batch, H = hidden size,
+V = vocabulary size. Batch dictionaries follow docs/contracts.md.
+
+Why not ``model(**batch).logits.log_softmax(-1)``: that materialises a [B, T, V] fp32 tensor (and keeps
+it for backward), although only the completion tokens are scored. For SmolLM2 (V = 49152) one
+4 x 512 batch is 400 MB of logits, most of them on prompt and padding. Here the backbone runs alone,
+the hidden states of the N scored positions are gathered, and the output head + log-softmax run in
+chunks of ``chunk_size`` rows in fp32. Autograd still keeps each chunk's logits for backward
+(N x V in all) unless ``recompute_head``, which checkpoints each chunk: O(chunk_size x V) memory for
+one extra head matmul. Measured on a SmolLM2-shaped model (V = 49152, 2 layers, fwd+bwd, 8 x 512
+tokens, N = 3686 scored, 2 CPU cores, peak RSS over baseline / min time of 7): full logits 2.9 GB;
+chunked 1.8 GB, 3.9 s; chunked + recompute at chunk_size=256 1.0 GB, 5.6 s. The extra head matmul
+is ~1/3 of the head's fwd+bwd, i.e. an estimated ~7% of a full 30-layer SmolLM2 step, so recompute
+is automatic only once the kept logits would pass 1 GiB (N > ~5400 scored tokens for SmolLM2).
+
+The fast path is used only for architectures whose causal-LM head is known to be
+``lm_head(backbone(...).last_hidden_state)`` up to a trivial logit transform (``_HEAD_TRANSFORMS``);
+anything else (unknown model types, DDP/compile wrappers, peft prompt-learning adapters) takes the
+plain ``model(...).logits`` path, which is correct but uses O(B x T x V) memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "per_token_logps",
+    "sequence_logps",
+    "concatenated_logps",
+    "unpack",
+    "supports_fast_path",
+]
+
+
+def _softcap(config) -> Callable[[Tensor], Tensor] | None:
+    # Gemma 2/3: logits = c * tanh(logits / c)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is None:
+        return None
+    return lambda logits: torch.tanh(logits / cap) * cap
+
+
+def _granite(config) -> Callable[[Tensor], Tensor] | None:
+    scale = getattr(config, "logits_scaling", 1.0)
+    return None if scale == 1.0 else (lambda logits: logits / scale)
+
+
+def _cohere(config) -> Callable[[Tensor], Tensor] | None:
+    scale = getattr(config, "logit_scale", 1.0)
+    return None if scale == 1.0 else (lambda logits: logits * scale)
+
+
+def _identity(config) -> None:
+    return None
+
+
+# model_type -> builder of the transform the causal-LM class applies to lm_head's output.
+# Each entry is checked against the model's own logits in tests/test_logprobs.py.
+_HEAD_TRANSFORMS: dict[str, Callable] = {
+    "llama": _identity,
+    "mistral": _identity,
+    "qwen2": _identity,
+    "qwen3": _identity,
+    "gpt2": _identity,
+    "gemma": _identity,
+    "gemma2": _softcap,
+    "gemma3_text": _softcap,
+    "granite": _granite,
+    "cohere": _cohere,
+}
+
+
+_RECOMPUTE_ABOVE_BYTES = 1 << 30
+
+
+def _unwrap_peft(model):
+    """The causal LM inside a peft ``PeftModel``, or None when the adapter must run through its wrapper.
+
+    LoRA-style adapters are injected into the inner modules in place, so calling the inner model applies
+    them (and ``disable_adapter()`` still switches them off). Prompt-learning adapters (prefix / prompt
+    tuning) live in the wrapper's forward and cannot be bypassed.
+    """
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        active = getattr(model, "active_peft_config", None)
+        if active is not None and getattr(active, "is_prompt_learning", False):
+            return None
+        return model.get_base_model()
+    return model
+
+
+def _fast_parts(model):
+    """(backbone, head, logit_transform) for the chunked path, or None for the plain path."""
+    inner = _unwrap_peft(model)
+    config = getattr(inner, "config", None)
+    builder = _HEAD_TRANSFORMS.get(getattr(config, "model_type", None))
+    if builder is None or not hasattr(inner, "get_decoder"):
+        return None
+    head = inner.get_output_embeddings()
+    backbone = inner.get_decoder()
+    if head is None or backbone is inner:
+        return None
+    return backbone, head, builder(config)
+
+
+def supports_fast_path(model) -> bool:
+    """True when :func:`per_token_logps` avoids materialising full-vocabulary logits for ``model``."""
+    return _fast_parts(model) is not None
+
+
+def _scored(completion_mask: Tensor) -> Tensor:
+    """completion_mask as bool with position 0 cleared: nothing precedes it, so it is never scored."""
+    mask = completion_mask.bool().clone()
+    mask[:, 0] = False
+    return mask
+
+
+def _chunk_logps(head, transform, hidden: Tensor, targets: Tensor) -> Tensor:
+    """log softmax(head(hidden))[targets] for one chunk: [n, H], [n] -> [n] fp32."""
+    logits = head(hidden).float()  # under autocast the matmul runs in bf16; the softmax never does
+    if transform is not None:
+        logits = transform(logits)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _logits_logps(logits: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    """Same as _chunk_logps for precomputed logits [N, V], in fp32 chunks."""
+    out = [
+        _chunk_logps(torch.nn.Identity(), None, logits[i : i + chunk_size], targets[i : i + chunk_size])
+        for i in range(0, logits.shape[0], chunk_size)
+    ]
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
+def _model_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    # use_cache=False: a packed forward with a KV cache silently mixes sequences (see shared/ASSETS.md).
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    for key in ("attention_mask", "position_ids"):
+        if batch.get(key) is not None:
+            inputs[key] = batch[key]
+    return inputs
+
+
+def per_token_logps(
+    model,
+    batch: Mapping[str, Tensor],
+    *,
+    chunk_size: int = 1024,
+    recompute_head: bool | None = None,
+) -> Tensor:
+    """Per-token log-probabilities of the completion tokens.
+
+    Args:
+        model: a HF causal LM, optionally wrapped in a peft ``PeftModel``.
+        batch: ``input_ids`` [B, T], ``completion_mask`` [B, T] (True where the token AT that position
+            is scored), and ``attention_mask`` [B, T] and/or ``position_ids`` [B, T] (packed rows:
+            position ids restart at 0 per sequence and there is no attention mask; transformers then
+            builds a block-diagonal mask).
+        chunk_size: rows of the output head evaluated at once (memory O(chunk_size x V)).
+        recompute_head: when gradients are enabled, recompute each chunk's logits in backward instead
+            of keeping all N x V of them alive (same gradients, one extra head matmul). None: only when
+            the kept fp32 logits would exceed ``_RECOMPUTE_ABOVE_BYTES`` (1 GiB).
+
+    Returns:
+        fp32 Tensor [B, T]: ``[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`` where
+        ``completion_mask[b, t]`` (t >= 1), else 0. Differentiable w.r.t. the model's parameters.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    input_ids = batch["input_ids"]
+    mask = _scored(batch["completion_mask"].to(input_ids.device))
+    targets = input_ids[:, 1:][mask[:, 1:]]  # [N]; token t is predicted from position t-1
+
+    parts = _fast_parts(model)
+    if parts is None:
+        logits = model(**_model_inputs(batch)).logits
+        flat = _logits_logps(logits[:, :-1][mask[:, 1:]], targets, chunk_size)
+    else:
+        backbone, head, transform = parts
+        out = backbone(**_model_inputs(batch))
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        hidden = hidden[:, :-1][mask[:, 1:]]  # [N, H]
+        if recompute_head is None:
+            vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+            recompute_head = hidden.shape[0] * vocab * 4 > _RECOMPUTE_ABOVE_BYTES
+        checkpointed = recompute_head and torch.is_grad_enabled()
+        pieces = []
+        for i in range(0, hidden.shape[0], chunk_size):
+            args = (head, transform, hidden[i : i + chunk_size], targets[i : i + chunk_size])
+            if checkpointed:
+                pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
+            else:
+                pieces.append(_chunk_logps(*args))
+        flat = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+    # Scatter the N values back to [B, T]; masked_scatter fills in the same row-major order as mask[...].
+    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=flat.device)
+    return zeros.masked_scatter(mask, flat)
+
+
+def sequence_logps(
+    per_token_logps: Tensor,
+    completion_mask: Tensor,
+    *,
+    average: bool = False,
+    seq_lengths: Sequence[int] | Tensor | None = None,
+) -> Tensor:
+    """Sum (or mean, for length-normalised losses) of per-token log-probs over the scored tokens.
+
+    Args:
+        per_token_logps: [B, T] from :func:`per_token_logps`.
+        completion_mask: [B, T]; position 0 is never counted.
+        average: divide by the number of scored tokens (a row with none gives 0).
+        seq_lengths: for packed batches: lengths of the sequences laid end to end in the row-major
+            flattening of the [B, T] tensors (each packed row's sequences, then the next row's). Their
+            sum may be less than B*T (trailing padding); a sequence must not straddle two rows.
+
+    Returns:
+        fp32 [B], or [len(seq_lengths)] when ``seq_lengths`` is given.
+    """
+    mask = _scored(completion_mask.to(per_token_logps.device))
+    values = per_token_logps.float().masked_fill(~mask, 0.0)
+    if seq_lengths is None:
+        totals, counts = values.sum(-1), mask.sum(-1)
+    else:
+        lengths = torch.as_tensor(seq_lengths, dtype=torch.long, device=values.device)
+        n = int(lengths.sum())
+        if n > values.numel():
+            raise ValueError(f"seq_lengths sum to {n} but the batch holds {values.numel()} tokens")
+        segment = torch.repeat_interleave(torch.arange(len(lengths), device=values.device), lengths)
+        totals = values.new_zeros(len(lengths)).index_add(0, segment, values.reshape(-1)[:n])
+        counts = mask.new_zeros(len(lengths), dtype=torch.long).index_add(
+            0, segment, mask.reshape(-1)[:n].long()
+        )
+    if average:
+        return totals / counts.clamp(min=1)
+    return totals
+
+
+def unpack(per_token: Tensor, seq_lengths: Sequence[int] | Tensor) -> list[Tensor]:
+    """Split a packed [1, N] (or [B, T], row-major) tensor into one 1-D tensor per sequence."""
+    lengths = [int(x) for x in seq_lengths]
+    flat = per_token.reshape(-1)
+    if sum(lengths) > flat.numel():
+        raise ValueError(f"seq_lengths sum to {sum(lengths)} but the tensor holds {flat.numel()} entries")
+    return list(torch.split(flat[: sum(lengths)], lengths))
+
+
+def concatenated_logps(
+    model,
+    pair_batch: Mapping[str, Tensor],
+    *,
+    average: bool = False,
+    chunk_size: int = 1024,
+) -> dict[str, Tensor]:
+    """One forward over a pair batch (rows 0..B-1 chosen, B..2B-1 rejected; see docs/contracts.md).
+
+    Returns ``chosen_logps``, ``rejected_logps`` [B] (sums, or means when ``average``),
+    ``chosen_per_token_logps``, ``rejected_per_token_logps`` [B, T], and ``chosen_lengths``,
+    ``rejected_lengths`` [B] (number of scored tokens, long).
+    """
+    rows = pair_batch["input_ids"].shape[0]
+    if rows % 2:
+        raise ValueError(f"a pair batch needs an even number of rows (chosen then rejected), got {rows}")
+    per_token = per_token_logps(model, pair_batch, chunk_size=chunk_size)
+    mask = _scored(pair_batch["completion_mask"].to(per_token.device))
+    logps = sequence_logps(per_token, mask, average=average)
+    lengths = mask.sum(-1)
+    b = rows // 2
+    return {
+        "chosen_logps": logps[:b],
+        "rejected_logps": logps[b:],
+        "chosen_per_token_logps": per_token[:b],
+        "rejected_per_token_logps": per_token[b:],
+        "chosen_lengths": lengths[:b],
+        "rejected_lengths": lengths[b:],
+    }
+
+
+def policy_forward(model, batch: Mapping[str, Tensor], *, with_entropy: bool = False, chunk_size: int = 1024) -> dict[str, Tensor]:
+    """One forward for RL: per-token log-probs, the hidden states that predict each scored token (for
+    a value head on the shared backbone) and, optionally, the per-token entropy of the policy.
+
+    Returns ``logps`` fp32 [B, T] (as :func:`per_token_logps`), ``hidden`` [N, H] (row-major order of
+    the scored positions, N = scored tokens), ``mask`` [B, T] (the scored positions) and, with
+    ``with_entropy``, ``entropy`` fp32 [B, T] (no gradient; monitoring only).
+    """
+    input_ids = batch["input_ids"]
+    mask = _scored(batch["completion_mask"].to(input_ids.device))
+    targets = input_ids[:, 1:][mask[:, 1:]]
+    parts = _fast_parts(model)
+    if parts is None:
+        out = model(**_model_inputs(batch), output_hidden_states=True)
+        hidden = out.hidden_states[-1][:, :-1][mask[:, 1:]]
+        scored_logits = out.logits[:, :-1][mask[:, 1:]]
+        flat = _logits_logps(scored_logits, targets, chunk_size)
+
+        def logits_of(i: int) -> Tensor:
+            return scored_logits[i : i + chunk_size].float()
+    else:
+        backbone, head, transform = parts
+        out = backbone(**_model_inputs(batch))
+        hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[:, :-1][mask[:, 1:]]
+        pieces = [_chunk_logps(head, transform, hidden[i : i + chunk_size], targets[i : i + chunk_size]) for i in range(0, hidden.shape[0], chunk_size)]
+        flat = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+        def logits_of(i: int) -> Tensor:
+            logits = head(hidden[i : i + chunk_size]).float()
+            return transform(logits) if transform is not None else logits
+
+    result = {"logps": torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat), "hidden": hidden, "mask": mask}
+    if with_entropy:
+        with torch.no_grad():
+            ent = [_entropy(logits_of(i)) for i in range(0, targets.numel(), chunk_size)]
+            flat_ent = torch.cat(ent) if ent else flat.new_zeros(0)
+        result["entropy"] = torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat_ent)
+    return result
+
+
+def _entropy(logits: Tensor) -> Tensor:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)

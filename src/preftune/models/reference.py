@@ -1,0 +1,125 @@
+"""Reference-policy log-probs: live (a frozen copy, or the adapter-disabled base under LoRA) or
+precomputed once before training and cached on disk.
+
+The cache key is a hash of (reference weights, tokenized data, precision, code version): a changed
+dataset, tokenizer setting, truncation, model or dtype can never reuse a stale cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from preftune.models.cache import cache_dir
+
+log = logging.getLogger("preftune.reference")
+
+CACHE_VERSION = 1
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the reference weights (LoRA adapter weights excluded: the reference is the base)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        h.update(name.replace("base_model.model.", "").replace(".base_layer", "").encode())
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def examples_fingerprint(examples: Iterable[dict], keys: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex[k] for k in keys], separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def cache_key(model_fp: str, data_fp: str, dtype: str) -> str:
+    return hashlib.sha256(f"{CACHE_VERSION}|{model_fp}|{data_fp}|{dtype}".encode()).hexdigest()[:32]
+
+
+def cache_path(key: str) -> Path:
+    return cache_dir() / "reference_logps" / f"{key}.safetensors"
+
+
+def load_cached(key: str, n: int) -> dict[str, torch.Tensor] | None:
+    path = cache_path(key)
+    if not path.is_file():
+        return None
+    try:
+        values = load_file(str(path))
+    except Exception as exc:  # a corrupt cache file is recomputed, never trusted
+        log.warning("reference cache %s unreadable (%s); recomputing", path, exc)
+        return None
+    if any(v.shape[0] != n for v in values.values()):
+        return None
+    return values
+
+
+def save_cached(key: str, values: dict[str, torch.Tensor]) -> Path:
+    path = cache_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in values.items()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def precompute(
+    examples: list[dict],
+    compute: Callable[[list[dict]], dict[str, torch.Tensor]],
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    length_of: Callable[[dict], int] | None = None,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Run `compute` (rows -> {name: Tensor[rows]}) over all examples in batches; each process
+    takes every world_size-th batch and the shards are gathered, so every process ends up with the
+    full [N] columns. Rows are batched by length to cut padding."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(examples)), key=lambda i: length_of(examples[i])) if length_of else list(range(len(examples)))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    mine = batches[rank::world_size]
+    local: dict[int, dict[str, float]] = {}
+    with torch.no_grad():
+        for idx in tqdm(mine, desc="reference log-probs", disable=not progress, dynamic_ncols=True):
+            out = compute([examples[i] for i in idx])
+            for j, i in enumerate(idx):
+                local[i] = {k: float(v[j]) for k, v in out.items()}
+    if world_size > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * world_size
+        dist.all_gather_object(gathered, local)
+        for part in gathered:
+            local.update(part)
+    names = sorted(next(iter(local.values())))
+    return {k: torch.tensor([local[i][k] for i in range(len(examples))], dtype=torch.float32) for k in names}
+
+
+def attach(examples: list[dict], columns: dict[str, torch.Tensor]) -> list[dict]:
+    """Return examples with the precomputed columns added as float fields."""
+    return [{**ex, **{k: float(v[i]) for k, v in columns.items()}} for i, ex in enumerate(examples)]
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Reference log-probs are computed without dropout."""
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)

@@ -1,0 +1,234 @@
+"""Advantages and baselines for policy-gradient RLHF (seed 000 "RLHF: Reinforcement Learning").
+
+Pure functions of tensors and floats. Shapes: [B] one value per sampled response, [B, T] one value
+per token, with ``response_mask`` BoolTensor[B, T] True on the response tokens the policy generated
+(prompt and padding False). Values at unmasked positions are never read: they may be garbage.
+
+Everything returned here is a *target* (an advantage, a return, a shaped reward): it is computed from
+detached inputs, so a forgotten ``.detach()`` on a value head never leaks a gradient into the
+policy-gradient estimator.
+
+Grouped estimators (``rloo_advantages``, ``group_normalized_advantages``) take rewards in
+prompt-major order: the k samples of prompt p are rows p·k … p·k + k − 1, which is the order of
+``prompts.repeat_interleave(k)`` (TRL's old ``RLOOTrainer`` used the other order, [k, P]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# Added to the variance before the square root in whitening (as in TRL / torchtune `whiten`).
+_WHITEN_EPS = 1e-8
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    # Statistics in float32 at least: bf16 sums of a few thousand tokens lose most of their digits.
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over the entries where ``mask`` is True (all of them, or along ``dim``).
+
+    Args: x [*], mask Bool[*] (same shape). Returns a 0-dim tensor, or x reduced along ``dim``.
+    The count is clamped to 1, so an all-False mask (or slice) gives 0, not NaN.
+    """
+    mask = mask.bool()
+    x = x.to(_stat_dtype(x))
+    total = torch.where(mask, x, 0.0).sum() if dim is None else torch.where(mask, x, 0.0).sum(dim)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return total / count.clamp(min=1)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of ``x`` over the masked entries (0-dim). ``unbiased``: divide by n − 1 (Bessel).
+
+    Raises ValueError when the mask selects no entry, or one entry with ``unbiased=True``.
+    """
+    mask = mask.bool()
+    n = int(mask.sum())
+    if n == 0 or (unbiased and n == 1):
+        raise ValueError(f"masked_var needs at least {2 if unbiased else 1} masked entries, got {n}")
+    centered = x.to(_stat_dtype(x)) - masked_mean(x, mask)
+    var = masked_mean(centered.square(), mask)
+    return var * (n / (n - 1)) if unbiased else var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """(x − mean) / sqrt(var + 1e-8) with mean and (unbiased) var taken over the masked entries only.
+
+    Used on PPO advantages (Huang et al. 2022, "The N+ implementation details of RLHF with PPO":
+    whiten advantages per batch; with ``shift_mean=False`` the mean is added back, which is how rewards
+    are whitened when their sign matters). Entries outside the mask are returned as 0. The statistics
+    are those of THIS tensor: a data-parallel caller that wants global whitening must gather first.
+    With a single masked entry the variance is taken as 0.
+    """
+    mask = mask.bool()
+    n = int(mask.sum())
+    if n == 0:
+        raise ValueError("masked_whiten: the mask selects no entry")
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=n > 1)
+    whitened = (x.to(mean.dtype) - mean) * torch.rsqrt(var + _WHITEN_EPS)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, 0.0).to(x.dtype)
+
+
+@torch.no_grad()
+def gae(
+    rewards: Tensor, values: Tensor, response_mask: Tensor, *, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalized Advantage Estimation (Schulman et al. 2016, arXiv:1506.02438, eq. 16), per token.
+
+        δ_t = r_t + γ·V_{t+1} − V_t,    A_t = Σ_l (γλ)^l δ_{t+l},    R_t = A_t + V_t (λ-return)
+
+    Each row's response tokens are the steps of one episode (seed 000 "PPO additional details": the
+    response as a per-token decision problem). The step after the last response token is terminal
+    (V = 0). Steps are the masked positions in order, so responses may start at any column (left- or
+    right-padded rows); unmasked positions in between are skipped, not treated as steps.
+
+    Args:
+        rewards: [B, T] per-token rewards (see ``token_level_rewards``).
+        values: [B, T] value estimates V(s_t) of the state before token t is generated.
+        response_mask: Bool[B, T].
+        gamma, lam: discount γ and GAE λ (RLHF PPO usually uses γ = 1, λ = 0.95).
+    Returns:
+        (advantages [B, T], returns [B, T]), 0 outside the mask, no grad.
+    """
+    mask = response_mask.bool()
+    dtype = torch.promote_types(_stat_dtype(rewards), values.dtype)
+    rewards, values = rewards.to(dtype), values.to(dtype)
+    B, T = rewards.shape
+    advantages = torch.zeros(B, T, dtype=dtype, device=rewards.device)
+    next_value = torch.zeros(B, dtype=dtype, device=rewards.device)  # V after the last step: terminal
+    next_adv = torch.zeros(B, dtype=dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv_t = delta + gamma * lam * next_adv
+        advantages[:, t] = torch.where(m, adv_t, 0.0)
+        # Unmasked positions leave the carried state untouched (and their garbage is never selected).
+        next_adv = torch.where(m, adv_t, next_adv)
+        next_value = torch.where(m, values[:, t], next_value)
+    returns = torch.where(mask, advantages + values, 0.0)
+    return advantages, returns
+
+
+def _grouped(rewards: Tensor, k: int, name: str) -> Tensor:
+    if k < 2:
+        raise ValueError(f"{name} needs k >= 2 samples per prompt (got k={k}): with one sample there is no group baseline")
+    rewards = torch.as_tensor(rewards).detach()
+    if rewards.dim() == 2 and rewards.shape[1] != k:
+        raise ValueError(f"{name}: rewards have shape {tuple(rewards.shape)}, expected [P, k={k}]")
+    if rewards.dim() not in (1, 2) or rewards.numel() % k:
+        raise ValueError(f"{name}: expected rewards [P*k] or [P, k] with k={k}, got shape {tuple(rewards.shape)}")
+    return rewards.reshape(-1, k).to(_stat_dtype(rewards))
+
+
+def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
+    """REINFORCE Leave-One-Out advantages (Ahmadian et al. 2024, arXiv:2402.14740, eq. 6; Kool et al. 2019).
+
+        A_i = r_i − 1/(k−1) · Σ_{j≠i} r_j     over the k samples of the same prompt
+
+    The baseline excludes r_i, so it is independent of sample i and the gradient stays unbiased.
+
+    Args: rewards [P*k] (prompt-major, see module docstring) or [P, k]; k ≥ 2.
+    Returns: advantages [P*k], no grad.
+    """
+    grouped = _grouped(rewards, k, "rloo_advantages")
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def group_normalized_advantages(rewards: Tensor, k: int, *, eps: float = 1e-6, scale: bool = True) -> Tensor:
+    """GRPO outcome advantages (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, §4.1.2):
+
+        A_i = (r_i − mean_group(r)) / (std_group(r) + eps)
+
+    std is the unbiased (n − 1) standard deviation, as ``torch.std`` and TRL's GRPOTrainer use.
+    ``scale=False`` keeps only the mean subtraction (Liu et al. 2025, "Dr. GRPO": dividing by the std
+    up-weights prompts whose samples all score nearly the same).
+
+    Args: rewards [P*k] (prompt-major) or [P, k]; k ≥ 2. Returns advantages [P*k], no grad.
+    """
+    grouped = _grouped(rewards, k, "group_normalized_advantages")
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
+    return centered.reshape(-1)
+
+
+class MovingAverageBaseline:
+    """Exponential moving average of the mean reward: the REINFORCE baseline b (seed 000
+    "Gradient Derivation"; subtracting a constant b leaves E[∇log π · (r − b)] unchanged and lowers
+    its variance; Williams 1992).
+
+        adv = rewards − baseline.update(rewards)     # b from earlier batches only
+
+    ``update`` returns the baseline BEFORE folding in this batch, then sets
+    b ← decay·b + (1 − decay)·mean(rewards). Before the first update there is no history: unless an
+    ``initial`` value is given, the first call returns that batch's own mean (so the first batch is
+    centred on itself) and starts the average there. A data-parallel caller passes the gathered
+    rewards so every process holds the same b.
+    """
+
+    def __init__(self, decay: float, initial: float | None = None):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay = float(decay)
+        self.value: float | None = None if initial is None else float(initial)
+
+    def update(self, rewards: Tensor | Sequence[float]) -> float:
+        rewards = torch.as_tensor(rewards, dtype=torch.float64).detach()
+        if rewards.numel() == 0:
+            raise ValueError("MovingAverageBaseline.update: empty rewards")
+        batch_mean = float(rewards.mean())
+        before = batch_mean if self.value is None else self.value
+        self.value = self.decay * before + (1.0 - self.decay) * batch_mean
+        return before
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = None if state["value"] is None else float(state["value"])
+
+
+@torch.no_grad()
+def token_level_rewards(
+    scores: Tensor, kl_per_token: Tensor | None, response_mask: Tensor, *, kl_coef: float
+) -> Tensor:
+    """Per-token rewards with the KL penalty folded in (Ziegler et al. 2019, arXiv:1909.08593, eq. 1-2;
+    InstructGPT, Ouyang et al. 2022, eq. 2; seed 000 "Regularized Objective"):
+
+        r_t = −β·kl_t                     for every response token t
+        r_T = score − β·kl_T              at the LAST response token of the row
+
+    Summed over the response this is score − β·Σ_t kl_t, the seed's r(x, y) − β·log π_θ(y|x)/π_SFT(y|x)
+    when kl_t is the k1 estimate (see ``rollout.kl``).
+
+    Args:
+        scores: [B] sequence-level rewards (e.g. a reward model or VADER score per response).
+        kl_per_token: [B, T] per-token KL estimates, or None for no penalty.
+        response_mask: Bool[B, T]; every row needs at least one response token.
+        kl_coef: β (a float; ``AdaptiveKLController.value``).
+    Returns: rewards [B, T], 0 outside the mask, no grad.
+    """
+    mask = response_mask.bool()
+    B, T = mask.shape
+    has_tokens = mask.any(dim=1)
+    if not bool(has_tokens.all()):
+        rows = torch.nonzero(~has_tokens).flatten().tolist()
+        raise ValueError(f"token_level_rewards: rows {rows} have no response token to carry the score")
+    dtype = _stat_dtype(scores) if kl_per_token is None else torch.promote_types(_stat_dtype(scores), kl_per_token.dtype)
+    rewards = torch.zeros(B, T, dtype=dtype, device=mask.device)
+    if kl_per_token is not None:
+        rewards = torch.where(mask, -kl_coef * kl_per_token.to(dtype), 0.0)
+    # Index of the last True per row: argmax finds the first True of the flipped row.
+    last = T - 1 - mask.flip(dims=[1]).to(torch.int8).argmax(dim=1)
+    rows = torch.arange(B, device=mask.device)
+    rewards[rows, last] += scores.to(dtype).reshape(B)
+    return rewards

@@ -1,0 +1,55 @@
+"""Held-out evaluation inside the loop: the algorithm's own loss and metrics, without gradients."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+
+def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded (train, eval) split; the same rows go to eval on every process and every resume."""
+    if fraction <= 0:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(fraction * len(examples))))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+@torch.no_grad()
+def evaluate(algo, inner, examples: list[dict], batch_size: int, accelerator) -> dict[str, float]:
+    """Mean loss (per the algorithm's unit) and metrics over `examples`, sharded over processes."""
+    was_training = inner.training
+    algo.eval()
+    device = accelerator.device
+    mine = examples[accelerator.process_index :: accelerator.num_processes]
+    loss_sum = torch.zeros((), device=device)
+    units = torch.zeros((), device=device)
+    sums: dict[str, torch.Tensor] = {}
+    order = sorted(range(len(mine)), key=lambda i: inner.example_length(mine[i]))
+    for k in range(0, len(order), batch_size):
+        batch = inner.collate([mine[i] for i in order[k : k + batch_size]])
+        batch = {key: v.to(device) for key, v in batch.items()}
+        with accelerator.autocast():
+            loss, metrics = inner(batch)
+        loss_sum += loss.float()
+        units += inner.count_units(batch)
+        for name, (s, c) in metrics.items():
+            acc = sums.setdefault(name, torch.zeros(2, device=device))
+            acc[0] += s.float()
+            acc[1] += c.float()
+    names = sorted(sums)
+    # Every process must join the reduction with the same keys, even one whose shard was empty.
+    names = accelerator.gather_for_metrics([names], use_gather_object=True) if accelerator.num_processes > 1 else [names]
+    names = sorted({n for part in names for n in part})
+    packed = torch.stack([loss_sum, units] + [x for n in names for x in sums.get(n, torch.zeros(2, device=device))])
+    packed = accelerator.reduce(packed, reduction="sum")
+    out = {"eval/loss": float(packed[0] / packed[1].clamp(min=1))}
+    for j, name in enumerate(names):
+        s, c = packed[2 + 2 * j], packed[3 + 2 * j]
+        out[f"eval/{name}"] = float(s / c) if c > 0 else float("nan")
+    if was_training:
+        algo.train()
+    return out

@@ -1,0 +1,259 @@
+"""THE training loop. Every algorithm runs through `train`; none overrides it.
+
+The loop owns accumulation, loss normalisation over the global batch, clipping, AdamW and the
+schedule, mixed precision, distributed wrapping (Accelerate), checkpoint/resume and logging. An
+algorithm only turns a micro-batch into (summed loss, metrics); see preftune.algorithms.base.
+
+Launch (the same config runs on one CPU, one GPU or many processes):
+    preftune train configs/sft.yaml                              # one process
+    accelerate launch --num_processes 2 -m preftune train ...    # DDP (gloo on CPU, NCCL on GPU)
+    torchrun --nproc_per_node 2 -m preftune train ...            # same, with torchrun
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from preftune.algorithms import ALGORITHMS
+from preftune.config import ConfigError, RunConfig, run_config_to_dict
+from preftune.train.checkpoint import (
+    checkpoints_dir,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
+from preftune.train.evaluate import evaluate, split_eval
+from preftune.train.metrics import MetricsLog
+from preftune.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("preftune.train")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_dir: Path
+    metrics_path: Path
+    steps: int
+    last_metrics: dict
+
+
+def _check_output_dir(run: RunConfig, accelerator: Accelerator) -> Path | None:
+    """Return the checkpoint to resume from; refuse to silently overwrite an earlier run's work."""
+    out = Path(run.output_dir)
+    if run.train.resume_from:
+        return resolve_resume(out, run.train.resume_from)
+    if list_checkpoints(out):
+        if not run.train.overwrite_output_dir:
+            raise ConfigError(
+                f"output_dir {out} holds checkpoints of an earlier run. Continue it with "
+                "train.resume_from=latest, or discard them with train.overwrite_output_dir=true"
+            )
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(checkpoints_dir(out))
+        accelerator.wait_for_everyone()
+    return None
+
+
+def _count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+def build_algorithm(run: RunConfig):
+    """Load data, model and algorithm (everything before the optimizer)."""
+    from preftune.models.lora import apply_lora, enable_gradient_checkpointing
+
+    algo_cls = ALGORITHMS[run.algorithm]
+    records = algo_cls.load_records(run.algo, run.data.path, run.data.split)  # bad data fails before the model loads
+    if run.data.max_rows is not None:
+        records = records[: run.data.max_rows]
+    model, tokenizer = algo_cls.load_policy(run.algo, run)  # causal LM, or e.g. a reward model's classifier
+    lora = run.model.lora
+    if lora.enabled:
+        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    if run.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    algo = algo_cls(run.algo, model, tokenizer, run)
+    examples, report = algo.tokenize(records, source=run.data.path)
+    eval_examples: list[dict] = []
+    if run.data.eval_path:
+        eval_records = algo_cls.load_records(run.algo, run.data.eval_path, run.data.split)
+        eval_examples, _ = algo.tokenize(eval_records, source=run.data.eval_path)
+    else:
+        examples, eval_examples = split_eval(examples, run.data.eval_fraction, run.train.seed)
+    return algo, examples, eval_examples, report
+
+
+def train(run: RunConfig) -> TrainResult:
+    t = run.train
+    out = Path(run.output_dir)
+    mixed = "bf16" if run.model.dtype == "bf16" else "no"
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # A second run in one process (tests, studies) may change mixed precision; Accelerate keeps a
+        # process-wide singleton, so drop it when there is no process group to keep.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    # cpu=True without CUDA: that is how Accelerate recognises a multi-process CPU (gloo) launch.
+    accelerator = Accelerator(
+        mixed_precision=mixed, log_with=t.report_to or None, project_dir=str(out), cpu=not torch.cuda.is_available()
+    )
+    resume_path = _check_output_dir(run, accelerator)
+    set_seed(t.seed)
+
+    algo, examples, eval_examples, report = build_algorithm(run)
+    if accelerator.is_main_process:
+        log.info("data: %d training rows, %d held out, from %s; %s", len(examples), len(eval_examples), run.data.path, report)
+    params = [p for p in algo.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, t)
+    algo, optimizer = accelerator.prepare(algo, optimizer)
+    inner = accelerator.unwrap_model(algo)
+    # One call over train + held-out rows: the hook may free what it used (e.g. a reference model).
+    both = inner.prepare_examples(examples + eval_examples, accelerator)
+    examples, eval_examples = both[: len(examples)], both[len(examples) :]
+    source = inner.make_source(examples, accelerator)
+    total_steps = t.max_steps or t.num_epochs * source.steps_per_epoch
+    scheduler = build_scheduler(optimizer, t, total_steps)  # stepped by us, once per optimizer step
+
+    step = 0
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, module=inner, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator)
+        step = int(state["step"])
+        source.load_state_dict(state["source"])
+        if accelerator.is_main_process:
+            log.info("resumed from %s at step %d", resume_path, step)
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(run_config_to_dict(run), sort_keys=False))
+    if t.report_to:
+        accelerator.init_trackers(out.name, config=_flat(run_config_to_dict(run)))
+    metrics_log = MetricsLog(out / "metrics.jsonl", resume_step=step if resume_path else None, enabled=accelerator.is_main_process)
+
+    bar = tqdm(total=total_steps, initial=step, disable=not (t.progress_bar and accelerator.is_main_process), desc=run.algorithm, dynamic_ncols=True)
+    last: dict = {}
+    window_tokens, window_start = 0, time.perf_counter()
+    algo.train()
+    while step < total_steps:
+        micro_batches = source.next_step()
+        sums = _run_step(algo, micro_batches, accelerator, source.pop_metrics())
+        grad_norm = _clip(accelerator, params, t.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        source.observe(sums)
+        window_tokens += int(sums.pop("tokens"))
+        if step % t.logging_steps == 0 or step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            last = {
+                "step": step,
+                "epoch": round(source.epochs_done(), 4),
+                **sums,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": window_tokens,
+                "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 2),
+            }
+            metrics_log.write(last)
+            if t.report_to:
+                accelerator.log({k: v for k, v in last.items() if isinstance(v, (int, float))}, step=step)
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+            window_tokens, window_start = 0, time.perf_counter()
+        bar.update(1)
+        if eval_examples and ((t.eval_steps and step % t.eval_steps == 0) or step == total_steps):
+            ev = evaluate(algo, inner, eval_examples, t.eval_batch_size, accelerator)
+            metrics_log.write({"step": step, **ev})
+            if t.report_to:
+                accelerator.log(ev, step=step)
+            last = {**last, **ev}
+        if t.save_steps and (step % t.save_steps == 0 or step == total_steps):
+            save_checkpoint(
+                out, step, module=inner, optimizer=optimizer, scheduler=scheduler,
+                trainer_state={"world_size": accelerator.num_processes},
+                accelerator=accelerator, keep_last=t.save_total_limit, source_state=source.state_dict(),
+            )
+    bar.close()
+
+    model_dir = out / "model"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        inner.save(model_dir)
+    accelerator.wait_for_everyone()
+    if t.report_to:
+        accelerator.end_training()
+    return TrainResult(out, model_dir, out / "metrics.jsonl", step, last)
+
+
+def _run_step(algo, micro_batches: list[dict], accelerator: Accelerator, source_metrics: dict) -> dict:
+    """Forward/backward every micro-batch of one optimizer step; return globally reduced metrics
+    (the algorithm's, and the batch source's, e.g. rollout statistics: name -> (sum, count))."""
+    device = accelerator.device
+    inner = accelerator.unwrap_model(algo)
+    inner.before_step(micro_batches, accelerator)
+    units = torch.tensor(float(sum(inner.count_units(b) for b in micro_batches)), device=device)
+    global_units = accelerator.reduce(units, reduction="sum").clamp(min=1.0)
+    world = accelerator.num_processes
+    loss_total = torch.zeros((), device=device)
+    metric_sums: dict[str, list[torch.Tensor]] = {
+        name: [s.detach().float().to(device), c.detach().float().to(device)] for name, (s, c) in source_metrics.items()
+    }
+    tokens = 0
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        tokens += _count_tokens(batch)
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(algo)
+        with sync:
+            with accelerator.autocast():
+                loss_sum, metrics = algo(batch)
+            # DDP averages gradients over processes; x world turns that into the global sum.
+            accelerator.backward(loss_sum * world / global_units)
+        loss_total += loss_sum.detach().float()
+        for name, (s, c) in metrics.items():
+            acc = metric_sums.setdefault(name, [torch.zeros((), device=device), torch.zeros((), device=device)])
+            acc[0] += s.detach().float()
+            acc[1] += c.detach().float()
+    names = sorted(metric_sums)
+    packed = torch.stack([loss_total, torch.tensor(float(tokens), device=device)] + [x for n in names for x in metric_sums[n]])
+    packed = accelerator.reduce(packed, reduction="sum")
+    result = {"loss": float(packed[0] / global_units), "tokens": float(packed[1]), "units": float(global_units)}
+    for j, name in enumerate(names):
+        s, c = packed[2 + 2 * j], packed[3 + 2 * j]
+        result[name] = float(s / c) if c > 0 else float("nan")
+    return result
+
+
+def _clip(accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    if max_norm is not None:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flat(v, key + "."))
+        else:
+            flat[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat

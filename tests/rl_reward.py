@@ -1,0 +1,14 @@
+"""A reward a tiny random model can learn in a few steps: the fraction of completion tokens whose id
+is below 300 in the tiny tokenizer (about 30% of the vocabulary, so ~0.3-0.45 at random init)."""
+
+from preftune.models.tiny import load_tiny_tokenizer
+
+_tok = load_tiny_tokenizer()
+
+
+def low_ids(prompts, completions):
+    out = []
+    for text in completions:
+        ids = _tok(text, add_special_tokens=False).input_ids
+        out.append(sum(i < 300 for i in ids) / max(len(ids), 1))
+    return out

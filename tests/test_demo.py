@@ -1,0 +1,53 @@
+"""A miniature `preftune demo` end to end through the CLI on a tiny random model."""
+
+import json
+from html.parser import HTMLParser
+
+from tests.conftest import ROOT, cli
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.text = [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs).get("src", ""))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_miniature_demo(tmp_path):
+    out = tmp_path / "demo"
+    proc = cli(
+        "demo", "model=tiny-random-llama", f"output_dir={out}", "train_prompts=16", "test_prompts=4", "max_new_tokens=8",
+        "jobs=[dpo:beta=0.1, dpo:beta=0.5, rloo:kl_coef=0.1, kto, sft, unlikelihood]", "online_steps=2", "offline_epochs=1",
+        "micro_batch_size=4", "eval_samples=1", f"gold_reward={ROOT / 'tests' / 'rl_reward.py'}:low_ids",
+        "proxy_reward_model=true", "best_of_n=[1, 2]", "train_overrides=[train.progress_bar=false]",
+        env={"PREFTUNE_CACHE": str(tmp_path / "cache")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["models"]) == {"reference", "dpo-beta0.1", "dpo-beta0.5", "rloo-kl_coef0.1", "kto", "sft", "unlikelihood"}
+    assert results["pairs"]["pairs"] >= 2 and results["best_of_n"]["n"] == [1, 2]
+    assert results["timings_seconds"]["total"] > 0
+    # the summary printed on the terminal is the same numbers
+    for name, m in results["models"].items():
+        line = next(x for x in proc.stdout.splitlines() if x.startswith(name + " "))
+        assert f"{m['reward_mean']:.3f}" in line
+    page = (out / "report.html").read_text()
+    parser = _Collect()
+    parser.feed(page)
+    parser.close()
+    assert len([s for s in parser.images if s.startswith("data:image/png;base64,")]) >= 3  # frontier, reward, over-optimisation
+    assert "dpo-beta0.5" in "".join(parser.text)
+    assert f"report: {out / 'report.html'}" in proc.stdout
+
+
+def test_study_config_is_valid():
+    from preftune.experiments.sentiment import load_study_config
+
+    cfg = load_study_config(str(ROOT / "configs" / "studies" / "sentiment.yaml"), [])
+    assert len(cfg.jobs) >= 10 and cfg.proxy_reward_model
