@@ -25,12 +25,18 @@ def test_miniature_demo(tmp_path):
         "demo", "model=tiny-random-llama", f"output_dir={out}", "train_prompts=16", "test_prompts=4", "max_new_tokens=8",
         "jobs=[dpo:beta=0.1, dpo:beta=0.5, rloo:kl_coef=0.1, kto, sft, unlikelihood]", "online_steps=2", "offline_epochs=1",
         "micro_batch_size=4", "eval_samples=1", f"gold_reward={ROOT / 'tests' / 'rl_reward.py'}:low_ids",
-        "proxy_reward_model=true", "best_of_n=[1, 2]", "train_overrides=[train.progress_bar=false]",
+        "proxy_reward_model=true", "best_of_n=[1, 2]", "proxy_rl=rloo:kl_coef=0.0", "proxy_rl_checkpoints=2",
+        "train_overrides=[train.progress_bar=false]",
         env={"PREFTUNE_CACHE": str(tmp_path / "cache")},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(results["models"]) == {"reference", "dpo-beta0.1", "dpo-beta0.5", "rloo-kl_coef0.1", "kto", "sft", "unlikelihood"}
+    on_proxy = {"rloo-kl_coef0.0-on-proxy@1", "rloo-kl_coef0.0-on-proxy@2"}  # proxy_rl's checkpoints
+    assert set(results["models"]) == {"reference", "dpo-beta0.1", "dpo-beta0.5", "rloo-kl_coef0.1", "kto", "sft", "unlikelihood"} | on_proxy
+    for name in on_proxy:
+        m = results["models"][name]
+        assert m["algorithm"] == "rloo on proxy" and m["proxy_reward_mean"] is not None and m["kl"] is not None
+    assert (out / "runs" / "rloo-kl_coef0.0-on-proxy" / "exports" / "step-000001" / "adapter_model.safetensors").is_file()
     assert results["pairs"]["pairs"] >= 2 and results["best_of_n"]["n"] == [1, 2]
     assert results["timings_seconds"]["total"] > 0
     # the summary printed on the terminal is the same numbers
@@ -50,4 +56,4 @@ def test_study_config_is_valid():
     from preftune.experiments.sentiment import load_study_config
 
     cfg = load_study_config(str(ROOT / "configs" / "studies" / "sentiment.yaml"), [])
-    assert len(cfg.jobs) >= 10 and cfg.proxy_reward_model
+    assert len(cfg.jobs) >= 10 and cfg.proxy_reward_model and cfg.proxy_rl

@@ -4,6 +4,7 @@
     preftune generate [CONFIG.yaml] [key=value ...]
     preftune score [CONFIG.yaml] [key=value ...]    # reward-model scores of (prompt, completion) rows
     preftune eval [CONFIG.yaml] [key=value ...]     # models vs a reference -> results.json + report.html
+    preftune export CHECKPOINT [--output DIR]       # a training checkpoint -> a loadable model folder
     preftune config [ALGORITHM] [--markdown]      # every field, its default and its help
     preftune algorithms
 """
@@ -61,13 +62,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from preftune.generate_config import GenerateConfig
-    from preftune.generate_cmd import run_generate
-
+def _settings(cls: type, args: argparse.Namespace, name: str):
+    """A command's settings: the optional YAML file, then the key=value overrides, validated."""
     data = read_yaml(args.config) if args.config else {}
-    cfg = from_dict(GenerateConfig, apply_overrides(data, list(args.overrides)), "generate")
-    path = run_generate(cfg)
+    return from_dict(cls, apply_overrides(data, list(args.overrides)), name)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from preftune.train.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.output, reuse=False)
+    print(f"model exported to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from preftune.generate_cmd import run_generate
+    from preftune.generate_config import GenerateConfig
+
+    path = run_generate(_settings(GenerateConfig, args, "generate"))
     print(f"wrote {path}")
     return 0
 
@@ -75,9 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from preftune.score_cmd import ScoreConfig, run_score
 
-    data = read_yaml(args.config) if args.config else {}
-    cfg = from_dict(ScoreConfig, apply_overrides(data, list(args.overrides)), "score")
-    path, report = run_score(cfg)
+    path, report = run_score(_settings(ScoreConfig, args, "score"))
     print(f"wrote {path}")
     print(f"summary in {report}")
     return 0
@@ -86,9 +97,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from preftune.eval_config import EvalConfig, run_eval
 
-    data = read_yaml(args.config) if args.config else {}
-    cfg = from_dict(EvalConfig, apply_overrides(data, list(args.overrides)), "eval")
-    path = run_eval(cfg)
+    path = run_eval(_settings(EvalConfig, args, "eval"))
     print(f"results in {path.parent / 'results.json'}")
     print(f"report written to {path}")
     return 0
@@ -211,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
         st.add_argument("config", nargs="?", help="Optional YAML file with the settings below.")
         st.add_argument("overrides", nargs="*", help="key=value settings, e.g. output_dir=runs/demo2")
         st.set_defaults(func=cmd_study)
+
+    x = sub.add_parser("export", help="Turn a training checkpoint into a model folder (full weights or LoRA adapter).")
+    x.add_argument("checkpoint", help="A checkpoint folder, OUTPUT_DIR/checkpoints/step-N.")
+    x.add_argument("--output", help="Where to write the model (default: OUTPUT_DIR/exports/step-N).")
+    x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("config", help="Print every config field with its default and help (commented YAML).")
     c.add_argument("algorithm", nargs="?")

@@ -119,6 +119,9 @@ def _default_name(spec: str) -> str:
     p = Path(spec)
     if p.name == "model" and p.parent.name:  # runs/dpo-b0.1/model -> dpo-b0.1
         return p.parent.name
+    if p.parent.name == "checkpoints" and p.parent.parent.name:  # runs/rloo/checkpoints/step-000010 -> rloo@10
+        step = p.name.removeprefix("step-").lstrip("0") or "0"
+        return f"{p.parent.parent.name}@{step}"
     return p.name or spec
 
 

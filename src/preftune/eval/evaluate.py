@@ -226,13 +226,16 @@ def best_of_n_curve(
 
 
 def describe_model(spec: ModelSpec) -> dict:
-    """What a model spec says about itself: for a run's ``OUTPUT_DIR/model`` (or ``OUTPUT_DIR``), the
-    run's ``algorithm`` and, where its section has one, ``beta`` (read from ``OUTPUT_DIR/config.yaml``).
-    Empty for anything else."""
+    """What a model spec says about itself: for a run's ``OUTPUT_DIR/model`` (or ``OUTPUT_DIR``, or a
+    checkpoint ``OUTPUT_DIR/checkpoints/step-N``), the run's ``algorithm`` and, where its section has
+    one, ``beta`` (read from ``OUTPUT_DIR/config.yaml``). Empty for anything else."""
     if not isinstance(spec, str):
         return {}
     path = Path(spec).expanduser()
-    for config in (path / "config.yaml", path.parent / "config.yaml"):
+    candidates = [path / "config.yaml", path.parent / "config.yaml"]
+    if path.parent.name == "checkpoints":
+        candidates.append(path.parent.parent / "config.yaml")
+    for config in candidates:
         if path.is_dir() and config.is_file():
             import yaml
 

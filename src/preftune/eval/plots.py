@@ -93,7 +93,8 @@ def overoptimization_plot(
     title: str = "Over-optimisation: best-of-n on the proxy reward",
 ) -> bytes:
     """Gold and proxy reward vs KL (lines; best-of-n at its closed-form KL, ``ns`` annotated), with
-    optional ``points``: ``{"label", "kl", "gold", "proxy"}`` (e.g. RL checkpoints) as markers. A
+    optional ``points``: ``{"label", "kl", "gold", "proxy"}`` as labelled markers, or, with a
+    ``"group"`` key, one gold and one proxy curve per group (e.g. an RL run's checkpoints). A
     proxy curve that keeps rising while the gold one flattens or falls is Goodhart's law at work
     (Gao et al. 2022). Gold and proxy share one axis: compare their shapes, not their levels, when the
     two rewards have different scales."""
@@ -102,12 +103,22 @@ def overoptimization_plot(
     ax.plot(kl, proxy, "--s", color="tab:orange", label="proxy reward (best-of-n)")
     for i, n in enumerate(ns or []):
         ax.annotate(f"n={n}", (kl[i], gold[i]), textcoords="offset points", xytext=(3, -10), fontsize=7)
+    groups: dict[str, list[dict]] = {}
     for p in points or []:
+        if p.get("group"):
+            groups.setdefault(str(p["group"]), []).append(p)
+            continue
         if _finite(p.get("kl"), p.get("gold")):
             ax.scatter([p["kl"]], [p["gold"]], marker="o", color="tab:green", edgecolor="black", zorder=5)
             ax.annotate(str(p.get("label", "")), (p["kl"], p["gold"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if _finite(p.get("kl"), p.get("proxy")):
             ax.scatter([p["kl"]], [p["proxy"]], marker="x", color="tab:orange", zorder=5)
+    for group, members in groups.items():  # e.g. the checkpoints of one RL run: a curve ordered by KL
+        for key, style, color in (("gold", "-^", "tab:green"), ("proxy", "--v", "tab:orange")):
+            pts = sorted((m["kl"], m[key]) for m in members if _finite(m.get("kl"), m.get(key)))
+            if pts:
+                ax.plot([k for k, _ in pts], [v for _, v in pts], style, color=color, alpha=0.6,
+                        label=f"{key} reward ({group})")
     ax.set_xlabel("KL(π ‖ π_ref) (nats)")
     ax.set_ylabel("reward")
     ax.set_title(title)

@@ -5,7 +5,8 @@ make a model continue movie-review openings more positively, with VADER as the g
     pairs   2 samples per training prompt from π_ref; VADER picks the winner (ties dropped)
     train   any mix of jobs: DPO (several β), IPO, KTO, SFT on the preferred completions, the
             unlikelihood baseline (from the pairs); RLOO / PPO / best-of-n / REINFORCE (online, VADER)
-    proxy   optionally a reward model on the same pairs, for the over-optimisation curve of best-of-n
+    proxy   optionally a reward model on the same pairs, for the over-optimisation curves: best-of-n
+            picking by it, and an RL job (proxy_rl) optimising it, evaluated at its checkpoints
     eval    gold reward, KL to π_ref, win rate vs π_ref, length, samples — on held-out test prompts
     report  results.json, the reward-KL frontier, report.html
 
@@ -59,6 +60,13 @@ class StudyConfig:
         False, "Also train a reward model on the pairs and plot best-of-n's gold vs proxy reward (over-optimisation)."
     )
     best_of_n: list[int] = doc(factory=lambda: [1, 2, 4, 8], help="n values of the over-optimisation curve.")
+    proxy_rl: Optional[str] = doc(
+        None,
+        "An online job 'ALGORITHM[:key=value,...]' (e.g. 'rloo:kl_coef=0.01') trained against the proxy reward "
+        "model instead of the gold reward; each of its checkpoints is evaluated with both rewards and drawn on "
+        "the over-optimisation plot. Needs proxy_reward_model. null = off.",
+    )
+    proxy_rl_checkpoints: int = doc(4, "Evenly spaced checkpoints of the proxy_rl job that are evaluated (the last one is its final step).")
     eval_samples: int = doc(2, "Completions per test prompt and model in the evaluation.")
     seed: int = doc(0, "Seed of sampling and training.")
 
@@ -69,6 +77,14 @@ class StudyConfig:
             name = job.split(":")[0]
             if name not in OFFLINE | ONLINE:
                 raise ConfigError(f"{path}.jobs: unknown algorithm '{name}' in '{job}'. Valid: {', '.join(sorted(OFFLINE | ONLINE))}")
+        if self.proxy_rl is not None:
+            name = self.proxy_rl.split(":")[0]
+            if name not in ONLINE:
+                raise ConfigError(f"{path}.proxy_rl: '{name}' is not an online algorithm. Valid: {', '.join(sorted(ONLINE))}")
+            if not self.proxy_reward_model:
+                raise ConfigError(f"{path}.proxy_rl: needs proxy_reward_model: true (the reward it optimises)")
+            if not 1 <= self.proxy_rl_checkpoints <= self.online_steps:
+                raise ConfigError(f"{path}.proxy_rl_checkpoints: must be between 1 and online_steps ({self.online_steps})")
 
 
 def parse_job(job: str) -> tuple[str, str, list[str]]:
@@ -109,16 +125,32 @@ def run_study(cfg: StudyConfig, *, progress: bool = True) -> Path:
         models[label] = str(model_dir)
         configs[label] = run_cfg
 
-    proxy = None
+    proxy, algorithms, proxy_rl_models = None, {}, []
     if cfg.proxy_reward_model:
         start = time.perf_counter()
         proxy, configs["proxy_reward_model"] = train_proxy(cfg, pairs_path, out)
         timings["train proxy reward model"] = time.perf_counter() - start
+    if cfg.proxy_rl is not None:
+        start = time.perf_counter()
+        name, label, overrides = parse_job(cfg.proxy_rl)
+        label += "-on-proxy"
+        every = cfg.online_steps // cfg.proxy_rl_checkpoints
+        overrides += [f"{name}.reward={proxy}", f"train.save_steps={every}", f"train.save_total_limit={cfg.proxy_rl_checkpoints + 1}"]
+        run_dir, configs[label] = train_job(cfg, name, label, overrides, pairs_path, out)
+        from preftune.train.checkpoint import list_checkpoints
+
+        for checkpoint in list_checkpoints(run_dir.parent)[-cfg.proxy_rl_checkpoints:]:
+            step = int(checkpoint.name.split("-")[1])
+            models[f"{label}@{step}"] = str(checkpoint)
+            algorithms[f"{label}@{step}"] = f"{name} on proxy"
+            proxy_rl_models.append(f"{label}@{step}")
+        timings[f"train {label}"] = time.perf_counter() - start
 
     start = time.perf_counter()
     results = evaluate(
         models, cfg.model, [p.prompt for p in test], cfg.gold_reward, proxy_reward=proxy,
         num_samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=16, progress=progress,
+        algorithms=algorithms,
     )
     timings["evaluate"] = time.perf_counter() - start
     plots = {"frontier": frontier_plot(frontier_points(results), title="Gold reward (VADER) vs KL to π_ref")}
@@ -128,7 +160,11 @@ def run_study(cfg: StudyConfig, *, progress: bool = True) -> Path:
         curve = best_of_n_curve(cfg.model, [p.prompt for p in test], cfg.gold_reward, proxy, cfg.best_of_n,
                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=16, progress=progress)
         results["best_of_n"] = curve
-        plots["overoptimization"] = overoptimization_plot(curve["kl"], curve["gold_mean"], curve["proxy_mean"])
+        rl_points = [{"label": m, "group": algorithms[m], "kl": results["models"][m]["kl"],
+                      "gold": results["models"][m]["reward_mean"], "proxy": results["models"][m].get("proxy_reward_mean")}
+                     for m in proxy_rl_models]
+        plots["overoptimization"] = overoptimization_plot(curve["kl"], curve["gold_mean"], curve["proxy_mean"], ns=curve["n"],
+                                                          points=rl_points)
         timings["best-of-n curve"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - t0
     results["pairs"] = pair_stats

@@ -6,7 +6,8 @@ Names ``load_model`` understands, tried in this order:
    or a packaged encoder, ``"minilm-l6-v2"`` (reward-model backbone; see ``models/encoders.py``);
 2. ``"tiny-random-<arch>"`` for ``arch`` in :data:`TINY_ARCHS` (random init, packaged tokenizer);
 3. a path to a local ``.gguf`` file;
-4. a local folder: a Hugging Face model folder, or a LoRA adapter saved by :func:`save_model`;
+4. a local folder: a Hugging Face model folder, a LoRA adapter saved by :func:`save_model`, or a
+   training checkpoint (``OUTPUT_DIR/checkpoints/step-N``; exported once by ``train/export.py``);
 5. anything else is passed to ``from_pretrained`` as a hub id.
 
 GGUF files are dequantised once into a plain fp32 Hugging Face folder under
@@ -125,6 +126,17 @@ def load_model(
         loaded = _load_folder(convert_gguf(path), seed, False, model_class, None, model_kwargs)
         return _record_source(loaded, str(path.resolve()))
     if path.is_dir():
+        from preftune.train.checkpoint import CheckpointError, is_checkpoint
+
+        if is_checkpoint(path):  # a training checkpoint: exported once to OUTPUT_DIR/exports/, then loaded
+            from preftune.train.export import export_checkpoint
+
+            try:
+                exported = export_checkpoint(path)
+            except CheckpointError as err:
+                raise ModelLoadError(str(err)) from None
+            return load_model(str(exported), dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
+                              model_class=model_class, **model_kwargs)
         if (path / "adapter_config.json").is_file():
             return _load_adapter(path, dtype, seed, trust_remote_code, model_class, model_kwargs)
         return _load_folder(path, seed, trust_remote_code, model_class, None, model_kwargs)

@@ -145,17 +145,9 @@ def verify_checkpoint(path: Path) -> dict:
     return manifest
 
 
-def load_checkpoint(
-    path: Path, *, module: torch.nn.Module, optimizer: Any, scheduler: Any, accelerator: Any
-) -> dict:
-    """Restore everything save_checkpoint wrote; returns the trainer state (step, source position)."""
-    verify_checkpoint(path)
-    state = json.loads((path / "trainer_state.json").read_text())
-    if state.get("world_size") not in (None, accelerator.num_processes):
-        raise CheckpointError(
-            f"{path} was written by {state['world_size']} processes; resume with the same number "
-            f"(now {accelerator.num_processes}) so the data order and RNG streams continue exactly"
-        )
+def load_trainable(path: Path, module: torch.nn.Module) -> None:
+    """Copy a checkpoint's ``trainable.safetensors`` into ``module``'s trainable parameters; the names
+    must match exactly (same algorithm, model and LoRA setting)."""
     weights = load_file(str(path / "trainable.safetensors"))
     expected = {n for n, p in module.named_parameters() if p.requires_grad}
     if set(weights) != expected:
@@ -168,6 +160,25 @@ def load_checkpoint(
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].device))
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` looks like a checkpoint folder written by :func:`save_checkpoint`."""
+    return path.is_dir() and (path / "manifest.json").is_file() and (path / "trainable.safetensors").is_file()
+
+
+def load_checkpoint(
+    path: Path, *, module: torch.nn.Module, optimizer: Any, scheduler: Any, accelerator: Any
+) -> dict:
+    """Restore everything save_checkpoint wrote; returns the trainer state (step, source position)."""
+    verify_checkpoint(path)
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state.get("world_size") not in (None, accelerator.num_processes):
+        raise CheckpointError(
+            f"{path} was written by {state['world_size']} processes; resume with the same number "
+            f"(now {accelerator.num_processes}) so the data order and RNG streams continue exactly"
+        )
+    load_trainable(path, module)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_file = path / f"rng_state_{accelerator.process_index}.pt"

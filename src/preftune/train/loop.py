@@ -75,21 +75,28 @@ def _count_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["input_ids"].numel())
 
 
-def build_algorithm(run: RunConfig):
-    """Load data, model and algorithm (everything before the optimizer)."""
+def build_module(run: RunConfig, *, gradient_checkpointing: bool = False):
+    """The algorithm module of ``run``: its policy (a causal LM, or e.g. a reward model's classifier)
+    with LoRA applied, plus whatever heads the algorithm adds. Checkpoints name weights after it."""
     from preftune.models.lora import apply_lora, enable_gradient_checkpointing
 
+    algo_cls = ALGORITHMS[run.algorithm]
+    model, tokenizer = algo_cls.load_policy(run.algo, run)
+    lora = run.model.lora
+    if lora.enabled:
+        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return algo_cls(run.algo, model, tokenizer, run)
+
+
+def build_algorithm(run: RunConfig):
+    """Load data, model and algorithm (everything before the optimizer)."""
     algo_cls = ALGORITHMS[run.algorithm]
     records = algo_cls.load_records(run.algo, run.data.path, run.data.split)  # bad data fails before the model loads
     if run.data.max_rows is not None:
         records = records[: run.data.max_rows]
-    model, tokenizer = algo_cls.load_policy(run.algo, run)  # causal LM, or e.g. a reward model's classifier
-    lora = run.model.lora
-    if lora.enabled:
-        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
-    if run.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    algo = algo_cls(run.algo, model, tokenizer, run)
+    algo = build_module(run, gradient_checkpointing=run.model.gradient_checkpointing)
     examples, report = algo.tokenize(records, source=run.data.path)
     eval_examples: list[dict] = []
     if run.data.eval_path:

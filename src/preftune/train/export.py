@@ -1,0 +1,83 @@
+"""Turn a training checkpoint into a model folder that transformers (or peft) loads directly.
+
+A checkpoint (``OUTPUT_DIR/checkpoints/step-000123``, see train/checkpoint.py) holds only the trainable
+weights, next to the run's resolved ``OUTPUT_DIR/config.yaml``. Exporting rebuilds the policy the
+way the run built it (model, LoRA, algorithm), copies the weights in and saves it like the end of
+training does (``OUTPUT_DIR/model``): a full model, or a LoRA adapter (merged if the run's
+``model.lora.merge_on_save``).
+
+    preftune export runs/rloo/checkpoints/step-000010            # -> runs/rloo/exports/step-000010
+    preftune export runs/rloo/checkpoints/step-000010 --output m  # -> m
+
+``load_model`` accepts a checkpoint folder too (exporting it first, once), so every command that
+takes a model -- ``eval``, ``generate``, ``score`` -- takes a checkpoint: that is how RL checkpoints
+become points on an over-optimisation curve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from preftune.train.checkpoint import CheckpointError, is_checkpoint, load_trainable, verify_checkpoint
+
+log = logging.getLogger("preftune.export")
+
+# Written into an export folder; names the checkpoint's manifest digest, so a checkpoint replaced by a
+# later run under the same name is exported again rather than served stale.
+_STAMP = "preftune_export.json"
+
+
+def default_export_dir(checkpoint: Path) -> Path:
+    """``OUTPUT_DIR/checkpoints/step-N`` -> ``OUTPUT_DIR/exports/step-N``."""
+    return checkpoint.parent.parent / "exports" / checkpoint.name
+
+
+def _stamp(checkpoint: Path) -> dict:
+    import hashlib
+
+    digest = hashlib.sha256((checkpoint / "manifest.json").read_bytes()).hexdigest()
+    return {"checkpoint": str(checkpoint.resolve()), "manifest_sha256": digest}
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, *, reuse: bool = True) -> Path:
+    """Export ``checkpoint`` to ``output`` (default :func:`default_export_dir`) and return that folder.
+
+    With ``reuse``, an earlier export of the same checkpoint (same manifest) is returned as is.
+    Raises CheckpointError for a folder that is not a complete checkpoint of a preftune run.
+    """
+    from preftune.config import load_run_config
+
+    checkpoint = Path(checkpoint).expanduser()
+    if not is_checkpoint(checkpoint):
+        raise CheckpointError(f"{checkpoint}: not a checkpoint folder (expected manifest.json and trainable.safetensors)")
+    out = Path(output).expanduser() if output is not None else default_export_dir(checkpoint)
+    stamp = _stamp(checkpoint)
+    if reuse and (out / _STAMP).is_file():
+        try:
+            if json.loads((out / _STAMP).read_text()) == stamp:
+                return out
+        except json.JSONDecodeError:
+            pass
+    verify_checkpoint(checkpoint)
+    config = checkpoint.parent.parent / "config.yaml"
+    if not config.is_file():
+        raise CheckpointError(f"{checkpoint}: the run's config {config} is missing, so the model cannot be rebuilt")
+    run = load_run_config(str(config), [])
+    if run.algorithm == "reward":
+        raise CheckpointError(
+            f"{checkpoint}: exporting reward-model checkpoints is not supported (the reward model's scoring "
+            f"settings come from its training data); use the final model in {checkpoint.parent.parent / 'model'}"
+        )
+    from preftune.train.loop import build_module
+
+    algo = build_module(run)
+    load_trainable(checkpoint, algo)
+    from preftune.models.loading import save_model
+
+    save_model(algo.policy, algo.tokenizer, out, merge=run.model.lora.merge_on_save)
+    (out / _STAMP).write_text(json.dumps(stamp, indent=2))
+    log.info("exported %s to %s", checkpoint, out)
+    return out
+
