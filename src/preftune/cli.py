@@ -4,6 +4,7 @@
     preftune generate [CONFIG.yaml] [key=value ...]
     preftune score [CONFIG.yaml] [key=value ...]    # reward-model scores of (prompt, completion) rows
     preftune eval [CONFIG.yaml] [key=value ...]     # models vs a reference -> results.json + report.html
+    preftune label [CONFIG.yaml] [key=value ...]    # rank samples in a web UI (or with a judge) -> labels
     preftune export CHECKPOINT [--output DIR]       # a training checkpoint -> a loadable model folder
     preftune config [ALGORITHM] [--markdown]      # every field, its default and its help
     preftune algorithms
@@ -103,6 +104,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    from preftune.label import LabelConfig, run_label
+
+    cfg = _settings(LabelConfig, args, "label")
+
+    def ready(url: str) -> None:
+        print(f"labelling {cfg.input} -> {cfg.output}: open {url} (Ctrl-C stops; every label is saved as it is given)", flush=True)
+
+    result = run_label(cfg, on_ready=ready)
+    extra = "".join(f", {k.replace('_', ' ')}: {v}" for k, v in result.items() if k not in ("output", "done", "total"))
+    print(f"labels in {result['output']}: {result['done']} of {result['total']} items done{extra}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from preftune.algorithms import ALGORITHMS
 
@@ -161,6 +176,9 @@ def config_markdown() -> str:
     from preftune.eval_config import EvalConfig
 
     parts += ["", "## `preftune eval`", "", table(EvalConfig)]
+    from preftune.label import LabelConfig
+
+    parts += ["", "## `preftune label`", "", table(LabelConfig)]
     from preftune.experiments.sentiment import StudyConfig
 
     parts += ["", "## `preftune demo` / `preftune study`", "", table(StudyConfig)]
@@ -221,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         st.add_argument("overrides", nargs="*", help="key=value settings, e.g. output_dir=runs/demo2")
         st.set_defaults(func=cmd_study)
 
+    from preftune.label import LabelConfig
+
+    lb = sub.add_parser("label", help="Rank sampled completions in a local web UI, or with a judge; writes labels JSONL.", epilog=_field_help(LabelConfig, "Settings (key=value):"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    lb.add_argument("config", nargs="?", help="Optional YAML file with the settings below.")
+    lb.add_argument("overrides", nargs="*", help="key=value settings, e.g. input=samples.jsonl output=labels.jsonl judge=vader")
+    lb.set_defaults(func=cmd_label)
+
     x = sub.add_parser("export", help="Turn a training checkpoint into a model folder (full weights or LoRA adapter).")
     x.add_argument("checkpoint", help="A checkpoint folder, OUTPUT_DIR/checkpoints/step-N.")
     x.add_argument("--output", help="Where to write the model (default: OUTPUT_DIR/exports/step-N).")
@@ -240,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists() and args.command in ("generate", "score", "eval", "demo", "study"):
+    if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists() and args.command in ("generate", "score", "eval", "label", "demo", "study"):
         args.overrides = [args.config] + list(args.overrides)
         args.config = None
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
