@@ -274,6 +274,17 @@ def _public_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if not f.metadata.get("section")]
 
 
+def check_range(path: str, obj: Any, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """ConfigError unless each field named in ``positive`` is > 0 and each in ``non_negative`` >= 0
+    (None = unset, allowed). For settings where a zero or negative value would divide by zero or
+    silently invert an objective (β, τ, loss weights)."""
+    for names, ok, words in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            value = getattr(obj, name)
+            if value is not None and not ok(value):
+                raise ConfigError(f"{path}.{name}: must be {words}, got {value}")
+
+
 def unknown_key_error(path: str, key: str, valid: list[str]) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""

@@ -14,7 +14,7 @@ import torch
 
 from preftune.algorithms.base import Needs
 from preftune.algorithms.pairwise import PairsConfig, PairwiseAlgorithm, PairwiseConfig
-from preftune.config import ConfigError, doc
+from preftune.config import ConfigError, check_range, doc
 from preftune.losses import preference as L
 
 NO_REFERENCE = Needs(data_kind="pairs", loss_unit="row", reference_model=False)
@@ -24,6 +24,9 @@ NO_REFERENCE = Needs(data_kind="pairs", loss_unit="row", reference_model=False)
 class DPOConfig(PairwiseConfig):
     beta: float = doc(0.1, "β: strength of the KL leash to the reference (higher = stay closer).")
 
+    def validate(self, path: str) -> None:
+        check_range(path, self, positive=("beta",))
+
 
 @dataclass
 class SmoothedDPOConfig(PairwiseConfig):
@@ -31,6 +34,7 @@ class SmoothedDPOConfig(PairwiseConfig):
     label_smoothing: float = doc(0.1, "ε: assumed fraction of preference labels that are flipped, in [0, 0.5).")
 
     def validate(self, path: str) -> None:
+        check_range(path, self, positive=("beta",))
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"{path}.label_smoothing: must lie in [0, 0.5), got {self.label_smoothing}")
 
@@ -39,10 +43,16 @@ class SmoothedDPOConfig(PairwiseConfig):
 class IPOConfig(PairwiseConfig):
     tau: float = doc(0.1, "τ: regularisation; the loss pulls the length-averaged log-ratio gap to 1/(2τ).")
 
+    def validate(self, path: str) -> None:
+        check_range(path, self, positive=("tau",))
+
 
 @dataclass
 class ReferenceFreeConfig(PairsConfig):
     beta: float = doc(0.1, "β: scale of the implicit reward β·log π(y|x) (the reference is uniform).")
+
+    def validate(self, path: str) -> None:
+        check_range(path, self, positive=("beta",))
 
 
 @dataclass
@@ -50,15 +60,24 @@ class SimPOConfig(PairsConfig):
     beta: float = doc(2.0, "β: scale of the length-normalised implicit reward (the paper uses 2-10).")
     gamma: float = doc(1.0, "γ: target reward margin (absolute, not γ/β).")
 
+    def validate(self, path: str) -> None:
+        check_range(path, self, positive=("beta",), non_negative=("gamma",))
+
 
 @dataclass
 class ORPOConfig(PairsConfig):
     lam: float = doc(0.1, "λ: weight of the odds-ratio term added to the SFT loss on the chosen completion.")
 
+    def validate(self, path: str) -> None:
+        check_range(path, self, non_negative=("lam",))
+
 
 @dataclass
 class UnlikelihoodConfig(PairsConfig):
     alpha: float = doc(1.0, "α: weight of the unlikelihood term −log(1 − p) on rejected tokens.")
+
+    def validate(self, path: str) -> None:
+        check_range(path, self, non_negative=("alpha",))
 
 
 class DPO(PairwiseAlgorithm):

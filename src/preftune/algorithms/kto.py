@@ -24,7 +24,7 @@ import torch
 
 from preftune.algorithms.base import Metrics, Needs
 from preftune.algorithms.pairwise import ReferenceConfig, WithReference
-from preftune.config import doc
+from preftune.config import check_range, doc
 from preftune.losses.kto import kto_loss, kto_recommended_weights
 
 log = logging.getLogger("preftune.algorithms")
@@ -41,6 +41,9 @@ class KTOConfig(ReferenceConfig):
     undesirable_weight: Optional[float] = doc(
         None, "λ_U, weight of undesirable rows. null = the paper's rule: λ_D·n_D / (λ_U·n_U) in [1, 4/3]."
     )
+
+    def validate(self, path: str) -> None:
+        check_range(path, self, positive=("beta", "desirable_weight", "undesirable_weight"))
 
 
 class KTO(WithReference):
@@ -69,8 +72,13 @@ class KTO(WithReference):
 
     def tokenize(self, records: list, source: str):
         examples, report = super().tokenize(records, source)
-        if len(examples) < 2:
+        if not examples:
             return examples, report
+        if len(examples) == 1:
+            from preftune.data.records import DataError
+
+            raise DataError("KTO needs at least 2 rows: its KL reference point pairs each prompt with another "
+                            "row's completion", source=str(source))
         return attach_mismatched(examples, self.run.data.max_length, self.run.train.seed), report
 
     def prepare_examples(self, examples: list[dict], accelerator) -> list[dict]:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from preftune.algorithms import ALGORITHMS
 from preftune.config import ConfigError, RunConfig, run_config_to_dict
+from preftune.data.records import DataError
 from preftune.train.checkpoint import (
     checkpoints_dir,
     list_checkpoints,
@@ -70,6 +71,8 @@ def _check_output_dir(run: RunConfig, accelerator: Accelerator) -> Path | None:
 
 
 def _count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    if "pair_lengths" in batch:  # shared-prompt pair rows: prompt + chosen + rejected, 4-D attention mask
+        return int(batch["pair_lengths"].sum())
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel())
@@ -96,8 +99,16 @@ def build_algorithm(run: RunConfig):
     records = algo_cls.load_records(run.algo, run.data.path, run.data.split)  # bad data fails before the model loads
     if run.data.max_rows is not None:
         records = records[: run.data.max_rows]
+    if not records:
+        raise DataError(
+            f"no usable {algo_cls.needs.data_kind} rows (rows that carry no training signal are dropped: pairs whose "
+            "chosen equals rejected, rankings whose completions are all tied)", source=str(run.data.path),
+        )
     algo = build_module(run, gradient_checkpointing=run.model.gradient_checkpointing)
     examples, report = algo.tokenize(records, source=run.data.path)
+    if not examples:
+        raise DataError(f"no rows left to train on after tokenization ({report}); raise data.max_length or "
+                        "use data.truncation=keep_end", source=str(run.data.path))
     eval_examples: list[dict] = []
     if run.data.eval_path:
         eval_records = algo_cls.load_records(run.algo, run.data.eval_path, run.data.split)

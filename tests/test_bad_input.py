@@ -1,0 +1,54 @@
+"""Settings and data that cannot train give one clear error, before or instead of a deep traceback."""
+
+import pytest
+
+from preftune.config import ConfigError, load_run_config
+from preftune.data.records import DataError
+from preftune.train.loop import train
+from tests.conftest import write_jsonl
+
+
+@pytest.mark.parametrize("algorithm, setting, words", [
+    ("dpo", "dpo.beta=0", "dpo.beta: must be > 0, got 0"),
+    ("hinge", "hinge.beta=-0.1", "hinge.beta: must be > 0"),
+    ("cdpo", "cdpo.beta=-1", "cdpo.beta: must be > 0"),
+    ("ipo", "ipo.tau=0", "ipo.tau: must be > 0"),
+    ("ref_free_dpo", "ref_free_dpo.beta=0", "ref_free_dpo.beta: must be > 0"),
+    ("simpo", "simpo.gamma=-1", "simpo.gamma: must be >= 0"),
+    ("orpo", "orpo.lam=-0.5", "orpo.lam: must be >= 0"),
+    ("unlikelihood", "unlikelihood.alpha=-1", "unlikelihood.alpha: must be >= 0"),
+    ("kto", "kto.beta=-1", "kto.beta: must be > 0"),
+    ("kto", "kto.desirable_weight=0", "kto.desirable_weight: must be > 0"),
+])  # fmt: skip
+def test_out_of_range_settings_fail_before_anything_loads(algorithm, setting, words):
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+        load_run_config(None, [f"algorithm={algorithm}", "data.path=builtin:tiny_pairs", setting])
+
+
+def _run(tmp_path, algorithm, data, *extra):
+    return load_run_config(None, [
+        f"algorithm={algorithm}", "model.name=tiny-random-llama", f"data.path={data}", f"output_dir={tmp_path / 'run'}",
+        "train.max_steps=1", "train.progress_bar=false", *extra,
+    ])  # fmt: skip
+
+
+def test_rankings_that_give_no_pairs(tmp_path):
+    data = write_jsonl(tmp_path / "tied.jsonl", [{"prompt": "p", "completions": ["a", "b"], "ranking": [[0, 1]]}] * 3)
+    with pytest.raises(DataError, match="no usable pairs rows") as err:
+        train(_run(tmp_path, "dpo", data))
+    assert str(data) in str(err.value)
+
+
+def test_every_row_dropped_by_truncation(tmp_path):
+    rows = [{"prompt": "a long prompt " * 10, "chosen": " yes " * 5, "rejected": " no " * 5}] * 4
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    with pytest.raises(DataError, match="no rows left to train on after tokenization .*4 dropped") as err:
+        train(_run(tmp_path, "dpo", data, "data.max_length=16", "data.truncation=drop"))
+    assert str(data) in str(err.value)
+
+
+def test_kto_with_one_row(tmp_path):
+    data = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "p", "completion": " good", "label": True}])
+    with pytest.raises(DataError, match="KTO needs at least 2 rows") as err:
+        train(_run(tmp_path, "kto", data))
+    assert str(data) in str(err.value)
