@@ -91,6 +91,8 @@ def test_reference_cache_is_reused_and_invalidated(tmp_path, pairs_file, caplog)
     assert len(list(cache.glob("*.safetensors"))) == 2  # a changed row is a new key, never the stale cache
     loop_mod.train(run_cfg(tmp_path, pairs_file, "d", "dpo", "train.micro_batch_size=4", "train.max_steps=1", "data.max_length=12"))
     assert len(list(cache.glob("*.safetensors"))) == 3  # so is a changed truncation setting
+    loop_mod.train(run_cfg(tmp_path, pairs_file, "e", "dpo", "train.micro_batch_size=4", "train.max_steps=1", "train.seed=1"))
+    assert len(list(cache.glob("*.safetensors"))) == 4  # and other reference weights (the tiny model's init follows the seed)
 
 
 @pytest.mark.parametrize("algorithm", ["dpo", "kto"])
@@ -138,19 +140,33 @@ PAIR_ALGORITHMS = [name for name, cls in ALGORITHMS.items() if cls.needs.data_ki
 
 @pytest.mark.parametrize("algorithm", PAIR_ALGORITHMS)
 def test_example_config_through_cli(tmp_path, pairs_file, algorithm):
+    """Each algorithm's example config, through the CLI: the closed-form first loss where there is one,
+    then it learns the preference (evaluated on the training pairs after 24 steps)."""
     out = tmp_path / "run"
     proc = cli("train", f"configs/{algorithm}.yaml", "model.name=tiny-random-llama", f"data.path={pairs_file}", f"output_dir={out}",
-               "train.max_steps=3", "train.micro_batch_size=4", "train.learning_rate=1e-3", "train.progress_bar=false",
-               env={"PREFTUNE_CACHE": str(tmp_path / "cache")})
+               "train.max_steps=24", "train.micro_batch_size=8", "train.learning_rate=1e-3", "train.progress_bar=false",
+               f"data.eval_path={pairs_file}", env={"PREFTUNE_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     ms = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(ms) == 3 and all(m["loss"] is not None for m in ms)
+    train_ms = [m for m in ms if "loss" in m]
+    first, final = train_ms[0], [m for m in ms if "eval/loss" in m][-1]
+    assert len(train_ms) == 24 and final["step"] == 24
     if ALGORITHMS[algorithm].needs.reference_model:
-        assert ms[0]["loss"] == pytest.approx({"dpo": 0.693147, "cdpo": 0.693147, "robust_dpo": 0.693147, "hinge": 1.0,
-                                              "ipo": (1 / 0.2) ** 2, "kto": 0.5}[algorithm], abs=1e-3)
-    from transformers import AutoModelForCausalLM
+        assert first["loss"] == pytest.approx({"dpo": 0.693147, "cdpo": 0.693147, "robust_dpo": 0.693147, "hinge": 1.0,
+                                               "ipo": (1 / 0.2) ** 2, "kto": 0.5}[algorithm], abs=1e-3)
+    if algorithm == "kto":  # unpaired: no pairwise accuracy; the loss falls from σ(0)-based 0.5
+        assert final["eval/loss"] < first["loss"] - 0.1
+    elif algorithm == "reward":
+        assert final["eval/accuracy"] >= 0.9 and final["eval/margin"] > 1.0
+    elif algorithm == "ref_free_dpo":  # log π(y_w) − log π(y_l) starts far negative (the rejected are shorter)
+        assert final["eval/rewards/margins"] > first["rewards/margins"] + 1.0
+    else:
+        assert final["eval/rewards/accuracies"] >= 0.9
+        assert final["eval/rewards/margins"] > first["rewards/margins"] + 0.05
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    assert AutoModelForCausalLM.from_pretrained(out / "model") is not None
+    auto = AutoModelForSequenceClassification if algorithm == "reward" else AutoModelForCausalLM
+    assert auto.from_pretrained(out / "model") is not None
 
 
 @pytest.mark.parametrize("lora", [False, True])
