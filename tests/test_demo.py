@@ -1,22 +1,10 @@
 """A miniature `preftune demo` end to end through the CLI on a tiny random model."""
 
 import json
-from html.parser import HTMLParser
 
+from preftune.eval import format_number
 from tests.conftest import ROOT, cli
-
-
-class _Collect(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.images, self.text = [], []
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "img":
-            self.images.append(dict(attrs).get("src", ""))
-
-    def handle_data(self, data):
-        self.text.append(data)
+from tests.test_eval import _parse
 
 
 def test_miniature_demo(tmp_path):
@@ -43,12 +31,11 @@ def test_miniature_demo(tmp_path):
     for name, m in results["models"].items():
         line = next(x for x in proc.stdout.splitlines() if x.startswith(name + " "))
         assert f"{m['reward_mean']:.3f}" in line
-    page = (out / "report.html").read_text()
-    parser = _Collect()
-    parser.feed(page)
-    parser.close()
+    parser = _parse((out / "report.html").read_text())  # strict: well-formed HTML, table cells by (model, metric)
     assert len([s for s in parser.images if s.startswith("data:image/png;base64,")]) >= 3  # frontier, reward, over-optimisation
-    assert "dpo-beta0.5" in "".join(parser.text)
+    for name, m in results["models"].items():  # the report shows results.json's numbers
+        for key in ("reward_mean", "kl", "length_mean", "eos_rate"):
+            assert parser.cells[(name, key)] == format_number(m[key]), (name, key)
     assert f"report: {out / 'report.html'}" in proc.stdout
 
 
@@ -57,3 +44,22 @@ def test_study_config_is_valid():
 
     cfg = load_study_config(str(ROOT / "configs" / "studies" / "sentiment.yaml"), [])
     assert len(cfg.jobs) >= 10 and cfg.proxy_reward_model and cfg.proxy_rl
+
+
+def test_test_split_is_fixed_and_never_trained_on():
+    from preftune.config import ConfigError
+    from preftune.data.loaders import load_records
+    from preftune.experiments.sentiment import StudyConfig, load_study_config, split_prompts
+
+    prompts = load_records("builtin:movie_review_prompts", "prompts")
+    demo_train, demo_test = split_prompts(StudyConfig(), prompts)
+    full = load_study_config(str(ROOT / "configs" / "studies" / "sentiment.yaml"), [])
+    full_train, full_test = split_prompts(full, prompts)
+    assert (len(demo_train), len(demo_test), len(full_train), len(full_test)) == (96, 48, 240, 60)
+    test_rows = {p.prompt for p in prompts[-60:]}
+    assert {p.prompt for p in demo_test} <= test_rows and {p.prompt for p in full_test} == test_rows
+    assert not test_rows & {p.prompt for p in full_train}  # the demo's and the study's evaluation never saw training
+    import pytest
+
+    with pytest.raises(ConfigError, match="fewer than train_prompts"):
+        split_prompts(StudyConfig(train_prompts=250), prompts)

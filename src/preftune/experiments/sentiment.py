@@ -38,10 +38,14 @@ class StudyConfig:
     model: str = doc("smollm2-135m-instruct", "π_ref and the starting point of every job (any model.name).")
     prompts: str = doc(
         "builtin:movie_review_prompts",
-        "Prompts file; the first test_prompts rows (after the train ones) are held out for evaluation.",
+        "Prompts file; its last `held_out` rows are the fixed test split, the rows before them the train split.",
     )
-    train_prompts: int = doc(96, "Prompts used to collect preference pairs and for online RL.")
-    test_prompts: int = doc(48, "Held-out prompts for evaluation (taken after the training prompts).")
+    held_out: int = doc(
+        60, "Size of the fixed test split: the last rows of the prompts file, never used for pairs or training "
+        "(the built-in 300 prompts: 240 train, 60 test). Keep it fixed across studies so their numbers compare.",
+    )
+    train_prompts: int = doc(96, "Prompts used to collect preference pairs and for online RL: the first rows of the train split.")
+    test_prompts: int = doc(48, "Prompts evaluated: the first rows of the test split.")
     gold_reward: str = doc("vader", "The gold reward that labels pairs and scores the evaluation (any reward spec).")
     max_new_tokens: int = doc(24, "Tokens sampled per completion (pairs, rollouts and evaluation).")
     max_length: int = doc(80, "Prompt + completion tokens in training.")
@@ -73,6 +77,8 @@ class StudyConfig:
     def validate(self, path: str) -> None:
         if self.train_prompts < 2 or self.test_prompts < 1:
             raise ConfigError(f"{path}: need train_prompts >= 2 and test_prompts >= 1")
+        if self.test_prompts > self.held_out:
+            raise ConfigError(f"{path}.test_prompts: {self.test_prompts} is more than the test split (held_out = {self.held_out})")
         for job in self.jobs:
             name = job.split(":")[0]
             if name not in OFFLINE | ONLINE:
@@ -107,10 +113,7 @@ def run_study(cfg: StudyConfig, *, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     prompts = load_records(cfg.prompts, "prompts")
-    need = cfg.train_prompts + cfg.test_prompts
-    if len(prompts) < need:
-        raise ConfigError(f"{cfg.prompts} has {len(prompts)} prompts; train_prompts + test_prompts = {need}")
-    train, test = prompts[: cfg.train_prompts], prompts[cfg.train_prompts : need]
+    train, test = split_prompts(cfg, prompts)
 
     start = time.perf_counter()
     pairs_path, pair_stats = collect_pairs(cfg, train, out, progress=progress)
@@ -172,6 +175,16 @@ def run_study(cfg: StudyConfig, *, progress: bool = True) -> Path:
     return write_report(results, out, title="Sentiment control: preference tuning vs RL", configs=configs, plots=plots)
 
 
+def split_prompts(cfg: StudyConfig, prompts: list) -> tuple[list, list]:
+    """(train, test): the first ``train_prompts`` rows before the fixed test split (the last
+    ``held_out`` rows), and the first ``test_prompts`` rows of that split."""
+    available = len(prompts) - cfg.held_out
+    if available < cfg.train_prompts:
+        raise ConfigError(f"{cfg.prompts} has {len(prompts)} prompts: {max(available, 0)} before the test split "
+                          f"(held_out = {cfg.held_out}), fewer than train_prompts = {cfg.train_prompts}")
+    return prompts[: cfg.train_prompts], prompts[available : available + cfg.test_prompts]
+
+
 def collect_pairs(cfg: StudyConfig, prompts: list, out: Path, *, progress: bool) -> tuple[Path, dict]:
     """Sample 2 completions per prompt from π_ref; the gold reward picks the winner; ties are dropped."""
     from preftune.generate import generate_completions, write_jsonl
@@ -225,7 +238,7 @@ def train_job(cfg: StudyConfig, name: str, label: str, overrides: list[str], pai
             from preftune.data.loaders import load_records
             from preftune.generate import write_jsonl
 
-            prompts = load_records(cfg.prompts, "prompts")[: cfg.train_prompts]
+            prompts = split_prompts(cfg, load_records(cfg.prompts, "prompts"))[0]
             write_jsonl([{"prompt": p.prompt} for p in prompts], data)
         common += [f"data.path={data}", f"train.max_steps={cfg.online_steps}", f"{name}.reward={cfg.gold_reward}",
                    f"{name}.max_new_tokens={cfg.max_new_tokens}"]
