@@ -5,6 +5,7 @@ from __future__ import annotations
 from preftune.algorithms.dpo import CDPO, DPO, IPO, ORPO, Hinge, ReferenceFreeDPO, RobustDPO, SimPO, Unlikelihood
 from preftune.algorithms.best_of_n import BestOfN
 from preftune.algorithms.kto import KTO
+from preftune.algorithms.mdpo import MDPO
 from preftune.algorithms.ppo import PPO
 from preftune.algorithms.reinforce import Reinforce
 from preftune.algorithms.rloo import RLOO
@@ -23,6 +24,7 @@ ALGORITHMS = {
     "orpo": ORPO,
     "unlikelihood": Unlikelihood,
     "kto": KTO,
+    "mdpo": MDPO,
     "reward": RewardModelAlgorithm,
     "best_of_n": BestOfN,
     "reinforce": Reinforce,

