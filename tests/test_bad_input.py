@@ -52,3 +52,30 @@ def test_kto_with_one_row(tmp_path):
     with pytest.raises(DataError, match="KTO needs at least 2 rows") as err:
         train(_run(tmp_path, "kto", data))
     assert str(data) in str(err.value)
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("rloo.reward=nosuchmodule:score", "rloo.reward: .*cannot import module 'nosuchmodule'"),
+    ("rloo.reward=no_such_reward_dir", "rloo.reward: .*no such reward model folder"),
+    ("rloo.kl_in_reward=false", "rloo.kl_estimator: k1 as a loss term"),
+    ("rloo.kl_coef=-0.1", "rloo.kl_coef: must be >= 0"),
+])  # fmt: skip
+def test_rl_settings_fail_before_the_model_loads(setting, words):
+    with pytest.raises(ConfigError, match=words):
+        load_run_config(None, ["algorithm=rloo", "data.path=builtin:movie_review_prompts", setting])
+    # k3 (or k2) as the loss term is fine
+    load_run_config(None, ["algorithm=rloo", "data.path=builtin:movie_review_prompts", "rloo.kl_in_reward=false", "rloo.kl_estimator=k3"])
+
+
+def test_online_algorithms_disable_dropout(tmp_path):
+    from preftune.train.loop import build_module
+
+    run = load_run_config(None, ["algorithm=rloo", "model.name=tiny-random-llama", "data.path=builtin:movie_review_prompts",
+                                 "model.lora.enabled=true", "model.lora.dropout=0.3", "rloo.reward=vader"])
+    import torch
+
+    drops = [m for m in build_module(run).modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(m.p == 0.0 for m in drops)
+    run = load_run_config(None, ["algorithm=rloo", "model.name=tiny-random-llama", "data.path=builtin:movie_review_prompts",
+                                 "model.lora.enabled=true", "model.lora.dropout=0.3", "rloo.disable_dropout=false"])
+    assert any(m.p == 0.3 for m in build_module(run).modules() if isinstance(m, torch.nn.Dropout))

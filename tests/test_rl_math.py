@@ -366,3 +366,40 @@ def test_explained_variance():
     worse = float(explained_variance(-returns, returns, mask))
     assert worse < 0
     assert math.isnan(float(explained_variance(returns, torch.ones_like(returns), mask)))
+
+
+def test_masked_whiten_over_processes_equals_whitening_everything():
+    """PPO whitens advantages over every process's tokens: two shards whitened with a summing
+    all-reduce equal the whole batch whitened at once."""
+    import threading
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=gen) * 3 + 1
+    mask = torch.rand(6, 5, generator=gen) > 0.3
+    whole = masked_whiten(x, mask)
+
+    barrier, slots = threading.Barrier(2), [None, None]
+
+    def all_reduce(rank):
+        def reduce_sum(t):
+            slots[rank] = t
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+        return reduce_sum
+
+    out = [None, None]
+
+    def shard(rank):
+        rows = slice(0, 2) if rank == 0 else slice(2, 6)  # unequal shards
+        out[rank] = masked_whiten(x[rows], mask[rows], reduce_sum=all_reduce(rank))
+
+    threads = [threading.Thread(target=shard, args=(r,)) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    torch.testing.assert_close(torch.cat(out), whole, atol=1e-6, rtol=0)
+    # one process: the identity reduce equals the local statistics
+    torch.testing.assert_close(masked_whiten(x, mask, reduce_sum=lambda t: t), whole, atol=1e-6, rtol=0)
+    kept = masked_whiten(x, mask, shift_mean=False, reduce_sum=lambda t: t)
+    torch.testing.assert_close(kept, masked_whiten(x, mask, shift_mean=False), atol=1e-6, rtol=0)

@@ -15,7 +15,7 @@ prompt-major order: the k samples of prompt p are rows p·k … p·k + k − 1, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -56,22 +56,42 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var * (n / (n - 1)) if unbiased else var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, reduce_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """(x − mean) / sqrt(var + 1e-8) with mean and (unbiased) var taken over the masked entries only.
 
     Used on PPO advantages (Huang et al. 2022, "The N+ implementation details of RLHF with PPO":
     whiten advantages per batch; with ``shift_mean=False`` the mean is added back, which is how rewards
     are whitened when their sign matters). Entries outside the mask are returned as 0. The statistics
-    are those of THIS tensor: a data-parallel caller that wants global whitening must gather first.
-    With a single masked entry the variance is taken as 0.
+    are those of THIS tensor, unless ``reduce_sum`` is given: a function that sums a tensor over every
+    data-parallel process (e.g. ``lambda t: accelerator.reduce(t, "sum")``); the mean and variance are
+    then those of every process's masked entries together (from the summed count, Σx and Σ(x − m)²
+    around a first global mean m). With a single masked entry the variance is taken as 0.
     """
     mask = mask.bool()
+    if reduce_sum is not None:
+        return _whiten_global(x, mask, shift_mean, reduce_sum)
     n = int(mask.sum())
     if n == 0:
         raise ValueError("masked_whiten: the mask selects no entry")
     mean = masked_mean(x, mask)
     var = masked_var(x, mask, unbiased=n > 1)
     whitened = (x.to(mean.dtype) - mean) * torch.rsqrt(var + _WHITEN_EPS)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, 0.0).to(x.dtype)
+
+
+def _whiten_global(x: Tensor, mask: Tensor, shift_mean: bool, reduce_sum: Callable[[Tensor], Tensor]) -> Tensor:
+    dtype = _stat_dtype(x)
+    xs = torch.where(mask, x.to(dtype), 0.0)
+    totals = reduce_sum(torch.stack([mask.sum().to(dtype), xs.sum()]))
+    n = int(totals[0])
+    if n == 0:
+        raise ValueError("masked_whiten: the mask selects no entry on any process")
+    mean = totals[1] / n
+    squares = reduce_sum(torch.where(mask, (x.to(dtype) - mean).square(), 0.0).sum())  # two-pass: no cancellation
+    var = squares / (n - 1) if n > 1 else torch.zeros((), dtype=dtype)
+    whitened = (x.to(dtype) - mean) * torch.rsqrt(var + _WHITEN_EPS)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask, whitened, 0.0).to(x.dtype)

@@ -20,3 +20,22 @@ def resolve_reward(spec: str):
     from preftune.rewards.model import RewardModel
 
     return RewardModel.load([p.strip() for p in spec.split(",")])
+
+
+def check_reward_spec(spec: str) -> None:
+    """Raise ValueError now for a spec :func:`resolve_reward` would reject later, without loading
+    anything heavy: a function spec must import and name a callable; a reward model path must exist."""
+    if spec == "vader":
+        return
+    head = spec.split(",")[0]
+    if ":" in spec and not Path(head).exists():
+        from preftune.rewards.base import resolve_function
+
+        resolve_function(spec)
+        return
+    from preftune.models.loading import PACKAGED_MODELS
+
+    for part in (p.strip() for p in spec.split(",")):
+        if not Path(part).expanduser().exists() and part.lower() not in PACKAGED_MODELS and part.count("/") != 1:
+            raise ValueError(f"reward {part!r}: no such reward model folder or run directory (nor a function "
+                             "'module:function', nor 'vader')")
