@@ -186,8 +186,13 @@ def split_prompts(cfg: StudyConfig, prompts: list) -> tuple[list, list]:
 
 
 def collect_pairs(cfg: StudyConfig, prompts: list, out: Path, *, progress: bool) -> tuple[Path, dict]:
-    """Sample 2 completions per prompt from π_ref; the gold reward picks the winner; ties are dropped."""
+    """Sample 2 completions per prompt from π_ref and have the gold reward label them, through the
+    same judge as ``preftune label judge=...`` (ties dropped). Writes samples.jsonl, labels.jsonl
+    (rankings with the judge's scores), pairs.jsonl and preferred.jsonl (the winners, for SFT)."""
     from preftune.generate import generate_completions, write_jsonl
+    from preftune.label.items import load_items
+    from preftune.label.session import LabelSession
+    from preftune.label.store import LabelStore
     from preftune.models.loading import load_model
     from preftune.rollout.rewards import resolve_reward
 
@@ -196,16 +201,18 @@ def collect_pairs(cfg: StudyConfig, prompts: list, out: Path, *, progress: bool)
     rows = generate_completions(model, tok, repeated, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
                                 batch_size=16, seed=cfg.seed + 1, progress=progress)
     del model
-    scores = list(resolve_reward(cfg.gold_reward)(repeated, [r["completion"] for r in rows]))
-    pairs, ties = [], 0
-    for i in range(0, len(rows), 2):
-        a, b = (rows[i], scores[i]), (rows[i + 1], scores[i + 1])
-        if a[1] == b[1] or a[0]["completion"] == b[0]["completion"]:
-            ties += 1
-            continue
-        (win, sw), (lose, sl) = (a, b) if a[1] > b[1] else (b, a)
-        pairs.append({"prompt": repeated[i], "chosen": win["completion"], "rejected": lose["completion"],
-                      "chosen_score": sw, "rejected_score": sl})
+    samples, labels = out / "samples.jsonl", out / "labels.jsonl"
+    write_jsonl(rows, samples)
+    for stale in (labels, Path(str(labels) + ".skipped.jsonl")):  # a rerun labels its own samples afresh
+        stale.unlink(missing_ok=True)
+    session = LabelSession(load_items(str(samples)), LabelStore(labels), annotator=f"judge:{cfg.gold_reward}", shuffle=False)
+    counts = session.judge(resolve_reward(cfg.gold_reward), progress=progress)
+    pairs = []
+    for row in session.store.labels:
+        win, lose = row["ranking"][0][0], row["ranking"][1][0]
+        pairs.append({"prompt": row["prompt"], "chosen": row["completions"][win], "rejected": row["completions"][lose],
+                      "chosen_score": row["scores"][win], "rejected_score": row["scores"][lose]})
+    ties = counts["skipped_all_tied"]
     if len(pairs) < 2:
         raise ConfigError(f"only {len(pairs)} preference pairs could be labelled (ties: {ties}); use more train_prompts")
     path = out / "pairs.jsonl"
