@@ -172,10 +172,8 @@ class Unlikelihood(PairwiseAlgorithm):
     needs = NO_REFERENCE
 
     def loss(self, batch, out, pc, pr, rc, rr):
-        mask = batch["completion_mask"]
-        b = mask.shape[0] // 2
-        mask_c, mask_r = mask[:b], mask[b:]
         return L.unlikelihood_loss(
-            out["chosen_per_token_logps"], mask_c, out["rejected_per_token_logps"], mask_r, alpha=self.config.alpha
+            out["chosen_per_token_logps"], out["chosen_mask"], out["rejected_per_token_logps"], out["rejected_mask"],
+            alpha=self.config.alpha,
         )
 

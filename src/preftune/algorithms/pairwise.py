@@ -1,6 +1,8 @@
 """Shared machinery of the reference-based and pairwise preference algorithms (DPO family, KTO).
 
-One concatenated forward scores chosen and rejected completions; reference log-probs come from the
+One concatenated forward scores chosen and rejected completions, in the shared-prompt pair layout
+where the model supports it (``pair_layout``; see ``preftune.data.collate.collate_shared_pairs``),
+else in padded rows; reference log-probs come from the
 batch (precomputed once, see preftune.models.reference), from the adapter-disabled base (LoRA), or
 from a frozen copy. A variant only says which loss it uses, whether it wants length-averaged
 log-probs and whether it has a reference at all — see algorithms/dpo.py.
@@ -16,7 +18,7 @@ from typing import Any, ClassVar, Literal, Optional
 import torch
 
 from preftune.algorithms.base import Algorithm, Metrics, Needs
-from preftune.config import doc
+from preftune.config import ConfigError, doc
 
 log = logging.getLogger("preftune.algorithms")
 
@@ -42,6 +44,14 @@ class ReferenceConfig:
 class PairsConfig:
     rankings_to_pairs: Literal["all", "best_vs_rest"] = doc(
         "all", "If the data holds rankings: turn each into all ordered pairs, or best vs each worse one."
+    )
+    pair_layout: Literal["auto", "shared", "padded"] = doc(
+        "auto",
+        "How a batch of pairs goes through the model. 'shared': one row per pair, prompt + chosen + "
+        "rejected, the prompt computed once (position ids and a 4-D attention mask keep the completions "
+        "apart; same log-probs, less compute). 'padded': rows prompt + chosen and prompt + rejected. "
+        "'auto': shared where the model supports it (SDPA attention, a verified architecture, no sliding "
+        "window shorter than data.max_length), else padded.",
     )
 
 
@@ -85,6 +95,11 @@ class WithReference(Algorithm):
         """{reference key: Tensor[B]} computed with `model` (no gradients needed)."""
         raise NotImplementedError
 
+    def reference_setting(self) -> str:
+        """Everything besides weights and data that changes the precomputed reference columns (part of
+        the cache key): the algorithm, the precision and, where it has one, the batch layout."""
+        return f"{self.name}|{self.run.model.dtype}"
+
     def prepare_examples(self, examples: list[dict], accelerator) -> list[dict]:
         if not (self.needs.reference_model and self.config.precompute_reference):
             return examples
@@ -94,7 +109,7 @@ class WithReference(Algorithm):
         key = refmod.cache_key(
             refmod.weights_fingerprint(ref_module),
             refmod.examples_fingerprint(examples, self.example_keys),
-            f"{self.name}|{self.run.model.dtype}",
+            self.reference_setting(),
         )
         columns = refmod.load_cached(key, len(examples))
         if columns is None:
@@ -140,6 +155,30 @@ class PairwiseAlgorithm(WithReference):
     reference_keys = REF_KEYS
     example_keys = ("prompt_ids", "chosen_ids", "rejected_ids")
 
+    def __init__(self, config: Any, policy, tokenizer, run):
+        super().__init__(config, policy, tokenizer, run)
+        self.pair_layout = self._choose_layout()
+
+    def _choose_layout(self) -> str:
+        """'shared' or 'padded', from ``config.pair_layout`` and what the policy (and a separate
+        reference model) support; raises ConfigError when 'shared' is asked of a model without it."""
+        from preftune.models.logprobs import shared_prompt_unsupported
+
+        if self.config.pair_layout == "padded":
+            return "padded"
+        models = [self.policy] + ([self.reference_model] if self.reference_model is not None else [])
+        reasons = [r for r in (shared_prompt_unsupported(m, self.run.data.max_length) for m in models) if r]
+        if not reasons:
+            log.info("pair layout: shared (one row per pair, the prompt computed once)")
+            return "shared"
+        if self.config.pair_layout == "shared":
+            raise ConfigError(f"{self.name}.pair_layout: 'shared' is not supported here: {reasons[0]}")
+        log.info("pair layout: padded (the shared-prompt layout is not supported: %s)", reasons[0])
+        return "padded"
+
+    def reference_setting(self) -> str:
+        return f"{super().reference_setting()}|{self.pair_layout}"
+
     # -- data ------------------------------------------------------------------------------------
     @classmethod
     def load_records(cls, config: Any, source: str, split: str) -> list:
@@ -149,6 +188,20 @@ class PairwiseAlgorithm(WithReference):
         if "ranking" in first:
             return rankings_to_pairs(load_records(source, "rankings", split=split), mode=config.rankings_to_pairs)
         return load_records(source, "pairs", split=split)
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        from preftune.data.collate import collate_pairs, collate_shared_pairs
+
+        collate = collate_shared_pairs if self.pair_layout == "shared" else collate_pairs
+        return collate(examples, self.tokenizer.pad_token_id)
+
+    def example_length(self, example: dict) -> int:
+        if self.pair_layout == "shared":
+            return len(example["prompt_ids"]) + len(example["chosen_ids"]) + len(example["rejected_ids"])
+        return super().example_length(example)
+
+    def count_units(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["pair_lengths"].shape[0]) if "pair_lengths" in batch else super().count_units(batch)
 
     # -- loss ------------------------------------------------------------------------------------
     def score_reference(self, model, batch: dict) -> dict[str, torch.Tensor]:

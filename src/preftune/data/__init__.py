@@ -14,8 +14,8 @@ from preftune.data.records import (KINDS, DataError, PairRecord, PromptRecord, R
 from preftune.data.tokenize import (TRUNCATION_POLICIES, TruncationReport, encode_prompt_completion,
                                     render, tokenize_pairs, tokenize_sft)
 
-_COLLATE = ("Collator", "collate_completions", "collate_pairs", "count_completion_tokens",
-            "pack_completions")
+_COLLATE = ("Collator", "collate_completions", "collate_pairs", "collate_shared_pairs",
+            "count_completion_tokens", "pack_completions")
 
 
 def __getattr__(name):

@@ -15,6 +15,13 @@ chunked 1.8 GB, 3.9 s; chunked + recompute at chunk_size=256 1.0 GB, 5.6 s. The 
 is ~1/3 of the head's fwd+bwd, i.e. an estimated ~7% of a full 30-layer SmolLM2 step, so recompute
 is automatic only once the kept logits would pass 1 GiB (N > ~5400 scored tokens for SmolLM2).
 
+Pair batches come in two layouts (``preftune.data.collate``): ``collate_pairs`` rows (prompt + chosen,
+then prompt + rejected, all padded to one length) and ``collate_shared_pairs`` rows (prompt + chosen +
+rejected, one row per pair, with position ids and a 4-D attention mask that keep the two completions
+apart). :func:`concatenated_logps` scores either; the shared layout runs each prompt once and pads
+only across pairs (on SmolLM2 with the benchmark data, 593 instead of 891 positions per step of 2
+pairs), for models that :func:`shared_prompt_unsupported` accepts.
+
 The fast path is used only for architectures whose causal-LM head is known to be
 ``lm_head(backbone(...).last_hidden_state)`` up to a trivial logit transform (``_HEAD_TRANSFORMS``);
 anything else (unknown model types, DDP/compile wrappers, peft prompt-learning adapters) takes the
@@ -35,6 +42,7 @@ __all__ = [
     "concatenated_logps",
     "unpack",
     "supports_fast_path",
+    "shared_prompt_unsupported",
 ]
 
 
@@ -113,11 +121,53 @@ def supports_fast_path(model) -> bool:
     return _fast_parts(model) is not None
 
 
+# model_type -> the architecture's attention applies a custom 4-D boolean mask as given (transformers
+# passes 4-D masks through unchanged) and its positions come from position_ids. Each entry is checked
+# against the padded layout in tests/test_pair_layout.py.
+_SHARED_PROMPT_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2"})
+
+
+def shared_prompt_unsupported(model, max_length: int | None = None) -> str | None:
+    """Why ``model`` cannot score shared-prompt pair rows (``collate_shared_pairs``); None if it can.
+
+    The layout needs an architecture in ``_SHARED_PROMPT_TYPES``, SDPA attention (it applies a boolean
+    mask as given; eager attention would add it to the scores, and other kernels expect other mask
+    forms) and no sliding window shorter than a sequence (``max_length`` tokens): transformers applies
+    no window to a custom 4-D mask, so the window must not matter.
+    """
+    inner = _unwrap_peft(model)
+    if inner is None:
+        return "a prompt-learning adapter adds virtual tokens that the pair mask does not cover"
+    config = getattr(inner, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _SHARED_PROMPT_TYPES:
+        return f"model type {model_type!r} is not known to honour custom 4-D attention masks"
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation != "sdpa":
+        return f"attention implementation {implementation!r} (the layout needs 'sdpa')"
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if window is not None and (max_length is None or window < max_length):
+        return f"sliding-window attention ({window} tokens) with sequences of up to {max_length} tokens"
+    return None
+
+
 def _scored(completion_mask: Tensor) -> Tensor:
     """completion_mask as bool with position 0 cleared: nothing precedes it, so it is never scored."""
     mask = completion_mask.bool().clone()
     mask[:, 0] = False
     return mask
+
+
+def _predecessors(batch: Mapping[str, Tensor], rows: Tensor, cols: Tensor) -> Tensor:
+    """[N] position whose output predicts the token at (rows, cols): the one before it, except for the
+    first rejected token of a shared-prompt pair row, which continues the prompt (``pair_lengths``)."""
+    sources = cols - 1
+    lengths = batch.get("pair_lengths")
+    if lengths is not None:
+        lengths = lengths.to(cols.device)
+        prompt, chosen = lengths[rows, 0], lengths[rows, 1]
+        sources = torch.where(cols == prompt + chosen, prompt - 1, sources)
+    return sources
 
 
 def _chunk_logps(head, transform, hidden: Tensor, targets: Tensor) -> Tensor:
@@ -160,7 +210,9 @@ def per_token_logps(
         batch: ``input_ids`` [B, T], ``completion_mask`` [B, T] (True where the token AT that position
             is scored), and ``attention_mask`` [B, T] and/or ``position_ids`` [B, T] (packed rows:
             position ids restart at 0 per sequence and there is no attention mask; transformers then
-            builds a block-diagonal mask).
+            builds a block-diagonal mask). Shared-prompt pair rows (``collate_shared_pairs``) carry a
+            4-D ``attention_mask`` and ``pair_lengths`` [B, 3]; their first rejected token is then
+            predicted from the last prompt position.
         chunk_size: rows of the output head evaluated at once (memory O(chunk_size x V)).
         recompute_head: when gradients are enabled, recompute each chunk's logits in backward instead
             of keeping all N x V of them alive (same gradients, one extra head matmul). None: only when
@@ -174,17 +226,19 @@ def per_token_logps(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     input_ids = batch["input_ids"]
     mask = _scored(batch["completion_mask"].to(input_ids.device))
-    targets = input_ids[:, 1:][mask[:, 1:]]  # [N]; token t is predicted from position t-1
+    rows, cols = mask.nonzero(as_tuple=True)  # [N] each, row-major: the order masked_scatter fills in
+    targets = input_ids[rows, cols]
+    sources = _predecessors(batch, rows, cols)
 
     parts = _fast_parts(model)
     if parts is None:
         logits = model(**_model_inputs(batch)).logits
-        flat = _logits_logps(logits[:, :-1][mask[:, 1:]], targets, chunk_size)
+        flat = _logits_logps(logits[rows, sources], targets, chunk_size)
     else:
         backbone, head, transform = parts
         out = backbone(**_model_inputs(batch))
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        hidden = hidden[:, :-1][mask[:, 1:]]  # [N, H]
+        hidden = hidden[rows, sources]  # [N, H]
         if recompute_head is None:
             vocab = getattr(head, "out_features", None) or head.weight.shape[0]
             recompute_head = hidden.shape[0] * vocab * 4 > _RECOMPUTE_ABOVE_BYTES
@@ -258,27 +312,41 @@ def concatenated_logps(
     average: bool = False,
     chunk_size: int = 1024,
 ) -> dict[str, Tensor]:
-    """One forward over a pair batch (rows 0..B-1 chosen, B..2B-1 rejected; see docs/contracts.md).
+    """One forward over a batch of B pairs, in either layout (see docs/contracts.md):
+    ``collate_pairs`` (rows 0..B-1 chosen, B..2B-1 rejected) or ``collate_shared_pairs`` (one row per
+    pair, marked by ``pair_lengths``).
 
-    Returns ``chosen_logps``, ``rejected_logps`` [B] (sums, or means when ``average``),
-    ``chosen_per_token_logps``, ``rejected_per_token_logps`` [B, T], and ``chosen_lengths``,
-    ``rejected_lengths`` [B] (number of scored tokens, long).
+    Returns ``chosen_logps``, ``rejected_logps`` [B] (sums, or means when ``average``);
+    ``chosen_per_token_logps``, ``rejected_per_token_logps`` [B, T] with ``chosen_mask``,
+    ``rejected_mask`` [B, T] (bool, the scored tokens of each; values elsewhere are 0); and
+    ``chosen_lengths``, ``rejected_lengths`` [B] (number of scored tokens, long). In the shared layout
+    both completions of a pair lie in the same row, so the chosen and rejected tensors have the same T.
     """
-    rows = pair_batch["input_ids"].shape[0]
-    if rows % 2:
-        raise ValueError(f"a pair batch needs an even number of rows (chosen then rejected), got {rows}")
     per_token = per_token_logps(model, pair_batch, chunk_size=chunk_size)
     mask = _scored(pair_batch["completion_mask"].to(per_token.device))
-    logps = sequence_logps(per_token, mask, average=average)
-    lengths = mask.sum(-1)
-    b = rows // 2
+    lengths = pair_batch.get("pair_lengths")
+    if lengths is None:
+        rows = per_token.shape[0]
+        if rows % 2:
+            raise ValueError(f"a pair batch needs an even number of rows (chosen then rejected), got {rows}")
+        b = rows // 2
+        chosen_mask, rejected_mask = mask[:b], mask[b:]
+        chosen, rejected = per_token[:b], per_token[b:]
+    else:
+        lengths = lengths.to(per_token.device)
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        in_rejected = positions[None, :] >= (lengths[:, 0] + lengths[:, 1])[:, None]
+        chosen_mask, rejected_mask = mask & ~in_rejected, mask & in_rejected
+        chosen, rejected = per_token.masked_fill(~chosen_mask, 0.0), per_token.masked_fill(~rejected_mask, 0.0)
     return {
-        "chosen_logps": logps[:b],
-        "rejected_logps": logps[b:],
-        "chosen_per_token_logps": per_token[:b],
-        "rejected_per_token_logps": per_token[b:],
-        "chosen_lengths": lengths[:b],
-        "rejected_lengths": lengths[b:],
+        "chosen_logps": sequence_logps(chosen, chosen_mask, average=average),
+        "rejected_logps": sequence_logps(rejected, rejected_mask, average=average),
+        "chosen_per_token_logps": chosen,
+        "rejected_per_token_logps": rejected,
+        "chosen_mask": chosen_mask,
+        "rejected_mask": rejected_mask,
+        "chosen_lengths": chosen_mask.sum(-1),
+        "rejected_lengths": rejected_mask.sum(-1),
     }
 
 
