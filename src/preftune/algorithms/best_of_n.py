@@ -33,7 +33,7 @@ class BestOfN(OnlineAlgorithm):
     def rows_per_prompt(self) -> int:
         return self.config.keep_top
 
-    def advantages(self, rows, *, scores, rewards, forward, global_rewards):
+    def advantages(self, rows, *, scores, rewards, forward, global_rewards, accelerator):
         n, k = self.config.samples_per_prompt, self.config.keep_top
         grouped = scores.view(-1, n)
         top = grouped.topk(k, dim=1).indices  # ties: the earlier sample

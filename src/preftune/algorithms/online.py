@@ -1,8 +1,9 @@
 """Online RL with a KL leash (seed 000, RLHF step 3): maximise E[r(x, y)] − β·KL(π_θ‖π_ref).
 
 An online algorithm's batch source is a RolloutSource (preftune/rollout/source.py): prompts ->
-samples from the current policy -> reward -> log-probs recomputed by the training forward (never
-trusted from the sampler) -> KL to the reference -> the algorithm's advantages. The loop is the same
+samples from the current policy -> reward -> old-policy log-probs (recomputed by the training forward;
+RLOO by default takes them from the sampler's own logits instead, see preftune/rollout/sampling.py) ->
+KL to the reference -> the algorithm's advantages. The loop is the same
 one every algorithm uses. Subclasses say how a scored rollout becomes training rows (``advantages``)
 and how a batch becomes a loss.
 """
@@ -46,7 +47,8 @@ class RolloutConfig:
         "k1", "Per-token KL estimator (Schulman): k1 = log π/π_ref, k2 = ½(log π/π_ref)², k3 = (π_ref/π − 1) − log π_ref/π."
     )
     kl_in_reward: bool = doc(
-        True, "true: subtract β·KL from the reward (InstructGPT); false: add β·KL as a loss term (GRPO-style)."
+        True, "true: subtract β·KL from the reward (InstructGPT); false: add β·KL as a loss term (GRPO-style; needs "
+        "kl_estimator k3 or k2, since k1's gradient is zero in expectation)."
     )
     kl_target: Optional[float] = doc(
         None, "Adaptive KL controller (Ziegler et al. 2019): target KL per sequence. null = fixed β."
@@ -55,6 +57,11 @@ class RolloutConfig:
     missing_eos_penalty: Optional[float] = doc(
         None, "Subtract this from the score of completions that never emit EOS (hit max_new_tokens). null = none."
     )
+    disable_dropout: bool = doc(
+        True,
+        "Set every dropout probability of the policy (LoRA dropout included) to 0, so that the ratio π/π_old "
+        "and the KL measure the policy and not dropout noise.",
+    )
     log_samples_steps: int = doc(10, "Write a few prompt/response/reward samples to OUTPUT_DIR/samples.jsonl every N rollouts (0 = never).")
 
     def validate(self, path: str) -> None:
@@ -62,6 +69,20 @@ class RolloutConfig:
             raise ConfigError(f"{path}: samples_per_prompt, max_new_tokens and generation_batch_size must be >= 1")
         if self.temperature <= 0:
             raise ConfigError(f"{path}.temperature: RL samples need temperature > 0, got {self.temperature}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"{path}.kl_coef: must be >= 0, got {self.kl_coef}")
+        if not self.kl_in_reward and self.kl_estimator == "k1" and (self.kl_coef > 0 or self.kl_target is not None):
+            raise ConfigError(
+                f"{path}.kl_estimator: k1 as a loss term (kl_in_reward=false) has zero expected gradient, so it would "
+                "not hold the policy near the reference; use k3 (GRPO's choice: gradient of KL(π_ref‖π)) or k2 "
+                "(gradient of KL(π‖π_ref)), or keep the KL in the reward"
+            )
+        from preftune.rollout.rewards import check_reward_spec
+
+        try:
+            check_reward_spec(self.reward)  # fail before any model loads, not after
+        except ValueError as err:
+            raise ConfigError(f"{path}.reward: {err}") from None
 
 
 class OnlineAlgorithm(Algorithm):
@@ -71,6 +92,12 @@ class OnlineAlgorithm(Algorithm):
 
     def __init__(self, config: Any, policy, tokenizer, run):
         super().__init__(config, policy, tokenizer, run)
+        if config.disable_dropout:
+            dropouts = [m for m in self.policy.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+            for m in dropouts:
+                m.p = 0.0
+            if dropouts:
+                log.info("disabled %d dropout layer(s) of the policy (%s.disable_dropout)", len(dropouts), self.name)
         from preftune.rollout.kl import AdaptiveKLController, FixedKLController
         from preftune.rollout.rewards import resolve_reward
 
@@ -120,12 +147,25 @@ class OnlineAlgorithm(Algorithm):
         c = self.config
         start = time.perf_counter()
         repeated = [p for p in prompts for _ in range(c.samples_per_prompt)]
+        # Algorithms whose config has reuse_sampler_logps (RLOO) may take the old-policy log-probs and
+        # entropies from the sampler's own logits (preftune/rollout/sampling.py): one forward fewer.
+        # fp32 only: under bf16/fp16 autocast the incremental decode and a full forward round differently,
+        # which would bias the KL to the reference (computed by a full forward) by that rounding.
+        from_sampler = bool(getattr(c, "reuse_sampler_logps", False)) and self.run.model.dtype == "fp32"
         with accelerator.autocast():
-            samples = generate_completions(
-                self.policy, self.tokenizer, [p["prompt_ids"] for p in repeated], max_new_tokens=c.max_new_tokens,
-                temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, batch_size=c.generation_batch_size,
-                seed=seed, return_token_ids=True,
-            )
+            if from_sampler:
+                from preftune.rollout.sampling import sample_rollout
+
+                samples = sample_rollout(
+                    self.policy, self.tokenizer, [p["prompt_ids"] for p in repeated], max_new_tokens=c.max_new_tokens,
+                    temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, batch_size=c.generation_batch_size, seed=seed,
+                )
+            else:
+                samples = generate_completions(
+                    self.policy, self.tokenizer, [p["prompt_ids"] for p in repeated], max_new_tokens=c.max_new_tokens,
+                    temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, batch_size=c.generation_batch_size,
+                    seed=seed, return_token_ids=True,
+                )
         gen_seconds = time.perf_counter() - start
         scores = torch.tensor(list(self.reward_fn([p["prompt"] for p in repeated], [s["completion"] for s in samples])), dtype=torch.float32)
         finished = torch.tensor([s["finished"] for s in samples], dtype=torch.bool)
@@ -134,14 +174,15 @@ class OnlineAlgorithm(Algorithm):
             scores = torch.where(finished, scores, scores - c.missing_eos_penalty)
         rows = [{"prompt": p["prompt"], "prompt_ids": s["prompt_ids"], "completion_ids": s["completion_ids"] or [self.tokenizer.eos_token_id],
                  "completion": s["completion"]} for p, s in zip(repeated, samples)]
-        forward = self._score_rows(rows, accelerator)
+        forward = self._score_rows(rows, accelerator, sampled=samples if from_sampler else None)
         kl = forward["kl"]  # [N, T] per-token estimate, 0 off the response
         mask = forward["mask"]
         seq_kl = kl.sum(-1)
         beta = self.kl_ctl.value
         rewards = scores - beta * seq_kl if c.kl_in_reward else scores
         global_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu()
-        rows, extra = self.advantages(rows, scores=scores, rewards=rewards, forward=forward, global_rewards=global_rewards)
+        rows, extra = self.advantages(rows, scores=scores, rewards=rewards, forward=forward, global_rewards=global_rewards,
+                                      accelerator=accelerator)
         self.kl_ctl.update(float(accelerator.reduce(seq_kl.mean().to(accelerator.device), reduction="mean")), len(samples) * accelerator.num_processes)
         lengths = mask.sum(-1).float()
         metrics = {
@@ -156,29 +197,47 @@ class OnlineAlgorithm(Algorithm):
         return rows, per_row
 
     @torch.no_grad()
-    def _score_rows(self, rows: list[dict], accelerator) -> dict[str, torch.Tensor]:
+    def _score_rows(self, rows: list[dict], accelerator, sampled: Optional[list[dict]] = None) -> dict[str, torch.Tensor]:
         """Old-policy and reference log-probs, entropy and KL for every rollout row, [N, T] padded
-        like a training batch of all rows; also writes per-token lists into the rows."""
+        like a training batch of all rows; also writes per-token lists into the rows.
+
+        ``sampled``: the sampler's per-token ``logps`` / ``entropy`` (``sample_rollout``), used as the
+        old policy's instead of a policy forward (no ``hidden`` then: PPO's value head needs the forward)."""
         from preftune.models.logprobs import policy_forward
         from preftune.models.lora import reference_context
         from preftune.rollout.kl import kl_estimate
 
         batch = {k: v.to(accelerator.device) for k, v in self._collate_ids(rows).items()}
         with accelerator.autocast():
-            out = policy_forward(self.policy, batch, with_entropy=True)
+            out = policy_forward(self.policy, batch, with_entropy=True) if sampled is None else None
             if self.reference_model is not None:
-                ref = policy_forward(self.reference_model, batch)["logps"]
+                ref_out = policy_forward(self.reference_model, batch)
             else:
                 with reference_context(self.policy):
-                    ref = policy_forward(self.policy, batch)["logps"]
-        mask = out["mask"]
-        kl = kl_estimate(out["logps"], ref, self.config.kl_estimator, mask)
+                    ref_out = policy_forward(self.policy, batch)
+        ref, mask = ref_out["logps"], ref_out["mask"]
+        if sampled is None:
+            logps, entropy, hidden = out["logps"], out["entropy"], out["hidden"]
+        else:
+            logps, entropy = (self._scatter_tokens(mask, [s[key] for s in sampled]) for key in ("logps", "entropy"))
+            hidden = None
+        kl = kl_estimate(logps, ref, self.config.kl_estimator, mask)
         for i, row in enumerate(rows):
             m = mask[i]
-            row["old_logps"] = out["logps"][i][m].tolist()
+            row["old_logps"] = logps[i][m].tolist()
             row["ref_logps"] = ref[i][m].tolist()
-        return {"logps": out["logps"].cpu(), "ref_logps": ref.cpu(), "mask": mask.cpu(), "kl": kl.cpu(),
-                "entropy": out["entropy"].cpu(), "hidden": out["hidden"], "batch": batch}
+        return {"logps": logps.cpu(), "ref_logps": ref.cpu(), "mask": mask.cpu(), "kl": kl.cpu(),
+                "entropy": entropy.cpu(), "hidden": hidden, "batch": batch}
+
+    @staticmethod
+    def _scatter_tokens(mask: torch.Tensor, values: list[list[float]]) -> torch.Tensor:
+        """Per-row lists of per-completion-token values -> [N, T] at the scored positions of ``mask``."""
+        counts = mask.sum(-1).tolist()
+        flat: list[float] = []
+        for n, v in zip(counts, values):
+            flat += (list(v) + [0.0] * n)[:n]  # a row whose completion was replaced by EOS keeps 0 there
+        out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        return out.masked_scatter(mask, torch.tensor(flat, dtype=torch.float32, device=mask.device))
 
     def _collate_ids(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         from preftune.data.collate import collate_completions
@@ -193,11 +252,12 @@ class OnlineAlgorithm(Algorithm):
                 batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
         return batch
 
-    def advantages(self, rows: list[dict], *, scores, rewards, forward, global_rewards) -> tuple[list[dict], dict]:
+    def advantages(self, rows: list[dict], *, scores, rewards, forward, global_rewards, accelerator) -> tuple[list[dict], dict]:
         """Attach what the loss needs to each row; return (rows, extra per-row metrics).
 
         scores: [N] rewards of this process's rows; rewards: [N] scores − β·KL when the KL is in the
-        reward; forward: old/reference log-probs etc. ([N, T]); global_rewards: rewards of every process."""
+        reward; forward: old/reference log-probs etc. ([N, T]); global_rewards: rewards of every process;
+        accelerator: for statistics over every process's rows (e.g. PPO's advantage whitening)."""
         raise NotImplementedError
 
     # -- hooks of the source ---------------------------------------------------------------------

@@ -116,7 +116,7 @@ class PPO(OnlineAlgorithm):
         flat = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat)
 
-    def advantages(self, rows, *, scores, rewards, forward, global_rewards):
+    def advantages(self, rows, *, scores, rewards, forward, global_rewards, accelerator):
         from preftune.losses.rl import explained_variance
         from preftune.rollout.advantages import gae, masked_whiten, token_level_rewards
 
@@ -127,8 +127,10 @@ class PPO(OnlineAlgorithm):
         kl = forward["kl"] if c.kl_in_reward else None
         token_rewards = token_level_rewards(scores, kl, mask, kl_coef=self.kl_ctl.value)
         adv, returns = gae(token_rewards, values, mask, gamma=c.gamma, lam=c.lam)
-        if c.whiten_advantages and mask.sum() > 1:
-            adv = masked_whiten(adv, mask)
+        if c.whiten_advantages:  # every process must take part: no local condition here
+            # over every process's tokens: the update then does not depend on the number of processes
+            dev = accelerator.device
+            adv = masked_whiten(adv, mask, reduce_sum=lambda t: accelerator.reduce(t.to(dev), reduction="sum").cpu())
         for i, row in enumerate(rows):
             m = mask[i]
             row["advantages"], row["returns"], row["old_values"] = adv[i][m].tolist(), returns[i][m].tolist(), values[i][m].tolist()

@@ -31,7 +31,7 @@ class Reinforce(OnlineAlgorithm):
 
         self.baseline = MovingAverageBaseline(config.baseline_decay)
 
-    def advantages(self, rows, *, scores, rewards, forward, global_rewards):
+    def advantages(self, rows, *, scores, rewards, forward, global_rewards, accelerator):
         b = self.baseline.update(global_rewards)  # from earlier batches only (unbiased); same on every process
         adv = rewards - b
         for row, a in zip(rows, adv.tolist()):

