@@ -72,7 +72,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -83,6 +82,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.harness import cpu_has_bf16, cpu_s, peak_mb, rss_mb, system_busy_s, wait_until_quiet  # noqa: E402
 
 PROMPTS_SOURCE = "builtin:movie_review_prompts"
 
@@ -123,50 +124,6 @@ LORA = dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
 # ------------------------------------------------------------------------------------------- probes
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-_CLK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _system_busy_s() -> float:
-    """CPU-seconds all processes of the machine have been busy (Linux /proc/stat, all cores)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return float("nan")
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / _CLK
-
-
-def wait_until_quiet(max_wait_s: float, threshold: float = 0.15, window_s: float = 3.0) -> float:
-    """Wait (up to max_wait_s) until other processes use < threshold of the machine's CPUs over a
-    window; return the busy fraction last seen."""
-    deadline = time.monotonic() + max_wait_s
-    ncpu = os.cpu_count() or 1
-    while True:
-        b0, t0 = _system_busy_s(), time.monotonic()
-        time.sleep(window_s)
-        frac = (_system_busy_s() - b0) / ((time.monotonic() - t0) * ncpu)
-        if frac < threshold or time.monotonic() > deadline:
-            return frac
-
-
 class Probe:
     """Per-step counters, filled by the wrappers below and closed at the end of each optimizer step."""
 
@@ -184,13 +141,13 @@ class Probe:
         self.prompts: list[str] = []
 
     def mark(self, name: str) -> None:
-        self.marks[name] = {"t": time.perf_counter() - self.t0, "rss_mb": _rss_mb(), "peak_mb": _peak_mb(),
-                            "cpu_s": _cpu_s(), "sys_busy_s": _system_busy_s()}
+        self.marks[name] = {"t": time.perf_counter() - self.t0, "rss_mb": rss_mb(), "peak_mb": peak_mb(),
+                            "cpu_s": cpu_s(), "sys_busy_s": system_busy_s()}
 
     def step_end(self, step: int) -> None:
         self.steps.append({
-            "step": step, "t": time.perf_counter() - self.t0, "cpu_s": _cpu_s(), "sys_busy_s": _system_busy_s(),
-            "peak_mb": _peak_mb(), "rss_mb": _rss_mb(), "gen_s": self.gen_s, "rollout_s": self.rollout_s,
+            "step": step, "t": time.perf_counter() - self.t0, "cpu_s": cpu_s(), "sys_busy_s": system_busy_s(),
+            "peak_mb": peak_mb(), "rss_mb": rss_mb(), "gen_s": self.gen_s, "rollout_s": self.rollout_s,
             "gen_tokens": self.gen_tokens, "gen_rows": self.gen_rows, "gen_calls": self.gen_calls,
             "decode_steps": self.decode_steps, "prompt_tokens": self.prompt_tokens,
             "reward_mean": statistics.fmean(self.rewards) if self.rewards else None, "n_rewards": len(self.rewards),
@@ -466,14 +423,6 @@ def child_main(spec_path: str, result_path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- parent
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def summarize(name: str, raw: dict, warmup: int) -> dict:

@@ -1,6 +1,5 @@
 """The loop: accumulation / world-size invariance, resume, checkpoint safety, outputs."""
 
-import json
 import os
 import socket
 import subprocess

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from preftune.algorithms.base import Needs
 from preftune.algorithms.pairwise import PairsConfig, PairwiseAlgorithm, PairwiseConfig
 from preftune.config import ConfigError, check_range, doc

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal, Optional
 
 import torch
 
-from preftune.algorithms.base import Algorithm, Metrics, Needs
+from preftune.algorithms.base import Algorithm, Needs
 from preftune.config import ConfigError, doc
 from preftune.rollout.source import RolloutSource, pad_token_fields, row_sums
 

@@ -460,7 +460,7 @@ def load_pairs(source: str, split: str, config: RewardConfig) -> list[PairRecord
 def _margin(row: dict, column: str, where, source: str) -> float:
     value = row.get(column)
     if value is None:
-        raise where.error(f"missing field; reward.margin_column names it, expected a number (the pair's margin)", column)
+        raise where.error("missing field; reward.margin_column names it, expected a number (the pair's margin)", column)
     if isinstance(value, str) and source.lower().endswith((".csv", ".tsv")):
         try:
             value = float(value)  # CSV cells are text
