@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from preftune.experiments.sentiment import StudyConfig
 
-    for name, text in (("demo", "The short sentiment-control study on the default model (~15 min on a 2-core CPU); writes report.html."),
+    for name, text in (("demo", "The short sentiment-control study on the default model (~18 min on a 2-core CPU); writes report.html."),
                        ("study", "The sentiment-control study with any mix of jobs (configs/studies/sentiment.yaml: the full one).")):
         st = sub.add_parser(name, help=text, epilog=_field_help(StudyConfig, "Settings (key=value):"), formatter_class=argparse.RawDescriptionHelpFormatter)
         st.add_argument("config", nargs="?", help="Optional YAML file with the settings below.")
