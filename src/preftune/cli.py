@@ -211,40 +211,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="Continue from the newest checkpoint in output_dir (same as train.resume_from=latest).")
     p.set_defaults(func=cmd_train)
 
-    g = sub.add_parser("generate", help="Sample completions for a prompts file; writes JSONL.", epilog=_field_help(GenerateConfig, "Settings (key=value):"), formatter_class=argparse.RawDescriptionHelpFormatter)
-    g.add_argument("config", nargs="?", help="Optional YAML file with the settings below.")
-    g.add_argument("overrides", nargs="*", help="key=value settings, e.g. prompts=p.jsonl temperature=0.7")
-    g.set_defaults(func=cmd_generate)
-
+    from preftune.eval_config import EvalConfig
+    from preftune.experiments.sentiment import StudyConfig
+    from preftune.label import LabelConfig
     from preftune.score_cmd import ScoreConfig
 
-    s = sub.add_parser("score", help="Score (prompt, completion) rows or pairs with reward model(s); writes JSONL.", epilog=_field_help(ScoreConfig, "Settings (key=value):"), formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("config", nargs="?", help="Optional YAML file with the settings below.")
-    s.add_argument("overrides", nargs="*", help="key=value settings, e.g. model=runs/reward data=rows.jsonl")
-    s.set_defaults(func=cmd_score)
+    def settings_command(name: str, text: str, cls: type, example: str, func) -> None:
+        """A command configured by an optional YAML file plus key=value settings of ``cls``."""
+        c = sub.add_parser(name, help=text, epilog=_field_help(cls, "Settings (key=value):"), formatter_class=argparse.RawDescriptionHelpFormatter)
+        c.add_argument("config", nargs="?", help="Optional YAML file with the settings below.")
+        c.add_argument("overrides", nargs="*", help=f"key=value settings, e.g. {example}")
+        c.set_defaults(func=func)
 
-    from preftune.eval_config import EvalConfig
-
-    ev = sub.add_parser("eval", help="Compare models with a reference: reward, KL, win rate, ...; writes report.html.", epilog=_field_help(EvalConfig, "Settings (key=value):"), formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_argument("config", nargs="?", help="Optional YAML file with the settings below.")
-    ev.add_argument("overrides", nargs="*", help="key=value settings, e.g. models=[dpo=runs/dpo/model] max_rows=64")
-    ev.set_defaults(func=cmd_eval)
-
-    from preftune.experiments.sentiment import StudyConfig
-
-    for name, text in (("demo", "The short sentiment-control study on the default model (~18 min on a 2-core CPU); writes report.html."),
-                       ("study", "The sentiment-control study with any mix of jobs (configs/studies/sentiment.yaml: the full one).")):
-        st = sub.add_parser(name, help=text, epilog=_field_help(StudyConfig, "Settings (key=value):"), formatter_class=argparse.RawDescriptionHelpFormatter)
-        st.add_argument("config", nargs="?", help="Optional YAML file with the settings below.")
-        st.add_argument("overrides", nargs="*", help="key=value settings, e.g. output_dir=runs/demo2")
-        st.set_defaults(func=cmd_study)
-
-    from preftune.label import LabelConfig
-
-    lb = sub.add_parser("label", help="Rank sampled completions in a local web UI, or with a judge; writes labels JSONL.", epilog=_field_help(LabelConfig, "Settings (key=value):"), formatter_class=argparse.RawDescriptionHelpFormatter)
-    lb.add_argument("config", nargs="?", help="Optional YAML file with the settings below.")
-    lb.add_argument("overrides", nargs="*", help="key=value settings, e.g. input=samples.jsonl output=labels.jsonl judge=vader")
-    lb.set_defaults(func=cmd_label)
+    settings_command("generate", "Sample completions for a prompts file; writes JSONL.", GenerateConfig,
+                     "prompts=p.jsonl temperature=0.7", cmd_generate)
+    settings_command("score", "Score (prompt, completion) rows or pairs with reward model(s); writes JSONL.", ScoreConfig,
+                     "model=runs/reward data=rows.jsonl", cmd_score)
+    settings_command("eval", "Compare models with a reference: reward, KL, win rate, ...; writes report.html.", EvalConfig,
+                     "models=[dpo=runs/dpo/model] max_rows=64", cmd_eval)
+    settings_command("demo", "The short sentiment-control study on the default model (~18 min on a 2-core CPU); writes report.html.",
+                     StudyConfig, "output_dir=runs/demo2", cmd_study)
+    settings_command("study", "The sentiment-control study with any mix of jobs (configs/studies/sentiment.yaml: the full one).",
+                     StudyConfig, "output_dir=runs/study", cmd_study)
+    settings_command("label", "Rank sampled completions in a local web UI, or with a judge; writes labels JSONL.", LabelConfig,
+                     "input=samples.jsonl output=labels.jsonl judge=vader", cmd_label)
 
     x = sub.add_parser("export", help="Turn a training checkpoint into a model folder (full weights or LoRA adapter).")
     x.add_argument("checkpoint", help="A checkpoint folder, OUTPUT_DIR/checkpoints/step-N.")
