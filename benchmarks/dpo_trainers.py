@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks.harness import Probe
+from benchmarks.harness import Probe, mark_when_model_loaded
 
 LORA = dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")  # TRL disables dropout: 0 in both
 
@@ -34,7 +34,6 @@ def pair_batch_tokens(batch) -> tuple[int, int]:
 
 
 def train_preftune(spec: dict, probe: Probe) -> None:
-    import preftune.models.loading as loading
     from preftune.algorithms import ALGORITHMS
     from preftune.config import load_run_config
     from preftune.train import loop
@@ -43,14 +42,7 @@ def train_preftune(spec: dict, probe: Probe) -> None:
 
     v = spec["settings"]
     probe.mark("imported")
-    original_load = loading.load_model
-
-    def load_model(*args, **kwargs):
-        out = original_load(*args, **kwargs)
-        probe.mark("model_loaded")
-        return out
-
-    loading.load_model = load_model  # build_algorithm imports it from the module at call time
+    mark_when_model_loaded(probe)
 
     algo_cls = ALGORITHMS["dpo"]
     original_prepare = algo_cls.prepare_examples  # whichever base class defines it
