@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def _is_function_spec(spec: str) -> bool:
+    """'module:function' or 'file.py:function' (not an existing path that happens to hold a colon)."""
+    return ":" in spec and not Path(spec.split(",")[0]).exists()
+
+
 def resolve_reward(spec: str):
     """'vader' -> VADER sentiment; 'module:function' or 'file.py:function' -> that function; anything
     else -> trained reward model(s) (a run directory or model folder; comma-separated = ensemble)."""
@@ -12,8 +17,7 @@ def resolve_reward(spec: str):
         from preftune.rewards.sentiment import VaderSentiment
 
         return VaderSentiment()
-    head = spec.split(",")[0]
-    if ":" in spec and not Path(head).exists():
+    if _is_function_spec(spec):
         from preftune.rewards.base import FunctionReward
 
         return FunctionReward(spec)
@@ -27,8 +31,7 @@ def check_reward_spec(spec: str) -> None:
     anything heavy: a function spec must import and name a callable; a reward model path must exist."""
     if spec == "vader":
         return
-    head = spec.split(",")[0]
-    if ":" in spec and not Path(head).exists():
+    if _is_function_spec(spec):
         from preftune.rewards.base import resolve_function
 
         resolve_function(spec)
