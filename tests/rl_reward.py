@@ -12,3 +12,26 @@ def low_ids(prompts, completions):
         ids = _tok(text, add_special_tokens=False).input_ids
         out.append(sum(i < 300 for i in ids) / max(len(ids), 1))
     return out
+
+
+def nan_when_flagged(prompts, completions):
+    """low_ids, except that while the file named by $PREFTUNE_TEST_NAN_FLAG exists, the 2nd call of the
+    process (= the 2nd rollout) scores the first completion of rank $NAN_RANK (default every rank) NaN."""
+    import os
+
+    global _calls
+    _calls += 1
+    out = low_ids(prompts, completions)
+    flag = os.environ.get("PREFTUNE_TEST_NAN_FLAG", "")
+    rank = os.environ.get("NAN_RANK")
+    if _calls == 2 and flag and os.path.exists(flag) and rank in (None, os.environ.get("RANK", "0")):
+        out[0] = float("nan")
+    return out
+
+
+_calls = 0
+
+
+def constant(prompts, completions):
+    """The same reward for every completion: group-relative advantages are all 0."""
+    return [0.5 for _ in completions]

@@ -263,11 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     from preftune.models.loading import ModelLoadError
     from preftune.train.checkpoint import CheckpointError
 
+    from preftune.train.guard import NonFiniteError
+
     try:
         return args.func(args)
     except (ConfigError, DataError, ModelLoadError, CheckpointError) as exc:
         print(f"preftune: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:
+        print(f"preftune: error: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

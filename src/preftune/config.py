@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -159,6 +160,18 @@ class TrainConfig:
         factory=list, help="Extra metric trackers: any of [tensorboard, wandb]. metrics.jsonl is always written."
     )
     progress_bar: bool = doc(True, "Show a live progress bar with ETA.")
+    nonfinite: Literal["stop", "skip"] = doc(
+        "stop",
+        "A step whose loss, gradient norm, rewards or advantages are NaN/inf is never applied. 'stop': end the run "
+        "there (non-zero exit, the step's rows in OUTPUT_DIR/nonfinite-step-N.jsonl, no checkpoint written after "
+        "it, so --resume continues from the last good one); 'skip': drop that update and go on.",
+    )
+    nonfinite_max_skips: int = doc(3, "With nonfinite=skip: stop after this many non-finite steps in a row.")
+    dead_run_steps: int = doc(
+        5,
+        "Warn (log and metrics.jsonl) when for this many steps in a row the gradient norm is exactly 0, the loss "
+        "sits at chance level (ln |V| for SFT) or every group's rewards are equal. 0 = never.",
+    )
 
     def validate(self, path: str) -> None:
         for name in ("micro_batch_size", "grad_accum_steps", "num_epochs", "logging_steps", "save_total_limit", "eval_batch_size"):
@@ -166,11 +179,33 @@ class TrainConfig:
                 raise ConfigError(f"{path}.{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"{path}.max_steps: must be >= 1 or null, got {self.max_steps}")
-        if self.save_steps < 0 or self.warmup_steps < 0 or self.eval_steps < 0:
-            raise ConfigError(f"{path}.save_steps / warmup_steps / eval_steps: must be >= 0")
+        if self.nonfinite_max_skips < 1:
+            raise ConfigError(f"{path}.nonfinite_max_skips: must be >= 1, got {self.nonfinite_max_skips}")
+        for name in ("save_steps", "warmup_steps", "eval_steps", "dead_run_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{path}.{name}: must be >= 0, got {getattr(self, name)}")
+        self._validate_optimizer(path)
         bad = [r for r in self.report_to if r not in ("tensorboard", "wandb")]
         if bad:
             raise ConfigError(f"{path}.report_to: unknown tracker(s) {bad}; valid: ['tensorboard', 'wandb']")
+
+    def _validate_optimizer(self, path: str) -> None:
+        """Every AdamW setting checked here, so torch never sees a value it would reject mid-run."""
+        for name in ("learning_rate", "weight_decay", "adam_eps", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{path}.{name}: must be a finite number, got {value}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"{path}.learning_rate: must be > 0, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{path}.weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"{path}.adam_eps: must be > 0, got {self.adam_eps}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{path}.{name}: must lie in [0, 1), got {getattr(self, name)}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"{path}.max_grad_norm: must be > 0 or null (no clipping), got {self.max_grad_norm}")
 
 
 @dataclass
@@ -382,19 +417,34 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     section = data.pop(name, None) or {}
     for other in ALGORITHMS:
         if other != name and other in data:
-            raise ConfigError(f"section '{other}' given but algorithm is '{name}'")
+            hint = ""
+            if other in {f.name for f in _public_fields(algo_cls.Config)}:
+                hint = f"; '{other}' is a setting of '{name}': write it as {name}.{other} (a '{name}:' section)"
+            raise ConfigError(f"section '{other}' given but algorithm is '{name}'{hint}")
     try:
         run = from_dict(RunConfig, data)
     except ConfigError as exc:
         if str(exc).startswith("unknown key '") and "." not in str(exc).split("'")[1]:
             valid = [f.name for f in _public_fields(RunConfig)] + [name]
             key = str(exc).split("'")[1]
-            raise unknown_key_error("", key, valid) from None
+            raise _top_level_key_error(key, valid, algo_cls.Config, name) from None
         raise
     if not isinstance(section, dict):
         raise ConfigError(f"{name}: expected a mapping of the algorithm's settings")
     run.algo = from_dict(algo_cls.Config, section, name)
     return run
+
+
+def _top_level_key_error(key: str, valid: list[str], algo_config: type, name: str) -> ConfigError:
+    """An unknown top-level key: suggest a close top-level key, else a close nested one
+    ('learnin_rate' -> 'train.learning_rate')."""
+    if difflib.get_close_matches(key, valid, n=1):
+        return unknown_key_error("", key, valid)
+    nested = [k for k, *_ in describe(RunConfig)] + [f"{name}.{k}" for k, *_ in describe(algo_config)]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(nested)}
+    close = difflib.get_close_matches(key, list(leaves), n=1)
+    hint = f" Did you mean '{leaves[close[0]]}'?" if close else ""
+    return ConfigError(f"unknown key '{key}'.{hint} Valid keys: {', '.join(valid)}")
 
 
 def run_config_to_dict(run: RunConfig) -> dict:

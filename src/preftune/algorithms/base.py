@@ -131,6 +131,11 @@ class Algorithm(nn.Module):
         n = batch["input_ids"].shape[0] if "seq_lengths" not in batch else batch["seq_lengths"].numel()
         return n // 2 if self.needs.data_kind == "pairs" else n
 
+    def chance_loss(self) -> float | None:
+        """The loss of a model that has learnt nothing at all (a uniform prediction), if the algorithm
+        has one; a run whose loss sits there for train.dead_run_steps steps gets a warning."""
+        return None
+
     def before_step(self, micro_batches: list[dict], accelerator: Any) -> None:
         """Called with all of this process's micro-batches of a step before any forward: the place
         for statistics over the whole global batch (e.g. KTO's KL reference point). Collective."""

@@ -68,7 +68,17 @@ class KTO(WithReference):
         first = next(iter(read_rows(source, split=split)), (0, {}))[1]
         if "chosen" in first and "label" not in first:
             return pairs_to_unpaired(load_records(source, "pairs", split=split))
-        return load_records(source, "unpaired", split=split)
+        records = load_records(source, "unpaired", split=split)
+        labels = {r.label for r in records}
+        if len(labels) == 1:
+            from preftune.data.records import DataError
+
+            (label,) = labels
+            kind, other = ("desirable", "false") if label else ("undesirable", "true")
+            raise DataError(f"all {len(records)} rows are labelled {str(label).lower()} ({kind}); KTO weighs desirable "
+                            f"against undesirable examples, so add rows with label {other}"
+                            + (" (or train SFT on these rows)" if label else ""), source=str(source), field="label")
+        return records
 
     def tokenize(self, records: list, source: str):
         examples, report = super().tokenize(records, source)

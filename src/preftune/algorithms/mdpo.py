@@ -96,7 +96,12 @@ class MDPO(WithReference):
 
         self.reference_model = None
         if config.reference is not None:
-            self.reference_model = _frozen(self.load_policy(config, run, name=config.reference)[0])
+            from preftune.models.loading import ModelLoadError
+
+            try:
+                self.reference_model = _frozen(self.load_policy(config, run, name=config.reference)[0])
+            except ModelLoadError as err:
+                raise ModelLoadError(f"{self.name}.reference: {err}") from None
         elif not config.precompute_reference and not is_peft_model(policy):
             self.reference_model = _frozen(copy.deepcopy(policy))
         self.image_token_id = image_token_id(processor)

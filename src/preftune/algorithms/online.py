@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,7 @@ class OnlineAlgorithm(Algorithm):
         from preftune.rollout.kl import AdaptiveKLController, FixedKLController
         from preftune.rollout.rewards import resolve_reward
 
-        self.reward_fn = resolve_reward(config.reward)
+        self.reward_fn = resolve_reward(config.reward, allow_nonfinite=True)  # the loop's guard judges NaN/inf
         if config.kl_target is not None:
             self.kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         else:
@@ -173,7 +174,8 @@ class OnlineAlgorithm(Algorithm):
         if c.missing_eos_penalty is not None:
             scores = torch.where(finished, scores, scores - c.missing_eos_penalty)
         rows = [{"prompt": p["prompt"], "prompt_ids": s["prompt_ids"], "completion_ids": s["completion_ids"] or [self.tokenizer.eos_token_id],
-                 "completion": s["completion"]} for p, s in zip(repeated, samples)]
+                 "completion": s["completion"], "reward_score": float(r)} for p, s, r in zip(repeated, samples, raw_scores.tolist())]
+        _warn_nonfinite_rewards(rows, c.reward)
         forward = self._score_rows(rows, accelerator, sampled=samples if from_sampler else None)
         kl = forward["kl"]  # [N, T] per-token estimate, 0 off the response
         mask = forward["mask"]
@@ -189,6 +191,7 @@ class OnlineAlgorithm(Algorithm):
             "reward/score": scores, "reward/raw_score": raw_scores, "reward/with_kl": scores - beta * seq_kl,
             "kl": seq_kl, "entropy": (forward["entropy"] * mask).sum(-1) / lengths.clamp(min=1),
             "response_length": lengths, "eos_fraction": finished.float(), **extra,
+            **rollout_health(raw_scores, rows, c.samples_per_prompt),
         }
         per_row = row_sums({k: v.detach().cpu() for k, v in metrics.items()}, accelerator.device)
         per_row["kl_coef"] = (torch.tensor(beta, device=accelerator.device), torch.tensor(1.0, device=accelerator.device))
@@ -293,3 +296,27 @@ class OnlineAlgorithm(Algorithm):
 def masked_row_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, 0.0).sum(-1)
 
+
+
+def rollout_health(scores: torch.Tensor, rows: list[dict], group_size: int) -> dict[str, torch.Tensor]:
+    """Per-row / per-group flags the loop's guard reads: rewards and advantages that are not finite,
+    and (with several samples per prompt) groups whose rewards are all equal."""
+    from preftune.train.guard import NONFINITE_METRICS, ZERO_VARIANCE_METRIC
+
+    def finite(value) -> bool:
+        return all(math.isfinite(v) for v in (value if isinstance(value, list) else [value]))
+
+    bad_adv = [not all(finite(r[k]) for k in ("advantage", "advantages") if k in r) for r in rows]
+    out = {NONFINITE_METRICS[0]: (~torch.isfinite(scores)).float(), NONFINITE_METRICS[1]: torch.tensor(bad_adv, dtype=torch.float32)}
+    if group_size > 1 and scores.numel() % group_size == 0:
+        groups = scores.view(-1, group_size)
+        out[ZERO_VARIANCE_METRIC] = (groups.max(-1).values == groups.min(-1).values).float()
+    return out
+
+
+def _warn_nonfinite_rewards(rows: list[dict], spec: str) -> None:
+    for row in rows:
+        if not math.isfinite(row["reward_score"]):
+            log.error("reward %r returned %s for prompt %r, completion %r (the step will not be applied)",
+                      spec, row["reward_score"], row["prompt"], row["completion"])
+            return

@@ -78,9 +78,12 @@ class WithReference(Algorithm):
         self.reference_model = None
         if self.needs.reference_model:
             if config.reference is not None:
-                from preftune.models.loading import load_model
+                from preftune.models.loading import ModelLoadError, load_model
 
-                ref, _ = load_model(config.reference, seed=run.train.seed)
+                try:
+                    ref, _ = load_model(config.reference, seed=run.train.seed)
+                except ModelLoadError as err:
+                    raise ModelLoadError(f"{self.name}.reference: {err}") from None
                 self.reference_model = _frozen(ref)
             elif not config.precompute_reference and not _is_peft(policy):
                 self.reference_model = _frozen(copy.deepcopy(policy))

@@ -8,6 +8,8 @@ completion tokens of the global batch (not per row, not per micro-batch).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +41,11 @@ class SFT(Algorithm):
 
             return pack_completions(examples)
         return super().collate(examples)
+
+    def chance_loss(self) -> float | None:
+        """ln |V|: the next-token loss of a uniform prediction over the vocabulary."""
+        embeddings = self.policy.get_output_embeddings()
+        return math.log(embeddings.weight.shape[0]) if embeddings is not None else None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
         from preftune.models.logprobs import per_token_logps

@@ -62,9 +62,26 @@ def _read_jsonl(path: Path, source: str) -> Iterator[tuple[int, dict]]:
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", source=source,
+                raise DataError(f"invalid JSON ({_json_problem(e, f'column {e.colno}')})", source=source,
                                 row=line_no) from None
-            yield line_no, _as_object(value, source, line_no)
+            yield line_no, _no_nulls(_as_object(value, source, line_no), source, line_no)
+
+
+def _json_problem(e: json.JSONDecodeError, where: str) -> str:
+    """'Expecting value at column 3'; json's 'Unterminated string starting at' already ends in 'at'."""
+    return f"{e.msg} {where}" if e.msg.endswith(" at") else f"{e.msg} at {where}"
+
+
+_RECORD_FIELDS = ("prompt", "completion", "chosen", "rejected", "messages", "completions", "ranking", "label", "text")
+
+
+def _no_nulls(row: dict, source: str, row_no: int) -> dict:
+    """In JSON a null is written on purpose: never read it as a missing field (an empty prompt)."""
+    for key in _RECORD_FIELDS:
+        if key in row and row[key] is None:
+            raise DataError("null value; give a value, or leave the field out where it is optional",
+                            source=source, row=row_no, field=key)
+    return row
 
 
 def _read_json(path: Path, source: str, split: str) -> Iterator[tuple[int, dict]]:
@@ -81,7 +98,7 @@ def _read_json(path: Path, source: str, split: str) -> Iterator[tuple[int, dict]
         data = json.loads(text)
     except json.JSONDecodeError as e:
         hint = "; one JSON object per line belongs in a .jsonl file" if e.msg == "Extra data" else ""
-        raise DataError(f"invalid JSON ({e.msg} at line {e.lineno}, column {e.colno}){hint}",
+        raise DataError(f"invalid JSON ({_json_problem(e, f'line {e.lineno}, column {e.colno}')}){hint}",
                         source=source) from None
     if isinstance(data, dict):
         key = split if split in data else "data" if "data" in data else None
@@ -93,7 +110,7 @@ def _read_json(path: Path, source: str, split: str) -> Iterator[tuple[int, dict]
     if not isinstance(data, list):
         raise DataError(f"expected a list of records, got {type_name(data)}", source=source)
     for i, value in enumerate(data, start=1):
-        yield i, _as_object(value, source, i)
+        yield i, _no_nulls(_as_object(value, source, i), source, i)
 
 
 def _csv_cell(key: str, cell: str) -> Any:
@@ -263,8 +280,10 @@ def load_records(source: str, kind: str, *, split: str = "train",
     convert = CONVERTERS[kind]
     records: list[Record] = []
     identical = 0
+    first_form: tuple[int | None, bool] | None = None
     for row_no, row in read_rows(source, split):
         record = convert(row, Where(str(source), row_no))
+        first_form = _check_form(record, first_form, str(source))
         if drop_identical_pairs and isinstance(record, PairRecord) and record.chosen == record.rejected:
             identical += 1
             continue
@@ -276,3 +295,29 @@ def load_records(source: str, kind: str, *, split: str = "train",
         raise DataError(f"no rows left after dropping {identical} identical pair(s)",
                         source=str(source))
     return records
+
+
+def _record_form(record: Record) -> bool | None:
+    """True for a conversation (lists of messages), False for plain text, None when it cannot tell."""
+    for name in ("prompt", "completion", "chosen", "completions"):
+        value = getattr(record, name, None)
+        if name == "completions" and value:
+            value = value[0]
+        if value:  # "" (no prompt) and [] say nothing
+            return isinstance(value, list)
+    return None
+
+
+def _check_form(record: Record, first: tuple[int | None, bool] | None, source: str) -> tuple[int | None, bool] | None:
+    """One file, one form: plain-text rows and conversations are not mixed (the chat template would
+    apply to some rows only). Returns the (row, form) that sets the file's form."""
+    form = _record_form(record)
+    if form is None:
+        return first
+    if first is None:
+        return (record.row, form)
+    if form != first[1]:
+        name = lambda f: "a conversation (lists of messages)" if f else "plain text"  # noqa: E731
+        raise DataError(f"this row is {name(form)} but row {first[0]} is {name(first[1])}; use one form for the whole file",
+                        source=source, row=record.row)
+    return first

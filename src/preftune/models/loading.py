@@ -25,6 +25,8 @@ runs forward passes under autocast while the optimizer updates fp32 master weigh
 
 from __future__ import annotations
 
+import os
+
 import copy
 import hashlib
 import importlib.util
@@ -317,8 +319,15 @@ def _not_found_message(name: str, reason: str) -> str:
         f"Tried, in order: packaged models ({', '.join(PACKAGED_MODELS)}), tiny presets "
         f"({', '.join(TINY_MODELS)}), a local .gguf file or folder named {name!r} (none exists), "
         f"then the Hugging Face hub id {name!r}, which failed (no hub reachable, or no such repo).\n"
-        "Offline, pass a local folder or .gguf path; set HF_HUB_OFFLINE=1 to skip network retries."
+        "Offline, pass a local folder or .gguf path" + _offline_hint()
     )
+
+
+def _offline_hint() -> str:
+    """'; set HF_HUB_OFFLINE=1 ...' unless it is set already."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "."
+    return "; set HF_HUB_OFFLINE=1 to skip network retries."
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -34,8 +34,11 @@ class FunctionReward:
     ``def fn(completions, **kwargs)`` both work.
     """
 
-    def __init__(self, spec: str | Callable[..., Sequence[float]]):
+    def __init__(self, spec: str | Callable[..., Sequence[float]], *, allow_nonfinite: bool = False):
+        """``allow_nonfinite``: pass NaN/inf scores through instead of raising (the training loop's
+        non-finite guard then stops or skips the step, naming the prompt and completion)."""
         self.name = spec if isinstance(spec, str) else getattr(spec, "__qualname__", repr(spec))
+        self.allow_nonfinite = allow_nonfinite
         self.fn = resolve_function(spec) if isinstance(spec, str) else spec
         if not callable(self.fn):
             raise ValueError(f"reward function {self.name!r} is not callable")
@@ -56,7 +59,7 @@ class FunctionReward:
             if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
                 raise ValueError(f"reward function {self.name!r}, row {i}: expected a number, got {type(v).__name__} {v!r}")
             f = float(v)
-            if not math.isfinite(f):
+            if not math.isfinite(f) and not self.allow_nonfinite:
                 raise ValueError(f"reward function {self.name!r}, row {i}: score is {f}")
             scores.append(f)
         return scores

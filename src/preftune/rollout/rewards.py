@@ -10,9 +10,10 @@ def _is_function_spec(spec: str) -> bool:
     return ":" in spec and not Path(spec.split(",")[0]).exists()
 
 
-def resolve_reward(spec: str):
+def resolve_reward(spec: str, *, allow_nonfinite: bool = False):
     """'vader' -> VADER sentiment; 'module:function' or 'file.py:function' -> that function; anything
-    else -> trained reward model(s) (a run directory or model folder; comma-separated = ensemble)."""
+    else -> trained reward model(s) (a run directory or model folder; comma-separated = ensemble).
+    ``allow_nonfinite``: a function's NaN/inf scores pass through (for the training loop's guard)."""
     if spec == "vader":
         from preftune.rewards.sentiment import VaderSentiment
 
@@ -20,7 +21,7 @@ def resolve_reward(spec: str):
     if _is_function_spec(spec):
         from preftune.rewards.base import FunctionReward
 
-        return FunctionReward(spec)
+        return FunctionReward(spec, allow_nonfinite=allow_nonfinite)
     from preftune.rewards.model import RewardModel
 
     return RewardModel.load([p.strip() for p in spec.split(",")])

@@ -11,6 +11,7 @@ the buffer of the current rollout is part of the source state, so a resumed run 
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -44,6 +45,7 @@ class RolloutSource:
         self.buffer: list[dict] | None = None
         self.plan: list[list[int]] = []
         self.position = 0
+        self._last: list[int] = []
         self._metrics: dict = {}
         self.companion = None
         """An optional offline source whose micro-batches ride along under 'ptx_' keys (PPO-ptx)."""
@@ -52,13 +54,25 @@ class RolloutSource:
     def next_step(self) -> list[dict]:
         if self.buffer is None or self.position >= len(self.plan):
             self._new_rollout()
-        rows = [self.buffer[i] for i in self.plan[self.position]]
+        self._last = self.plan[self.position]
+        rows = [self.buffer[i] for i in self._last]
         self.position += 1
         batches = [self.algo.collate(rows[k : k + self.micro]) for k in range(0, len(rows), self.micro)]
         if self.companion is not None:
             for batch, extra in zip(batches, self.companion.next_step()):
                 batch.update({"ptx_" + k: v for k, v in extra.items()})
         return batches
+
+    def last_step_rows(self) -> list[dict]:
+        """Rollout rows of the step just drawn (with their micro-batch), and any row of the rollout whose
+        reward is not finite (the non-finite guard names it)."""
+        rows = [{"micro_batch": k // self.micro, "row": i, **self.buffer[i]} for k, i in enumerate(self._last)]
+        taken = set(self._last)
+        for i, row in enumerate(self.buffer or []):
+            score = row.get("reward_score", 0.0)
+            if i not in taken and not math.isfinite(score):
+                rows.append({"micro_batch": None, "row": i, **row})
+        return rows
 
     def observe(self, metrics: dict) -> None:
         """Globally reduced metrics of the step just taken: PPO stops replaying a rollout early when

@@ -19,6 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -37,6 +38,7 @@ from preftune.train.checkpoint import (
     save_checkpoint,
 )
 from preftune.train.evaluate import evaluate, split_eval
+from preftune.train.guard import StepGuard, step_rows
 from preftune.train.metrics import MetricsLog
 from preftune.train.optim import build_optimizer, build_scheduler
 
@@ -118,10 +120,26 @@ def build_algorithm(run: RunConfig):
     return algo, examples, eval_examples, report
 
 
-def train(run: RunConfig) -> TrainResult:
-    t = run.train
-    out = Path(run.output_dir)
-    mixed = "bf16" if run.model.dtype == "bf16" else "no"
+@dataclass
+class _Session:
+    """Everything one training run holds between steps."""
+
+    run: RunConfig
+    accelerator: Accelerator
+    algo: Any
+    inner: Any
+    params: list
+    optimizer: Any
+    scheduler: Any
+    source: Any
+    eval_examples: list
+    metrics_log: MetricsLog
+    guard: StepGuard
+    total_steps: int
+    step: int
+
+
+def _make_accelerator(run: RunConfig) -> Accelerator:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # A second run in one process (tests, studies) may change mixed precision; Accelerate keeps a
         # process-wide singleton, so drop it when there is no process group to keep.
@@ -129,12 +147,19 @@ def train(run: RunConfig) -> TrainResult:
 
         AcceleratorState._reset_state(reset_partial_state=True)
     # cpu=True without CUDA: that is how Accelerate recognises a multi-process CPU (gloo) launch.
-    accelerator = Accelerator(
-        mixed_precision=mixed, log_with=t.report_to or None, project_dir=str(out), cpu=not torch.cuda.is_available()
+    return Accelerator(
+        mixed_precision="bf16" if run.model.dtype == "bf16" else "no", log_with=run.train.report_to or None,
+        project_dir=str(run.output_dir), cpu=not torch.cuda.is_available(),
     )
+
+
+def _start(run: RunConfig) -> _Session:
+    """Data, model, optimizer, schedule and batch source of ``run``, resumed if asked."""
+    t, out = run.train, Path(run.output_dir)
+    check_output_dir_writable(out)  # before minutes of model loading and reference log-probs
+    accelerator = _make_accelerator(run)
     resume_path = _check_output_dir(run, accelerator)
     set_seed(t.seed)
-
     algo, examples, eval_examples, report = build_algorithm(run)
     if accelerator.is_main_process:
         log.info("data: %d training rows, %d held out, from %s; %s", len(examples), len(eval_examples), run.data.path, report)
@@ -148,76 +173,125 @@ def train(run: RunConfig) -> TrainResult:
     source = inner.make_source(examples, accelerator)
     total_steps = t.max_steps or t.num_epochs * source.steps_per_epoch
     scheduler = build_scheduler(optimizer, t, total_steps)  # stepped by us, once per optimizer step
-
     step = 0
     if resume_path is not None:
         state = load_checkpoint(resume_path, module=inner, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator)
         step = int(state["step"])
         source.load_state_dict(state["source"])
+        follow_learning_rate(optimizer, scheduler, t.learning_rate)
         if accelerator.is_main_process:
             log.info("resumed from %s at step %d", resume_path, step)
-
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(run_config_to_dict(run), sort_keys=False))
     if t.report_to:
         accelerator.init_trackers(out.name, config=_flat(run_config_to_dict(run)))
     metrics_log = MetricsLog(out / "metrics.jsonl", resume_step=step if resume_path else None, enabled=accelerator.is_main_process)
+    guard = StepGuard(t, out, chance_loss=inner.chance_loss(), log_warning=metrics_log.write)
+    guard.last_checkpoint = resume_path.name if resume_path is not None else None
+    return _Session(run, accelerator, algo, inner, params, optimizer, scheduler, source, eval_examples,
+                    metrics_log, guard, total_steps, step)
 
-    bar = tqdm(total=total_steps, initial=step, disable=not (t.progress_bar and accelerator.is_main_process), desc=run.algorithm, dynamic_ncols=True)
+
+def train(run: RunConfig) -> TrainResult:
+    """Run ``run`` to its last step; raises NonFiniteError (nothing bad applied or saved) on a NaN/inf step."""
+    s = _start(run)
+    t, out = run.train, Path(run.output_dir)
+    bar = tqdm(total=s.total_steps, initial=s.step, disable=not (t.progress_bar and s.accelerator.is_main_process),
+               desc=run.algorithm, dynamic_ncols=True)
     last: dict = {}
     window_tokens, window_start = 0, time.perf_counter()
-    algo.train()
-    while step < total_steps:
-        micro_batches = source.next_step()
-        sums = _run_step(algo, micro_batches, accelerator, source.pop_metrics())
-        grad_norm = _clip(accelerator, params, t.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        source.observe(sums)
+    s.algo.train()
+    while s.step < s.total_steps:
+        sums, grad_norm, lr, applied = _optimizer_step(s)
         window_tokens += int(sums.pop("tokens"))
-        if step % t.logging_steps == 0 or step == total_steps:
+        if s.step % t.logging_steps == 0 or s.step == s.total_steps or not applied:
             elapsed = time.perf_counter() - window_start
-            last = {
-                "step": step,
-                "epoch": round(source.epochs_done(), 4),
-                **sums,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens": window_tokens,
-                "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 2),
-            }
-            metrics_log.write(last)
+            last = {"step": s.step, "epoch": round(s.source.epochs_done(), 4), **sums, "lr": lr, "grad_norm": grad_norm,
+                    "tokens": window_tokens, "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 2)}
+            if not applied:
+                last["skipped"] = True
+            s.metrics_log.write(last)
             if t.report_to:
-                accelerator.log({k: v for k, v in last.items() if isinstance(v, (int, float))}, step=step)
+                s.accelerator.log({k: v for k, v in last.items() if isinstance(v, (int, float))}, step=s.step)
             bar.set_postfix(loss=f"{last['loss']:.4f}")
             window_tokens, window_start = 0, time.perf_counter()
+        if s.guard.stop is not None:
+            bar.close()
+            raise s.guard.stop  # before any evaluation or checkpoint of the bad step
         bar.update(1)
-        if eval_examples and ((t.eval_steps and step % t.eval_steps == 0) or step == total_steps):
-            ev = evaluate(algo, inner, eval_examples, t.eval_batch_size, accelerator)
-            metrics_log.write({"step": step, **ev})
-            if t.report_to:
-                accelerator.log(ev, step=step)
-            last = {**last, **ev}
-        if t.save_steps and (step % t.save_steps == 0 or step == total_steps):
-            save_checkpoint(
-                out, step, module=inner, optimizer=optimizer, scheduler=scheduler,
-                trainer_state={"world_size": accelerator.num_processes},
-                accelerator=accelerator, keep_last=t.save_total_limit, source_state=source.state_dict(),
-            )
+        last = {**last, **_maybe_evaluate_and_save(s)}
     bar.close()
-
     model_dir = out / "model"
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        inner.save(model_dir)
-    accelerator.wait_for_everyone()
+    s.accelerator.wait_for_everyone()
+    if s.accelerator.is_main_process:
+        s.inner.save(model_dir)
+    s.accelerator.wait_for_everyone()
     if t.report_to:
-        accelerator.end_training()
-    return TrainResult(out, model_dir, out / "metrics.jsonl", step, last)
+        s.accelerator.end_training()
+    return TrainResult(out, model_dir, out / "metrics.jsonl", s.step, last)
+
+
+def _optimizer_step(s: _Session) -> tuple[dict, float, float, bool]:
+    """Forward/backward one global batch and apply it unless the guard refuses (NaN/inf anywhere).
+    Returns (step metrics, gradient norm, learning rate, whether the update was applied)."""
+    micro_batches = s.source.next_step()
+    sums = _run_step(s.algo, micro_batches, s.accelerator, s.source.pop_metrics())
+    grad_norm = _clip(s.accelerator, s.params, s.run.train.max_grad_norm)
+    lr = s.scheduler.get_last_lr()[0]
+    describe = lambda: step_rows(s.source.last_step_rows(), s.inner.tokenizer)  # noqa: E731
+    applied = s.guard.check(s.step + 1, sums, grad_norm, s.accelerator, describe)
+    if applied:
+        s.optimizer.step()
+    s.scheduler.step()  # the schedule follows the step count, applied or skipped
+    s.optimizer.zero_grad(set_to_none=True)
+    s.step += 1
+    if applied:
+        s.source.observe(sums)
+    return sums, grad_norm, lr, applied
+
+
+def _maybe_evaluate_and_save(s: _Session) -> dict:
+    """Held-out evaluation and checkpoint when the step asks for them; returns the evaluation metrics."""
+    t, step = s.run.train, s.step
+    ev: dict = {}
+    if s.eval_examples and ((t.eval_steps and step % t.eval_steps == 0) or step == s.total_steps):
+        ev = evaluate(s.algo, s.inner, s.eval_examples, t.eval_batch_size, s.accelerator)
+        s.metrics_log.write({"step": step, **ev})
+        if t.report_to:
+            s.accelerator.log(ev, step=step)
+    if t.save_steps and (step % t.save_steps == 0 or step == s.total_steps):
+        s.guard.last_checkpoint = f"step-{step:06d}"
+        save_checkpoint(
+            s.run.output_dir, step, module=s.inner, optimizer=s.optimizer, scheduler=s.scheduler,
+            trainer_state={"world_size": s.accelerator.num_processes},
+            accelerator=s.accelerator, keep_last=t.save_total_limit, source_state=s.source.state_dict(),
+        )
+    return ev
+
+
+def follow_learning_rate(optimizer: Any, scheduler: Any, learning_rate: float) -> None:
+    """A resumed run follows the learning rate of the config it is resumed with (e.g. lowered after a
+    non-finite stop), on the same schedule; unchanged, the restored state is left exactly as saved."""
+    if all(base == learning_rate for base in scheduler.base_lrs):
+        return
+    log.info("learning rate %s from the checkpoint replaced by %s (train.learning_rate)", scheduler.base_lrs[0], learning_rate)
+    scheduler.base_lrs = [learning_rate for _ in scheduler.base_lrs]
+    for group, schedule in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def check_output_dir_writable(out: Path) -> None:
+    """ConfigError unless ``output_dir`` is (or can be made) a writable folder."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} exists and is not a folder")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: cannot create or write {out} ({probe} is not a writable folder)")
 
 
 def _run_step(algo, micro_batches: list[dict], accelerator: Accelerator, source_metrics: dict) -> dict:

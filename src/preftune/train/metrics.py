@@ -1,10 +1,15 @@
-"""metrics.jsonl: one JSON object per logged step, on the main process only."""
+"""metrics.jsonl: one JSON object per logged step, on the main process only.
+
+A non-finite value is written as the string "nan", "inf" or "-inf" (JSON has no NaN; ``null`` would
+read as a missing value); :func:`read_metrics` turns those strings back into floats.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 
 class MetricsLog:
@@ -35,11 +40,27 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
+            f.write(json.dumps(json_safe(record), ensure_ascii=False) + "\n")
             f.flush()
 
 
+_NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN/inf float (in dicts and lists, tensors included) as "nan" / "inf" / "-inf"."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [{k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in row.items()} for row in rows]

@@ -2,7 +2,8 @@
 
 The interface every source has (the online rollout source too): ``steps_per_epoch``,
 ``next_step() -> list of this process's collated micro-batches``, ``epochs_done()``,
-``pop_metrics() -> {name: (sum, count)}``, ``observe(step metrics)``, ``state_dict()`` / ``load_state_dict()`` (saved per process).
+``pop_metrics() -> {name: (sum, count)}``, ``observe(step metrics)``, ``last_step_rows()`` (the rows of
+the step just drawn, for the non-finite guard's report), ``state_dict()`` / ``load_state_dict()`` (saved per process).
 
 Every process sees the same seeded permutation of the data; global step ``s`` of an epoch takes rows
 ``perm[s*G:(s+1)*G]`` (G = global batch), sorted by length when ``group_by_length`` is on, and
@@ -52,6 +53,7 @@ class OfflineSource:
         self.epoch = 0
         self.step_in_epoch = 0
         self._perm: list[int] | None = None
+        self._last: list[int] = []
 
     def _permutation(self) -> list[int]:
         if self._perm is None:
@@ -77,8 +79,13 @@ class OfflineSource:
         else:
             mine = idx[self.rank * per_rank : (self.rank + 1) * per_rank]
         batches = [self.collate([self.examples[i] for i in mine[k : k + self.micro]]) for k in range(0, per_rank, self.micro)]
+        self._last = mine
         self._advance()
         return batches
+
+    def last_step_rows(self) -> list[dict]:
+        """This process's examples of the step just drawn, with their micro-batch and dataset index."""
+        return [{"micro_batch": k // self.micro, "row": i, **self.examples[i]} for k, i in enumerate(self._last)]
 
     def _advance(self) -> None:
         self.step_in_epoch += 1
