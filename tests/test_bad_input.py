@@ -79,3 +79,56 @@ def test_online_algorithms_disable_dropout(tmp_path):
     run = load_run_config(None, ["algorithm=rloo", "model.name=tiny-random-llama", "data.path=builtin:movie_review_prompts",
                                  "model.lora.enabled=true", "model.lora.dropout=0.3", "rloo.disable_dropout=false"])
     assert any(m.p == 0.3 for m in build_module(run).modules() if isinstance(m, torch.nn.Dropout))
+
+
+def _fail_if_model_loads(monkeypatch):
+    import preftune.models.loading as loading
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the output_dir check")
+
+    monkeypatch.setattr(loading, "load_model", boom)
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda tmp: (tmp / "afile").write_text("x") and tmp / "afile", "exists and is not a folder"),
+    (lambda tmp: (tmp / "afile").write_text("x") and tmp / "afile" / "run", "cannot create or write"),
+])  # fmt: skip
+def test_unusable_output_dir_fails_before_any_model_loads(tmp_path, monkeypatch, make, words):
+    out = make(tmp_path)
+    _fail_if_model_loads(monkeypatch)
+    run = load_run_config(None, ["algorithm=dpo", "model.name=tiny-random-llama", "data.path=builtin:tiny_pairs",
+                                 f"output_dir={out}", "train.max_steps=1", "train.progress_bar=false"])
+    with pytest.raises(ConfigError, match=f"output_dir: .*{words}"):
+        train(run)
+
+
+def test_unloadable_reference_names_its_key(tmp_path, monkeypatch):
+    from preftune.models.loading import ModelLoadError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as err:
+        train(_run(tmp_path, "dpo", "builtin:tiny_pairs", "dpo.reference=no-such-model"))
+    msg = str(err.value)
+    assert msg.startswith("dpo.reference: could not load model 'no-such-model'")
+    assert "HF_HUB_OFFLINE" not in msg  # already set: no advice to set it
+
+
+def test_offline_advice_only_when_not_offline(monkeypatch):
+    from preftune.models.loading import _not_found_message
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert "set HF_HUB_OFFLINE=1" in _not_found_message("x", "why")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "HF_HUB_OFFLINE" not in _not_found_message("x", "why")
+
+
+@pytest.mark.parametrize("label", [True, False])
+def test_kto_with_a_single_label_value(tmp_path, label):
+    rows = [{"prompt": f"p{i}", "completion": f" c{i}", "label": label} for i in range(4)]
+    data = write_jsonl(tmp_path / "one_label.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        train(_run(tmp_path, "kto", data))
+    msg = str(err.value)
+    assert msg.startswith(f"{data}, field 'label': all 4 rows are labelled {str(label).lower()}")
+    assert ("add rows with label false" if label else "add rows with label true") in msg

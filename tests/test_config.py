@@ -112,3 +112,39 @@ def test_ci_runs_the_readme_test_command():
     commands = [line for line in readme[:30] if line.startswith("bash scripts/install.sh")]
     assert len(commands) == 2, commands
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.weight_decay=-0.1", "train.weight_decay: must be >= 0, got -0.1"),
+    ("train.learning_rate=-1", "train.learning_rate: must be > 0, got -1.0"),
+    ("train.learning_rate=.nan", "train.learning_rate: must be a finite number, got nan"),
+    ("train.adam_beta1=1.5", "train.adam_beta1: must lie in [0, 1), got 1.5"),
+    ("train.adam_beta2=-0.1", "train.adam_beta2: must lie in [0, 1), got -0.1"),
+    ("train.adam_eps=0", "train.adam_eps: must be > 0, got 0.0"),
+    ("train.max_grad_norm=0", "train.max_grad_norm: must be > 0 or null (no clipping), got 0.0"),
+    ("train.warmup_steps=-1", "train.warmup_steps: must be >= 0, got -1"),
+    ("train.save_steps=-2", "train.save_steps: must be >= 0, got -2"),
+    ("train.nonfinite=ignore", "train.nonfinite: expected 'stop' | 'skip'"),
+    ("train.nonfinite_max_skips=0", "train.nonfinite_max_skips: must be >= 1, got 0"),
+])  # fmt: skip
+def test_every_optimizer_and_loop_setting_is_checked_at_load(tmp_path, override, message):
+    """Values torch would reject mid-run (or silently misuse) fail at config load, naming key and value."""
+    p = write(tmp_path, "data:\n  path: x.jsonl\n")
+    with pytest.raises(ConfigError) as e:
+        load_run_config(p, [override])
+    assert message in str(e.value)
+
+
+def test_a_setting_written_as_a_top_level_key_gets_its_full_name(tmp_path):
+    p = write(tmp_path, "algorithm: dpo\ndata:\n  path: x.jsonl\nlearnin_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'learnin_rate'. Did you mean 'train.learning_rate'\?"):
+        load_run_config(p)
+    with pytest.raises(ConfigError, match=r"unknown key 'beta'. Did you mean 'dpo.beta'\?"):
+        load_run_config(write(tmp_path, "algorithm: dpo\ndata:\n  path: x.jsonl\nbeta: 0.1\n"))
+
+
+def test_a_setting_under_another_algorithms_section_names_the_right_key(tmp_path):
+    p = write(tmp_path, "algorithm: rloo\ndata:\n  path: builtin:movie_review_prompts\nreward:\n  reward: vader\n")
+    with pytest.raises(ConfigError) as e:
+        load_run_config(p)
+    assert "section 'reward' given but algorithm is 'rloo'" in str(e.value) and "rloo.reward" in str(e.value)

@@ -220,7 +220,8 @@ def test_implicit_prompt_pairs(tmp_path):
     rows = [{"chosen": [system, user("Hi"), assistant("Hello!")],
              "rejected": [system, user("Hi"), assistant("Go away.")]},
             {"chosen": "The sky is blue.", "rejected": "The sky is green."}]
-    got = load_records(write_jsonl(tmp_path / "d.jsonl", rows), "pairs")
+    # One form per file (a mixed file is an error, see below): each shape from its own file.
+    got = [load_records(write_jsonl(tmp_path / f"d{i}.jsonl", [row]), "pairs")[0] for i, row in enumerate(rows)]
     assert got == [PairRecord([system, user("Hi")], [assistant("Hello!")], [assistant("Go away.")]),
                    PairRecord("The sky is", " blue.", " green.")]  # TRL's extract_prompt rule
 
@@ -234,7 +235,7 @@ def test_implicit_prompt_needs_a_common_prefix(tmp_path):
 
 def test_identical_pairs_are_dropped_and_counted(tmp_path, caplog):
     rows = [{"prompt": "Q", "chosen": " a", "rejected": " a"}, ROWS["pairs"][0],
-            {"chosen": [user("Q"), assistant("a")], "rejected": [user("Q"), assistant("a")]}]
+            {"chosen": "Q a", "rejected": "Q a"}]  # one form per file: text, like the rows above
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="preftune.data"):
         got = load_records(path, "pairs")
@@ -518,3 +519,45 @@ def test_bad_limits_are_rejected(tokenizer):
         tokenize_sft([SFTRecord("Q", " a")], tokenizer, max_length=8, max_prompt_length=8)
     with pytest.raises(ValueError, match="unknown truncation 'keep_start'"):
         tokenize_sft([SFTRecord("Q", " a")], tokenizer, max_length=8, truncation="keep_start")
+
+
+@pytest.mark.parametrize("kind, row, field", [
+    ("pairs", {"prompt": None, "chosen": "a b", "rejected": "a c"}, "prompt"),
+    ("sft", {"prompt": None, "completion": "yes"}, "prompt"),
+    ("unpaired", {"prompt": "p", "completion": "c", "label": None}, "label"),
+    ("prompts", {"prompt": None, "messages": [user("hi")]}, "prompt"),
+])  # fmt: skip
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_json_null_is_an_error_not_a_missing_field(tmp_path, kind, row, field, fmt):
+    """In JSON a null is written on purpose; read as absent, a null prompt would train as an empty one."""
+    path = WRITERS[fmt](tmp_path / f"n.{fmt}", [ROWS[kind][0], row])
+    with pytest.raises(DataError) as e:
+        load_records(str(path), kind)
+    assert (e.value.row, e.value.field) == (2, field) and "got null" in str(e.value)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])  # a Parquet column cannot hold both forms
+def test_mixing_text_and_conversation_rows_is_an_error(tmp_path, fmt):
+    rows = [{"prompt": "Hi", "chosen": " yes", "rejected": " no"},
+            {"prompt": "Ho", "chosen": " sure", "rejected": " nah"},
+            {"prompt": [user("Hey")], "chosen": [assistant("ok")], "rejected": [assistant("no")]}]
+    path = WRITERS[fmt](tmp_path / f"m.{fmt}", rows)
+    with pytest.raises(DataError) as e:
+        load_records(str(path), "pairs")
+    assert e.value.row == 3
+    assert "this row is a conversation (lists of messages) but row 1 is plain text" in str(e.value)
+
+
+def test_json_errors_read_as_one_sentence(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"prompt": "an unterminated\n')
+    with pytest.raises(DataError) as e:
+        load_records(str(path), "prompts")
+    assert "at at" not in str(e.value) and "column" in str(e.value)
+    path.write_bytes(b'{"prompt": "unterminated')
+    with pytest.raises(DataError, match=r"invalid JSON \(Unterminated string starting at column 12\)"):
+        load_records(str(path), "prompts")
+    path = tmp_path / "cut.json"
+    path.write_bytes(b'[{"prompt": "unterminated')
+    with pytest.raises(DataError, match=r"invalid JSON \(Unterminated string starting at line 1, column 13\)"):
+        load_records(str(path), "prompts")

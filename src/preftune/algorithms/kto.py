@@ -70,7 +70,7 @@ class KTO(WithReference):
             return pairs_to_unpaired(load_records(source, "pairs", split=split))
         records = load_records(source, "unpaired", split=split)
         labels = {r.label for r in records}
-        if len(labels) == 1:
+        if len(labels) == 1 and len(records) > 1:  # (a single row is refused at tokenization)
             from preftune.data.records import DataError
 
             (label,) = labels

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from preftune.data.convert import pairs_to_unpaired, rankings_to_pairs  # noqa: F401 (re-export)
-from preftune.data.records import KINDS, DataError, PairRecord, Record, type_name
+from preftune.data.records import KINDS, DataError, PairRecord, Record, SFTRecord, type_name
 from preftune.data.validate import CONVERTERS, Where
 
 logger = logging.getLogger("preftune.data")
@@ -79,7 +79,7 @@ def _no_nulls(row: dict, source: str, row_no: int) -> dict:
     """In JSON a null is written on purpose: never read it as a missing field (an empty prompt)."""
     for key in _RECORD_FIELDS:
         if key in row and row[key] is None:
-            raise DataError("null value; give a value, or leave the field out where it is optional",
+            raise DataError("expected a value, got null; give one, or leave the field out where it is optional",
                             source=source, row=row_no, field=key)
     return row
 
@@ -283,10 +283,10 @@ def load_records(source: str, kind: str, *, split: str = "train",
     first_form: tuple[int | None, bool] | None = None
     for row_no, row in read_rows(source, split):
         record = convert(row, Where(str(source), row_no))
-        first_form = _check_form(record, first_form, str(source))
         if drop_identical_pairs and isinstance(record, PairRecord) and record.chosen == record.rejected:
             identical += 1
             continue
+        first_form = _check_form(record, first_form, str(source))  # rows that are trained on
         records.append(record)
     if identical:
         logger.warning("%s: dropped %d pair(s) whose chosen and rejected are identical",
@@ -298,7 +298,10 @@ def load_records(source: str, kind: str, *, split: str = "train",
 
 
 def _record_form(record: Record) -> bool | None:
-    """True for a conversation (lists of messages), False for plain text, None when it cannot tell."""
+    """True for a conversation (lists of messages), False for plain text, None when it cannot tell or
+    it does not matter (a language-modelling ``text`` row is trained as it stands, beside either)."""
+    if isinstance(record, SFTRecord) and record.prompt == "":
+        return None
     for name in ("prompt", "completion", "chosen", "completions"):
         value = getattr(record, name, None)
         if name == "completions" and value:
