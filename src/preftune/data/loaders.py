@@ -286,7 +286,8 @@ def load_records(source: str, kind: str, *, split: str = "train",
         if drop_identical_pairs and isinstance(record, PairRecord) and record.chosen == record.rejected:
             identical += 1
             continue
-        first_form = _check_form(record, first_form, str(source))  # rows that are trained on
+        if kind != "prompts":  # prompts are rendered one by one; trained-on rows share one form
+            first_form = _check_form(record, first_form, str(source))
         records.append(record)
     if identical:
         logger.warning("%s: dropped %d pair(s) whose chosen and rejected are identical",
