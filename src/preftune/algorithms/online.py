@@ -148,7 +148,7 @@ class OnlineAlgorithm(Algorithm):
     # -- rollouts --------------------------------------------------------------------------------
     def make_rollout(self, prompts: list[dict], *, seed: int, accelerator, rollout: int) -> tuple[list[dict], dict]:
         c = self.config
-        self._gen_seconds = 0.0
+        self._gen_seconds, self._gen_samples = 0.0, 0  # over every generate call of this rollout
         repeated, samples, raw_scores, scores, sampling_metrics = self.sample_groups(prompts, seed=seed, accelerator=accelerator)
         finished = torch.tensor([s["finished"] for s in samples], dtype=torch.bool)
         rows = [{"prompt": p["prompt"], "prompt_ids": s["prompt_ids"], "completion_ids": s["completion_ids"] or [self.tokenizer.eos_token_id],
@@ -175,7 +175,7 @@ class OnlineAlgorithm(Algorithm):
         per_row = row_sums({k: v.detach().cpu() for k, v in metrics.items()}, accelerator.device)
         one = torch.tensor(1.0, device=accelerator.device)
         per_row["kl_coef"] = (torch.tensor(beta, device=accelerator.device), one)
-        per_row["samples_per_s"] = (torch.tensor(len(samples) / max(self._gen_seconds, 1e-9), device=accelerator.device), one)
+        per_row["samples_per_s"] = (torch.tensor(self._gen_samples / max(self._gen_seconds, 1e-9), device=accelerator.device), one)
         per_row.update({k: (torch.tensor(float(v), device=accelerator.device), one) for k, v in sampling_metrics.items()})
         if tis:
             per_row.update(self._attach_sampler_logps(rows, samples, forward, accelerator.device))
@@ -218,6 +218,7 @@ class OnlineAlgorithm(Algorithm):
                 temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, batch_size=c.generation_batch_size, seed=seed,
             )
         self._gen_seconds = getattr(self, "_gen_seconds", 0.0) + time.perf_counter() - start
+        self._gen_samples = getattr(self, "_gen_samples", 0) + len(samples)
         return samples
 
     def _scores(self, repeated: list[dict], samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
