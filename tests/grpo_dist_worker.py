@@ -49,6 +49,27 @@ def fixed_rows(tokenizer) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def by_definition(algo, rows: list[dict], run) -> float:
+    """The aggregated loss of all rows in one batch, written out from each aggregation's definition."""
+    from preftune.losses.grpo import truncated_importance_weights
+    from preftune.models.logprobs import _scored, per_token_logps
+
+    batch = algo.collate(rows)
+    logps = per_token_logps(algo.policy, batch)
+    mask = _scored(batch["completion_mask"])
+    pg, _ = algo.policy_loss(logps, batch, mask)
+    if algo.config.tis_cap is not None:
+        pg = pg * truncated_importance_weights(batch["old_logps"], batch["sampler_logps"], mask, cap=algo.config.tis_cap)[0]
+    ell = torch.where(mask, pg + algo.kl_loss_term(logps, batch), 0.0)
+    mode, lengths = algo.config.aggregation, mask.sum(-1)
+    if mode == "sequence":  # 1/N Σ_i 1/|o_i| Σ_t ℓ
+        return float((ell.sum(-1) / lengths).mean())
+    if mode == "token":  # Σ_i Σ_t ℓ / Σ_i |o_i|
+        return float(ell.sum() / lengths.sum())
+    return float(ell.sum() / (len(rows) * algo.config.max_new_tokens))  # dr_grpo: Σ ℓ / (N · L_max)
+
+
 def main() -> None:
     out, micros = sys.argv[1], [int(m) for m in sys.argv[2:]]
     accelerator = Accelerator(cpu=True)
@@ -62,12 +83,14 @@ def main() -> None:
         algo = accelerator.prepare(build_module(run))
         inner = accelerator.unwrap_model(algo)
         mine = fixed_rows(inner.tokenizer)[rank * ROWS // world : (rank + 1) * ROWS // world]
+        definition = by_definition(inner, fixed_rows(inner.tokenizer), run)
         for micro in micros:
             algo.zero_grad(set_to_none=True)
             batches = [inner.collate(mine[k : k + micro]) for k in range(0, len(mine), micro)]
             metrics = _run_step(algo, batches, accelerator, {})
             flat = torch.cat([p.grad.flatten() for p in inner.policy.parameters() if p.grad is not None])
-            grads[f"{case}/{micro}"] = {"grad": flat.clone(), "loss": metrics["loss"], "clip": metrics["policy/clip_low"] + metrics["policy/clip_high"]}
+            grads[f"{case}/{micro}"] = {"grad": flat.clone(), "loss": metrics["loss"], "definition": definition,
+                                        "clip": metrics["policy/clip_low"] + metrics["policy/clip_high"]}
     if accelerator.is_main_process:
         torch.save(grads, out)
     accelerator.wait_for_everyone()

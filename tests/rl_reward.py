@@ -12,3 +12,9 @@ def low_ids(prompts, completions):
         ids = _tok(text, add_special_tokens=False).input_ids
         out.append(sum(i < 300 for i in ids) / max(len(ids), 1))
     return out
+
+
+def rare_low(prompts, completions):
+    """1 when at least 3/4 of a completion's tokens have ids below 300, else 0: a sparse reward whose
+    k samples of a prompt often all score 0 (for dynamic sampling)."""
+    return [float(score >= 0.75) for score in low_ids(prompts, completions)]
