@@ -233,3 +233,4 @@ class GSPO(GRPO):
 
     name = "gspo"
     Config = GSPOConfig
+    needs = Needs(data_kind="prompts", loss_unit="row", reference_model=True)  # default aggregation: per sequence
