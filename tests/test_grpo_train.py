@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import preftune.train.loop as loop_mod
 from preftune.train.metrics import read_metrics
+from preftune.config import ConfigError
 from tests.conftest import ROOT, cli
 from tests.test_rl_train import REWARD, prompts_file, rl_cfg, rollout_rewards  # noqa: F401 (fixture)
 from tests.test_train import _free_port
@@ -120,3 +121,19 @@ def test_rpo_and_dpop_run_from_the_cli(tmp_path, algorithm, metric):
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert metric in last and last[metric] >= 0 and torch.isfinite(torch.tensor(last["loss"]))
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("grpo.samples_per_prompt=1", "grpo.samples_per_prompt: group-relative advantages need at least 2"),
+    ("grpo.aggregation=mean", "aggregation"),
+    ("grpo.epsilon_low=1.5", "epsilon_low must lie in"),
+    ("grpo.overlong_buffer=100", "grpo.overlong_buffer: must lie in"),
+    ("grpo.kl_target=0.1", "grpo.kl_target: the adaptive KL controller"),
+    ("reinforce_pp.samples_per_prompt=1", "reinforce_pp.baseline: 'group' needs samples_per_prompt >= 2"),
+    ("gspo.tis_cap=0", "gspo.tis_cap: must be > 0"),
+])
+def test_bad_settings_are_one_line_errors(tmp_path, prompts_file, setting, message):  # noqa: F811
+    algorithm = setting.split(".")[0]
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as err:
+        rl_cfg(tmp_path, prompts_file, "bad", algorithm, setting)
+    assert "\n" not in str(err.value)

@@ -2,8 +2,8 @@
 
 DPO (Rafailov et al. 2023), cDPO (label smoothing), robust DPO (Chowdhury et al. 2024), IPO (Azar et
 al. 2023), hinge / SLiC (Zhao et al. 2023), reference-free DPO, SimPO (Meng et al. 2024), ORPO (Hong et
-al. 2024) and the unlikelihood baseline (seed 000). All share one concatenated forward and the
-reference handling of algorithms/pairwise.py.
+al. 2024), RPO (Pang et al. 2024), DPO-Positive (Pal et al. 2024) and the unlikelihood baseline (seed
+000). All share one concatenated forward and the reference handling of algorithms/pairwise.py.
 """
 
 from __future__ import annotations

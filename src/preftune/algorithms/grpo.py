@@ -61,6 +61,8 @@ class ClippedConfig(RolloutConfig):
             raise ConfigError(f"{path}: epsilon_low must lie in [0, 1) and epsilon_high be >= 0, got {self.epsilon_low}, {self.epsilon_high}")
         if self.num_epochs < 1 or self.minibatches < 1 or self.dynamic_sampling_rounds < 0:
             raise ConfigError(f"{path}: num_epochs and minibatches must be >= 1, dynamic_sampling_rounds >= 0")
+        if self.kl_target is not None and self.kl_coef <= 0:
+            raise ConfigError(f"{path}.kl_target: the adaptive KL controller starts from kl_coef, which must then be > 0 (got {self.kl_coef})")
         if self.tis_cap is not None and self.tis_cap <= 0:
             raise ConfigError(f"{path}.tis_cap: must be > 0 (or null), got {self.tis_cap}")
         if self.dynamic_sampling and self.samples_per_prompt < 2:
