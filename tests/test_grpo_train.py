@@ -137,3 +137,28 @@ def test_bad_settings_are_one_line_errors(tmp_path, prompts_file, setting, messa
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as err:
         rl_cfg(tmp_path, prompts_file, "bad", algorithm, setting)
     assert "\n" not in str(err.value)
+
+
+def test_resume_mid_rollout_is_exact_with_epochs_and_dynamic_sampling(tmp_path, prompts_file, monkeypatch):  # noqa: F811
+    sparse = f"{ROOT / 'tests' / 'rl_reward.py'}:rare_low"
+    extra = ["train.micro_batch_size=4", "train.max_steps=4", "train.save_steps=3", "train.learning_rate=3e-3", "grpo.samples_per_prompt=2",
+             "grpo.num_epochs=2", "grpo.dynamic_sampling=true", "grpo.dynamic_sampling_rounds=1", f"grpo.reward={sparse}"]
+    full = loop_mod.train(rl_cfg(tmp_path, prompts_file, "full", "grpo", *extra))
+    real_save = loop_mod.save_checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def save_then_crash(out, step, **kw):  # step 3 is the first step of rollout 2 (2 steps each)
+        real_save(out, step, **kw)
+        raise Stop()
+
+    monkeypatch.setattr(loop_mod, "save_checkpoint", save_then_crash)
+    with pytest.raises(Stop):
+        loop_mod.train(rl_cfg(tmp_path, prompts_file, "cut", "grpo", *extra))
+    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
+    resumed = loop_mod.train(rl_cfg(tmp_path, prompts_file, "cut", "grpo", *extra, "train.resume_from=latest"))
+    a, b = load_file(str(full.model_dir / "model.safetensors")), load_file(str(resumed.model_dir / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("tokens_per_s", "samples_per_s")} for m in ms]  # noqa: E731
+    assert strip(read_metrics(resumed.metrics_path)) == strip(read_metrics(full.metrics_path))
