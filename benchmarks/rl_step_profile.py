@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -127,7 +128,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         phases["optimizer"] += time.perf_counter() - t
     total = time.perf_counter() - start
-    others = max(0.0, (system_busy_s() - busy0) - (cpu_s() - cpu0)) / (time.perf_counter() - wall0) / torch.get_num_threads()
+    others = max(0.0, (system_busy_s() - busy0) - (cpu_s() - cpu0)) / (time.perf_counter() - wall0) / (os.cpu_count() or 1)
     phases["rollout other"] = phases.pop("rollout") - phases["generate"] - phases["reward"] - phases["score_rows"]
 
     prompts = [source.prompts[i]["prompt_ids"] for i in range(args.prompts) for _ in range(args.k)]
