@@ -57,6 +57,7 @@ def test_gspo_sequence_ratio_and_clip():
     # s0 = 1.221 > 1.1 with A > 0: clipped at 1.1; s1 = 0.819 < 0.9 but A > 0: the unclipped s1 is the min
     torch.testing.assert_close(losses, torch.tensor([[-1.1, -1.1, 0.0], [-s1, -s1, -s1]]), atol=1e-6, rtol=0)
     assert m["clip_high"].tolist() == [[1, 1, 0], [0, 0, 0]]
+    torch.testing.assert_close(m["ratio"][:, 0], torch.tensor([s0, s1]))  # the sequence ratio, on every token
     rows = aggregate_rows(losses, mask, "sequence", max_tokens=3)
     torch.testing.assert_close(rows, torch.tensor([-1.1, -s1]), atol=1e-6, rtol=0)  # the paper's per-sequence loss
     rows.sum().backward()
