@@ -6,6 +6,7 @@
     python benchmarks/rloo_vs_trl.py --model tiny-random-llama --steps 2     # smoke run
     python benchmarks/rloo_vs_trl.py --variants fp32 --retries 2 --wait-quiet 300   # on a shared machine
     python benchmarks/rloo_vs_trl.py --threads 1 --variants trl,preftune,preftune-noreuse --steps 2 --warmup 1
+    python benchmarks/rloo_vs_trl.py --threads 1 --variants grpo --steps 2 --warmup 1   # GRPOTrainer vs preftune grpo
 
 Every contestant ("variant") runs in its own child process, launched one after another by this
 script, so that its peak RSS (``getrusage`` is per process) is its own. Both trainers get:
