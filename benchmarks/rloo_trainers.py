@@ -1,4 +1,4 @@
-"""The two RLOO contestants of ``rloo_vs_trl.py``, each run inside its own child process.
+"""The two RLOO (or GRPO: ``algorithm="grpo"`` in the variant) contestants of ``rloo_vs_trl.py``, each run inside its own child process.
 
 ``_child_preftune`` runs ``preftune.train.loop.train`` with the ``rloo`` algorithm and ``_child_trl``
 TRL's ``RLOOTrainer``, on the same model, prompts, VADER reward and settings (``spec``: model, prompt
@@ -156,8 +156,9 @@ def _child_preftune(spec: dict, v: dict, probe: Probe) -> None:
     MetricsLog.write = write
 
     rows = spec["prompts"] * spec["k"]
+    a = v.get("algorithm", "rloo")
     overrides = [
-        "algorithm=rloo",
+        f"algorithm={a}",
         f"model.name={spec['model']}",
         f"model.dtype={v['dtype']}",
         f"data.path={spec['prompts_source']}",
@@ -175,26 +176,28 @@ def _child_preftune(spec: dict, v: dict, probe: Probe) -> None:
         "train.progress_bar=false",
         "train.overwrite_output_dir=true",
         f"output_dir={spec['workdir']}/run-{spec['variant']}",
-        "rloo.reward=vader",
-        f"rloo.samples_per_prompt={spec['k']}",
-        f"rloo.max_new_tokens={spec['max_new_tokens']}",
-        f"rloo.temperature={spec['temperature']}",
-        "rloo.top_p=1.0",
-        "rloo.top_k=0",
-        f"rloo.generation_batch_size={rows}",
-        f"rloo.kl_coef={spec['beta']}",
-        "rloo.kl_estimator=k1",
-        "rloo.kl_in_reward=true",
-        "rloo.advantage=rloo",
-        "rloo.log_samples_steps=0",
+        f"{a}.reward=vader",
+        f"{a}.samples_per_prompt={spec['k']}",
+        f"{a}.max_new_tokens={spec['max_new_tokens']}",
+        f"{a}.temperature={spec['temperature']}",
+        f"{a}.top_p=1.0",
+        f"{a}.top_k=0",
+        f"{a}.generation_batch_size={rows}",
+        f"{a}.kl_coef={spec['beta']}",
+        f"{a}.log_samples_steps=0",
     ]
+    if a == "rloo":
+        overrides += ["rloo.kl_estimator=k1", "rloo.kl_in_reward=true", "rloo.advantage=rloo"]
+    else:  # GRPO as TRL's GRPOTrainer defaults: token-level (DAPO) loss, group std, k3 KL as a loss term, 1 pass
+        overrides += ["grpo.kl_estimator=k3", "grpo.kl_in_reward=false", "grpo.aggregation=token", "grpo.num_epochs=1",
+                      "grpo.epsilon_low=0.2", "grpo.epsilon_high=0.2"]
     if v["lora"]:
         overrides += [
             "model.lora.enabled=true", f"model.lora.r={LORA['r']}", f"model.lora.alpha={LORA['alpha']}",
             f"model.lora.dropout={LORA['dropout']}", f"model.lora.target_modules={LORA['target_modules']}",
         ]
     if v.get("reuse") is False:
-        overrides.append("rloo.reuse_sampler_logps=false")
+        overrides.append(f"{a}.reuse_sampler_logps=false")
     run = load_run_config(None, overrides)
     probe.extra["settings"] = {"overrides": overrides}
     probe.mark("train_start")
@@ -205,8 +208,12 @@ def _child_preftune(spec: dict, v: dict, probe: Probe) -> None:
 def _child_trl(spec: dict, v: dict, probe: Probe) -> None:
     from datasets import Dataset
     from transformers import TrainerCallback
+    import trl.trainer.grpo_trainer as grpo_module
     import trl.trainer.rloo_trainer as rloo_module
-    from trl import RLOOConfig, RLOOTrainer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    grpo = v.get("algorithm") == "grpo"
+    Trainer, Config = (GRPOTrainer, GRPOConfig) if grpo else (RLOOTrainer, RLOOConfig)
 
     from preftune.models.loading import load_model
     from preftune.rewards.sentiment import VaderSentiment
@@ -223,6 +230,7 @@ def _child_trl(spec: dict, v: dict, probe: Probe) -> None:
         return ref
 
     rloo_module.create_model_from_path = create_model_from_path
+    grpo_module.create_model_from_path = create_model_from_path
 
     vader = VaderSentiment()
 
@@ -232,7 +240,7 @@ def _child_trl(spec: dict, v: dict, probe: Probe) -> None:
         probe.prompts += [str(p) for p in prompts]
         return scores
 
-    class Timed(RLOOTrainer):
+    class Timed(Trainer):
         def _generate_and_score_completions(self, inputs):
             t = time.perf_counter()
             out = super()._generate_and_score_completions(inputs)
@@ -255,7 +263,9 @@ def _child_trl(spec: dict, v: dict, probe: Probe) -> None:
     kwargs = {}
     if not v.get("gc", True):
         kwargs["gradient_checkpointing"] = False
-    args = RLOOConfig(
+    if grpo:  # its defaults, spelled out: DAPO's token-level loss, group std, symmetric clip 0.2
+        kwargs.update(loss_type="dapo", scale_rewards="group", epsilon=0.2)
+    args = Config(
         output_dir=f"{spec['workdir']}/run-{spec['variant']}",
         per_device_train_batch_size=spec["micro_batch"],
         gradient_accumulation_steps=rows // spec["micro_batch"],

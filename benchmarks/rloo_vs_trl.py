@@ -6,6 +6,7 @@
     python benchmarks/rloo_vs_trl.py --model tiny-random-llama --steps 2     # smoke run
     python benchmarks/rloo_vs_trl.py --variants fp32 --retries 2 --wait-quiet 300   # on a shared machine
     python benchmarks/rloo_vs_trl.py --threads 1 --variants trl,preftune,preftune-noreuse --steps 2 --warmup 1
+    python benchmarks/rloo_vs_trl.py --threads 1 --variants grpo --steps 2 --warmup 1   # GRPOTrainer vs preftune grpo
 
 Every contestant ("variant") runs in its own child process, launched one after another by this
 script, so that its peak RSS (``getrusage`` is per process) is its own. Both trainers get:
@@ -95,6 +96,9 @@ VARIANTS: dict[str, dict] = {
     "preftune-lora": dict(trainer="preftune", dtype="fp32", lora=True),
     "trl-bf16": dict(trainer="trl", dtype="bf16", lora=False),
     "preftune-bf16": dict(trainer="preftune", dtype="bf16", lora=False),
+    # GRPO: TRL's GRPOTrainer (loss_type=dapo, group std, k3 KL in the loss, one pass) vs preftune's grpo, same settings.
+    "trl-grpo": dict(trainer="trl", dtype="fp32", lora=False, algorithm="grpo"),
+    "preftune-grpo": dict(trainer="preftune", dtype="fp32", lora=False, algorithm="grpo"),
     # Diagnosis: TRL without gradient checkpointing (its default is on).
     "trl-nogc": dict(trainer="trl", dtype="fp32", lora=False, gc=False),
     "trl-lora-nogc": dict(trainer="trl", dtype="fp32", lora=True, gc=False),
@@ -105,6 +109,7 @@ GROUPS = {
     "bf16": ["trl-bf16", "preftune-bf16"],
     "nogc": ["trl-nogc", "trl-lora-nogc"],
     "noreuse": ["preftune-noreuse"],
+    "grpo": ["trl-grpo", "preftune-grpo"],
 }
 # (ours, theirs, speed target) — the target: >= 2x.
 COMPARISONS = [
@@ -112,6 +117,7 @@ COMPARISONS = [
     ("preftune-lora", "trl-lora", 2.0),
     ("preftune-bf16", "trl-bf16", 2.0),
     ("preftune-noreuse", "trl", 2.0),
+    ("preftune-grpo", "trl-grpo", 2.0),
     ("preftune", "preftune-noreuse", None),
     ("preftune", "trl-nogc", None),
     ("preftune-lora", "trl-lora-nogc", None),

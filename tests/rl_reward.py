@@ -35,3 +35,9 @@ _calls = 0
 def constant(prompts, completions):
     """The same reward for every completion: group-relative advantages are all 0."""
     return [0.5 for _ in completions]
+
+
+def rare_low(prompts, completions):
+    """1 when at least 3/4 of a completion's tokens have ids below 300, else 0: a sparse reward whose
+    k samples of a prompt often all score 0 (for dynamic sampling)."""
+    return [float(score >= 0.75) for score in low_ids(prompts, completions)]

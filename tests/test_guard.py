@@ -229,4 +229,4 @@ def test_equal_rewards_in_every_group_warn(tmp_path, prompts_file):
     warnings = [(m["step"], m["warning"]) for m in ms if "warning" in m and "rewards have been equal" in m["warning"]]
     assert len(warnings) == 1 and warnings[0][0] == 3, warnings
     assert "every group's rewards have been equal for 3 steps" in warnings[0][1]
-    assert all(m["reward/zero_std_groups"] == 1.0 for m in ms if "reward/zero_std_groups" in m)
+    assert all(m["zero_variance_groups"] == 1.0 for m in ms if "zero_variance_groups" in m)

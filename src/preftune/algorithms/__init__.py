@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from preftune.algorithms.dpo import CDPO, DPO, IPO, ORPO, Hinge, ReferenceFreeDPO, RobustDPO, SimPO, Unlikelihood
+from preftune.algorithms.dpo import CDPO, DPO, DPOP, IPO, ORPO, RPO, Hinge, ReferenceFreeDPO, RobustDPO, SimPO, Unlikelihood
 from preftune.algorithms.best_of_n import BestOfN
+from preftune.algorithms.grpo import GRPO, GSPO
 from preftune.algorithms.kto import KTO
 from preftune.algorithms.mdpo import MDPO
 from preftune.algorithms.ppo import PPO
 from preftune.algorithms.reinforce import Reinforce
+from preftune.algorithms.reinforce_pp import ReinforcePP
 from preftune.algorithms.rloo import RLOO
 from preftune.algorithms.reward import RewardModelAlgorithm
 from preftune.algorithms.sft import SFT
@@ -30,4 +32,9 @@ ALGORITHMS = {
     "reinforce": Reinforce,
     "rloo": RLOO,
     "ppo": PPO,
+    "grpo": GRPO,
+    "gspo": GSPO,
+    "reinforce_pp": ReinforcePP,
+    "rpo": RPO,
+    "dpop": DPOP,
 }

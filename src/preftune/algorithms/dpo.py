@@ -2,8 +2,8 @@
 
 DPO (Rafailov et al. 2023), cDPO (label smoothing), robust DPO (Chowdhury et al. 2024), IPO (Azar et
 al. 2023), hinge / SLiC (Zhao et al. 2023), reference-free DPO, SimPO (Meng et al. 2024), ORPO (Hong et
-al. 2024) and the unlikelihood baseline (seed 000). All share one concatenated forward and the
-reference handling of algorithms/pairwise.py.
+al. 2024), RPO (Pang et al. 2024), DPO-Positive (Pal et al. 2024) and the unlikelihood baseline (seed
+000). All share one concatenated forward and the reference handling of algorithms/pairwise.py.
 """
 
 from __future__ import annotations
@@ -175,3 +175,42 @@ class Unlikelihood(PairwiseAlgorithm):
             alpha=self.config.alpha,
         )
 
+
+
+@dataclass
+class RPOConfig(PairwiseConfig):
+    beta: float = doc(0.1, "β: strength of the KL leash to the reference (higher = stay closer).")
+    alpha: float = doc(1.0, "α: weight of the length-normalised NLL of the chosen response added to the DPO loss.")
+
+    def validate(self, path: str) -> None:
+        check_range(path, self, positive=("beta",), non_negative=("alpha",))
+
+
+@dataclass
+class DPOPConfig(PairwiseConfig):
+    beta: float = doc(0.1, "β: strength of the KL leash to the reference (higher = stay closer).")
+    lam: float = doc(50.0, "λ: weight of the penalty max(0, log π_ref(y_w) − log π_θ(y_w)) inside the sigmoid.")
+
+    def validate(self, path: str) -> None:
+        check_range(path, self, positive=("beta",), non_negative=("lam",))
+
+
+class RPO(PairwiseAlgorithm):
+    """RPO (Pang et al. 2024): DPO + α · NLL per token of the chosen response."""
+
+    name = "rpo"
+    Config = RPOConfig
+
+    def loss(self, batch, out, pc, pr, rc, rr):
+        nll = -pc / out["chosen_lengths"].clamp(min=1)  # pc is the summed chosen log-prob
+        return L.rpo_loss(pc, pr, rc, rr, nll, beta=self.config.beta, alpha=self.config.alpha)
+
+
+class DPOP(PairwiseAlgorithm):
+    """DPO-Positive (Pal et al. 2024): DPO with a penalty when log π(y_w) falls below the reference's."""
+
+    name = "dpop"
+    Config = DPOPConfig
+
+    def loss(self, batch, out, pc, pr, rc, rr):
+        return L.dpop_loss(pc, pr, rc, rr, beta=self.config.beta, lam=self.config.lam)

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
@@ -110,10 +111,14 @@ class OnlineAlgorithm(Algorithm):
         self.reference_model = None
         from preftune.models.lora import is_peft_model
 
-        if self.needs.reference_model and not is_peft_model(policy):
+        if self.needs.reference_model and self.uses_reference() and not is_peft_model(policy):
             import copy
 
             self.reference_model = copy.deepcopy(policy).requires_grad_(False).eval()
+
+    def uses_reference(self) -> bool:
+        """Whether the reference policy is scored at all (GRPO with β = 0 keeps none: no KL to measure)."""
+        return True
 
     # -- layout of a rollout ---------------------------------------------------------------------
     def rows_per_prompt(self) -> int:
@@ -143,40 +148,15 @@ class OnlineAlgorithm(Algorithm):
 
     # -- rollouts --------------------------------------------------------------------------------
     def make_rollout(self, prompts: list[dict], *, seed: int, accelerator, rollout: int) -> tuple[list[dict], dict]:
-        from preftune.generate import generate_completions
-
         c = self.config
-        start = time.perf_counter()
-        repeated = [p for p in prompts for _ in range(c.samples_per_prompt)]
-        # Algorithms whose config has reuse_sampler_logps (RLOO) may take the old-policy log-probs and
-        # entropies from the sampler's own logits (preftune/rollout/sampling.py): one forward fewer.
-        # fp32 only: under bf16/fp16 autocast the incremental decode and a full forward round differently,
-        # which would bias the KL to the reference (computed by a full forward) by that rounding.
-        from_sampler = bool(getattr(c, "reuse_sampler_logps", False)) and self.run.model.dtype == "fp32"
-        with accelerator.autocast():
-            if from_sampler:
-                from preftune.rollout.sampling import sample_rollout
-
-                samples = sample_rollout(
-                    self.policy, self.tokenizer, [p["prompt_ids"] for p in repeated], max_new_tokens=c.max_new_tokens,
-                    temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, batch_size=c.generation_batch_size, seed=seed,
-                )
-            else:
-                samples = generate_completions(
-                    self.policy, self.tokenizer, [p["prompt_ids"] for p in repeated], max_new_tokens=c.max_new_tokens,
-                    temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, batch_size=c.generation_batch_size,
-                    seed=seed, return_token_ids=True,
-                )
-        gen_seconds = time.perf_counter() - start
-        scores = torch.tensor(list(self.reward_fn([p["prompt"] for p in repeated], [s["completion"] for s in samples])), dtype=torch.float32)
+        self._gen_seconds, self._gen_samples = 0.0, 0  # over every generate call of this rollout
+        repeated, samples, raw_scores, scores, sampling_metrics = self.sample_groups(prompts, seed=seed, accelerator=accelerator)
         finished = torch.tensor([s["finished"] for s in samples], dtype=torch.bool)
-        raw_scores = scores.clone()
-        if c.missing_eos_penalty is not None:
-            scores = torch.where(finished, scores, scores - c.missing_eos_penalty)
         rows = [{"prompt": p["prompt"], "prompt_ids": s["prompt_ids"], "completion_ids": s["completion_ids"] or [self.tokenizer.eos_token_id],
                  "completion": s["completion"], "reward_score": float(r)} for p, s, r in zip(repeated, samples, raw_scores.tolist())]
         _warn_nonfinite_rewards(rows, c.reward)
-        forward = self._score_rows(rows, accelerator, sampled=samples if from_sampler else None)
+        tis = getattr(c, "tis_cap", None) is not None
+        forward = self._score_rows(rows, accelerator, sampled=samples if self._from_sampler() and not tis else None)
         kl = forward["kl"]  # [N, T] per-token estimate, 0 off the response
         mask = forward["mask"]
         seq_kl = kl.sum(-1)
@@ -191,13 +171,85 @@ class OnlineAlgorithm(Algorithm):
             "reward/score": scores, "reward/raw_score": raw_scores, "reward/with_kl": scores - beta * seq_kl,
             "kl": seq_kl, "entropy": (forward["entropy"] * mask).sum(-1) / lengths.clamp(min=1),
             "response_length": lengths, "eos_fraction": finished.float(), **extra,
-            **rollout_health(raw_scores, rows, c.samples_per_prompt),
+            **rollout_health(raw_scores, scores, rows, c.samples_per_prompt),
         }
+        if not self.uses_reference():
+            del metrics["kl"], metrics["reward/with_kl"]
         per_row = row_sums({k: v.detach().cpu() for k, v in metrics.items()}, accelerator.device)
-        per_row["kl_coef"] = (torch.tensor(beta, device=accelerator.device), torch.tensor(1.0, device=accelerator.device))
-        per_row["samples_per_s"] = (torch.tensor(len(samples) / max(gen_seconds, 1e-9), device=accelerator.device), torch.tensor(1.0, device=accelerator.device))
+        one = torch.tensor(1.0, device=accelerator.device)
+        per_row["kl_coef"] = (torch.tensor(beta, device=accelerator.device), one)
+        per_row["samples_per_s"] = (torch.tensor(self._gen_samples / max(self._gen_seconds, 1e-9), device=accelerator.device), one)
+        per_row.update({k: (torch.tensor(float(v), device=accelerator.device), one) for k, v in sampling_metrics.items()})
+        if tis:
+            per_row.update(self._attach_sampler_logps(rows, samples, forward, accelerator.device))
         self._log_samples(rows[: min(4, len(rows))], scores, rollout, accelerator)
         return rows, per_row
+
+    def _from_sampler(self) -> bool:
+        """Whether rollouts are drawn by ``sample_rollout``, which keeps the sampler's per-token log-probs.
+
+        Algorithms whose config has reuse_sampler_logps (RLOO) may take the old-policy log-probs and
+        entropies from the sampler's own logits (preftune/rollout/sampling.py): one forward fewer. fp32
+        only: under bf16/fp16 autocast the incremental decode and a full forward round differently, which
+        would bias the KL to the reference (computed by a full forward) by that rounding. With TIS
+        (``tis_cap``) the sampler's log-probs are always kept, and the old policy's recomputed.
+        """
+        c = self.config
+        reuse = bool(getattr(c, "reuse_sampler_logps", False)) and self.run.model.dtype == "fp32"
+        return reuse or getattr(c, "tis_cap", None) is not None
+
+    def sample_groups(self, prompts: list[dict], *, seed: int, accelerator) -> tuple[list[dict], list[dict], torch.Tensor, torch.Tensor, dict]:
+        """Sample ``samples_per_prompt`` completions per prompt and score them.
+
+        Returns (prompt of each row, samples, raw scores [N], shaped scores [N], per-rollout scalar
+        metrics). Local to this process (no collective), so an override may sample more than once."""
+        repeated = [p for p in prompts for _ in range(self.config.samples_per_prompt)]
+        samples = self._generate(repeated, seed=seed, accelerator=accelerator)
+        raw, scores = self._scores(repeated, samples)
+        return repeated, samples, raw, scores, {}
+
+    def _generate(self, repeated: list[dict], *, seed: int, accelerator) -> list[dict]:
+        from preftune.generate import generate_completions
+        from preftune.rollout.sampling import sample_rollout
+
+        c = self.config
+        start = time.perf_counter()
+        sample = sample_rollout if self._from_sampler() else partial(generate_completions, return_token_ids=True)
+        with accelerator.autocast():
+            samples = sample(
+                self.policy, self.tokenizer, [p["prompt_ids"] for p in repeated], max_new_tokens=c.max_new_tokens,
+                temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, batch_size=c.generation_batch_size, seed=seed,
+            )
+        self._gen_seconds = getattr(self, "_gen_seconds", 0.0) + time.perf_counter() - start
+        self._gen_samples = getattr(self, "_gen_samples", 0) + len(samples)
+        return samples
+
+    def _scores(self, repeated: list[dict], samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw reward [N], reward after the configured shaping [N])."""
+        raw = torch.tensor(list(self.reward_fn([p["prompt"] for p in repeated], [s["completion"] for s in samples])), dtype=torch.float32)
+        return raw, self.shape_scores(raw, samples)
+
+    def shape_scores(self, scores: torch.Tensor, samples: list[dict]) -> torch.Tensor:
+        """Reward shaping before advantages: the missing-EOS penalty (GRPO adds overlong shaping)."""
+        penalty = self.config.missing_eos_penalty
+        if penalty is None:
+            return scores
+        finished = torch.tensor([s["finished"] for s in samples], dtype=torch.bool)
+        return torch.where(finished, scores, scores - penalty)
+
+    def _attach_sampler_logps(self, rows: list[dict], samples: list[dict], forward: dict, device) -> dict:
+        """TIS: keep the sampler's per-token log-probs in each row; return the mismatch metrics
+        (π_old/π_sampler, its truncated fraction, KL(π_sampler‖π_old)) as token means."""
+        from preftune.losses.grpo import truncated_importance_weights
+
+        for row, s in zip(rows, samples):
+            same = len(s["logps"]) == len(row["old_logps"])  # a replaced empty completion has none: weight 1
+            row["sampler_logps"] = list(s["logps"]) if same else list(row["old_logps"])
+        mask = forward["mask"]
+        sampler = self._scatter_tokens(mask, [r["sampler_logps"] for r in rows])
+        _, m = truncated_importance_weights(forward["logps"], sampler, mask, cap=self.config.tis_cap)
+        n = torch.tensor(float(mask.sum()), device=device)
+        return {f"tis/{k}": (v.sum().to(device), n) for k, v in m.items()}
 
     @torch.no_grad()
     def _score_rows(self, rows: list[dict], accelerator, sampled: Optional[list[dict]] = None) -> dict[str, torch.Tensor]:
@@ -206,24 +258,27 @@ class OnlineAlgorithm(Algorithm):
 
         ``sampled``: the sampler's per-token ``logps`` / ``entropy`` (``sample_rollout``), used as the
         old policy's instead of a policy forward (no ``hidden`` then: PPO's value head needs the forward)."""
-        from preftune.models.logprobs import policy_forward
+        from preftune.models.logprobs import _scored, policy_forward
         from preftune.models.lora import reference_context
         from preftune.rollout.kl import kl_estimate
 
         batch = {k: v.to(accelerator.device) for k, v in self._collate_ids(rows).items()}
         with accelerator.autocast():
             out = policy_forward(self.policy, batch, with_entropy=True) if sampled is None else None
-            if self.reference_model is not None:
+            if not self.uses_reference():
+                ref_out = None
+            elif self.reference_model is not None:
                 ref_out = policy_forward(self.reference_model, batch)
             else:
                 with reference_context(self.policy):
                     ref_out = policy_forward(self.policy, batch)
-        ref, mask = ref_out["logps"], ref_out["mask"]
+        mask = _scored(batch["completion_mask"])
         if sampled is None:
             logps, entropy, hidden = out["logps"], out["entropy"], out["hidden"]
         else:
             logps, entropy = (self._scatter_tokens(mask, [s[key] for s in sampled]) for key in ("logps", "entropy"))
             hidden = None
+        ref = logps if ref_out is None else ref_out["logps"]  # no reference (β = 0): KL 0, nothing scored
         kl = kl_estimate(logps, ref, self.config.kl_estimator, mask)
         for i, row in enumerate(rows):
             m = mask[i]
@@ -298,19 +353,20 @@ def masked_row_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 
-def rollout_health(scores: torch.Tensor, rows: list[dict], group_size: int) -> dict[str, torch.Tensor]:
-    """Per-row / per-group flags the loop's guard reads: rewards and advantages that are not finite,
-    and (with several samples per prompt) groups whose rewards are all equal."""
+def rollout_health(raw_scores: torch.Tensor, scores: torch.Tensor, rows: list[dict], group_size: int) -> dict[str, torch.Tensor]:
+    """Per-row / per-group flags the loop's guard reads: rewards (as the reward source gave them) and
+    advantages that are not finite, and (with several samples per prompt) the groups whose rewards
+    after shaping are all equal (their group-relative advantages are 0)."""
+    from preftune.rollout.advantages import zero_variance_groups
     from preftune.train.guard import NONFINITE_METRICS, ZERO_VARIANCE_METRIC
 
     def finite(value) -> bool:
         return all(math.isfinite(v) for v in (value if isinstance(value, list) else [value]))
 
     bad_adv = [not all(finite(r[k]) for k in ("advantage", "advantages") if k in r) for r in rows]
-    out = {NONFINITE_METRICS[0]: (~torch.isfinite(scores)).float(), NONFINITE_METRICS[1]: torch.tensor(bad_adv, dtype=torch.float32)}
+    out = {NONFINITE_METRICS[0]: (~torch.isfinite(raw_scores)).float(), NONFINITE_METRICS[1]: torch.tensor(bad_adv, dtype=torch.float32)}
     if group_size > 1 and scores.numel() % group_size == 0:
-        groups = scores.view(-1, group_size)
-        out[ZERO_VARIANCE_METRIC] = (groups.max(-1).values == groups.min(-1).values).float()
+        out[ZERO_VARIANCE_METRIC] = zero_variance_groups(scores, group_size).float()
     return out
 
 

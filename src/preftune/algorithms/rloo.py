@@ -12,6 +12,13 @@ from preftune.algorithms.base import Metrics
 from preftune.algorithms.online import OnlineAlgorithm, RolloutConfig, masked_row_sum
 from preftune.config import ConfigError, doc
 
+REUSE_SAMPLER_HELP = (
+    "Old-policy log-probs (for the KL and the ratio metric) and entropies come from the logits the sampler already "
+    "computed for each sampled token, instead of a second no-grad policy forward over the rollout (same values to "
+    "float rounding; tested). fp32 only: under bf16/fp16 autocast they are always recomputed, since the decode's "
+    "rounding differs from a full forward's and would bias the KL. false: always recompute them."
+)
+
 
 @dataclass
 class RLOOConfig(RolloutConfig):
@@ -19,13 +26,7 @@ class RLOOConfig(RolloutConfig):
     advantage: Literal["rloo", "group_normalized"] = doc(
         "rloo", "'rloo': r_i − mean of the other samples of the prompt; 'group_normalized': (r_i − mean) / std over the group (GRPO)."
     )
-    reuse_sampler_logps: bool = doc(
-        True,
-        "Old-policy log-probs (for the KL and the ratio metric) and entropies come from the logits the sampler already "
-        "computed for each sampled token, instead of a second no-grad policy forward over the rollout (same values to "
-        "float rounding; tested). fp32 only: under bf16/fp16 autocast they are always recomputed, since the decode's "
-        "rounding differs from a full forward's and would bias the KL. false: always recompute them.",
-    )
+    reuse_sampler_logps: bool = doc(True, REUSE_SAMPLER_HELP)
 
     def validate(self, path: str) -> None:
         super().validate(path)

@@ -341,3 +341,60 @@ def unlikelihood_loss(
         chosen_logps=chosen_mean_logps,
         rejected_logps=rejected_mean_logps,
     )
+
+
+def rpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    chosen_nll: Tensor,
+    *,
+    beta: float,
+    alpha: float,
+) -> tuple[Tensor, Metrics]:
+    """RPO, Pang et al. 2024 ("Iterative Reasoning Preference Optimization", arXiv:2404.19733, eqs. 1–3):
+    DPO plus a length-normalised NLL term on the chosen response,
+
+        L = −log σ(βh) + α · (−log π_θ(y_w | x) / |y_w|)
+
+    with h as in ``dpo_loss``. The NLL keeps the chosen answer's likelihood from falling, which plain
+    DPO allows (both log-probs can drop while their gap grows).
+
+    Args: as ``dpo_loss`` (summed log-probs); chosen_nll [B]: mean NLL per chosen token of each row
+    (with gradient); alpha: weight α of the NLL (1.0 in the paper).
+    Returns: losses [B]; metrics as DPO plus ``nll`` and ``dpo_loss`` (the DPO term alone).
+    """
+    dpo, metrics = dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta=beta)
+    metrics.update(nll=chosen_nll.detach(), dpo_loss=dpo.detach())
+    return dpo + alpha * chosen_nll, metrics
+
+
+def dpop_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+    lam: float,
+) -> tuple[Tensor, Metrics]:
+    """DPO-Positive, Pal et al. 2024 ("Smaug: Fixing Failure Modes of Preference Optimisation with
+    DPO-Positive", arXiv:2402.13228, eq. 3):
+
+        −log σ(β[h − λ · max(0, log π_ref(y_w) − log π_θ(y_w))])
+
+    The penalty is zero while the policy keeps at least the reference's likelihood of the chosen
+    response, and grows as it falls below it (what DPO permits on pairs with small edit distance).
+
+    Args: as ``dpo_loss``; lam: λ ≥ 0 (the paper uses 5–500; 50 for most runs). λ = 0 is DPO.
+    Returns: losses [B]; metrics as DPO plus ``penalty`` (the max(0, ·) term, before λ), and
+    grad_weights = σ(−z) for the logit z inside the sigmoid.
+    """
+    chosen_lr, rejected_lr = _logratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
+    penalty = torch.relu(-chosen_lr)
+    z = beta * (chosen_lr - rejected_lr - lam * penalty)
+    losses = -F.logsigmoid(z)
+    return losses, _pair_metrics(beta * chosen_lr, beta * rejected_lr, penalty=penalty, grad_weights=torch.sigmoid(-z))

@@ -252,3 +252,62 @@ def token_level_rewards(
     rows = torch.arange(B, device=mask.device)
     rewards[rows, last] += scores.to(dtype).reshape(B)
     return rewards
+
+
+def zero_variance_groups(rewards: Tensor, k: int) -> Tensor:
+    """Bool[P]: True for the prompts whose k rewards are all equal. Their group-relative advantages
+    are all 0, so they carry no gradient (DAPO, Yu et al. 2025, arXiv:2503.14476, §3.2 "dynamic
+    sampling" drops and refills them). Args: rewards [P*k] (prompt-major) or [P, k]."""
+    grouped = _grouped(rewards, k, "zero_variance_groups")
+    return (grouped == grouped[:, :1]).all(dim=1)
+
+
+@torch.no_grad()
+def overlong_penalty(lengths: Tensor, *, max_length: int, buffer: int, factor: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv:2503.14476, eq. 13), added to the reward:
+
+        0                                  if |y| ≤ L_max − L_cache
+        ((L_max − L_cache) − |y|) / L_cache  if L_max − L_cache < |y| ≤ L_max
+        −1                                 if |y| > L_max
+
+    times ``factor``. L_max = ``max_length`` (the completion budget), L_cache = ``buffer`` tokens before it
+    over which the penalty grows linearly from 0 to −1.
+
+    Args: lengths [B] completion lengths in tokens. Returns: penalties [B] (≤ 0), float32.
+    """
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"overlong buffer must lie in (0, max_length={max_length}], got {buffer}")
+    lengths = torch.as_tensor(lengths, dtype=torch.float32)
+    soft = (max_length - buffer - lengths) / buffer
+    penalty = torch.where(lengths <= max_length - buffer, torch.zeros_like(lengths), soft)
+    return factor * torch.where(lengths > max_length, torch.full_like(lengths, -1.0), penalty)
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(
+    scores: Tensor, kl_per_token: Tensor | None, response_mask: Tensor, *, kl_coef: float, k: int | None = None,
+    reduce_sum: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """REINFORCE++ (Hu et al. 2025, arXiv:2501.03262, §3): per-token advantages without a critic,
+
+        A_t = r(x, y) − β · Σ_{i ≥ t} KL_i,      then  A ← (A − mean) / std   over the GLOBAL batch's tokens
+
+    (γ = 1). With ``k`` (REINFORCE++-baseline, same paper, §3.2), the score is first centred on the mean
+    of its prompt's k samples: r_i − mean_group(r), and the global normalisation follows.
+
+    Args:
+        scores: [B] sequence rewards, prompt-major when ``k`` is given.
+        kl_per_token: [B, T] KL estimates (KL in the reward), or None (KL as a loss term, or β = 0).
+        response_mask: Bool[B, T]; kl_coef: β.
+        reduce_sum: sums a tensor over every data-parallel process (see ``masked_whiten``), so the
+            normalisation is that of the global batch and does not depend on the number of processes.
+    Returns: advantages [B, T], 0 outside the mask.
+    """
+    mask = response_mask.bool()
+    scores = torch.as_tensor(scores, dtype=_stat_dtype(torch.as_tensor(scores))).detach()
+    if k is not None:
+        grouped = _grouped(scores, k, "reinforce_pp_advantages")
+        scores = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    rewards = token_level_rewards(scores, kl_per_token, mask, kl_coef=kl_coef)
+    to_go, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)  # Σ_{i ≥ t} r_i
+    return masked_whiten(to_go, mask, reduce_sum=reduce_sum)

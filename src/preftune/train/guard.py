@@ -29,7 +29,7 @@ log = logging.getLogger("preftune.train")
 
 NONFINITE_METRICS = ("nonfinite/rewards", "nonfinite/advantages")
 """Fractions an online source reports (rows of the rollout whose reward / advantage is NaN or inf)."""
-ZERO_VARIANCE_METRIC = "reward/zero_std_groups"
+ZERO_VARIANCE_METRIC = "zero_variance_groups"
 """Fraction of a rollout's prompt groups whose rewards are all equal (no learning signal)."""
 
 
