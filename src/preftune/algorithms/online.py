@@ -153,7 +153,9 @@ class OnlineAlgorithm(Algorithm):
         # fp32 only: under bf16/fp16 autocast the incremental decode and a full forward round differently,
         # which would bias the KL to the reference (computed by a full forward) by that rounding.
         from_sampler = bool(getattr(c, "reuse_sampler_logps", False)) and self.run.model.dtype == "fp32"
-        with accelerator.autocast():
+        from preftune.models.fsdp import full_weights
+
+        with accelerator.autocast(), full_weights(self.policy):  # sharded: decode on gathered weights
             if from_sampler:
                 from preftune.rollout.sampling import sample_rollout
 

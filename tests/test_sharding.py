@@ -1,0 +1,138 @@
+"""FSDP2 sharding (train.sharding=fsdp2) on 2 CPU processes (gloo) against unsharded runs.
+
+All 2-process runs share one torchrun launch (tests/sharded_runs.py, a module-scoped fixture);
+each test compares some of them with 1-process runs made here, or, for online RL (whose sampling is
+seeded per process), with the same 2 processes unsharded (DDP).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import preftune.train.loop as loop_mod
+from preftune.config import load_run_config
+from preftune.train.metrics import read_metrics
+from tests.conftest import ROOT, sft_rows, write_jsonl
+from tests.test_preference_train import pair_rows
+from tests.test_train import _free_port, assert_same_weights
+
+REWARD = f"{ROOT / 'tests' / 'rl_reward.py'}:low_ids"
+# Adam's first steps are ~lr*sign(g): a larger eps keeps fp-noise in tiny gradients (another
+# reduction order) from flipping whole updates; as in test_train.py::test_two_processes_equal_one.
+BASE = ["model.name=tiny-random-llama", "data.max_length=64", "train.progress_bar=false", "train.adam_eps=1e-4"]
+
+
+def sft(data, out, *extra):
+    return ["algorithm=sft", f"data.path={data}", f"output_dir={out}", "train.learning_rate=1e-2", "train.max_grad_norm=0.5",
+            "train.max_steps=4", "train.save_steps=2", "sft.packing=false", *BASE, *extra]
+
+
+def dpo(data, out, *extra):
+    return ["algorithm=dpo", f"data.path={data}", f"output_dir={out}", "train.learning_rate=1e-3", "train.max_steps=3",
+            *BASE, *extra]
+
+
+def rloo(data, out, *extra):
+    return ["algorithm=rloo", f"data.path={data}", f"output_dir={out}", "train.learning_rate=1e-2", "train.max_steps=2",
+            "train.lr_scheduler=constant", f"rloo.reward={REWARD}", "rloo.max_new_tokens=8", "rloo.samples_per_prompt=4",
+            "train.micro_batch_size=4", *BASE, *extra]
+
+
+LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.dropout=0.0"]  # dropout streams differ per process
+SHARD = ["train.sharding=fsdp2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every 2-process run, in one launch; returns (folder, files)."""
+    tmp = tmp_path_factory.mktemp("sharding")
+    files = {"sft": write_jsonl(tmp / "sft.jsonl", sft_rows()), "pairs": write_jsonl(tmp / "pairs.jsonl", pair_rows()),
+             "prompts": write_jsonl(tmp / "prompts.jsonl", [{"prompt": f"Tell me about item {i}:"} for i in range(16)])}
+    two = tmp / "two"
+    plan = [
+        {"name": "sft", "overrides": sft(files["sft"], two / "sft", "train.micro_batch_size=1", "train.grad_accum_steps=2", *SHARD)},
+        {"name": "sft_resumed", "copy_checkpoint": [str(two / "sft" / "checkpoints" / "step-000002"),
+                                                    str(two / "sft_resumed" / "checkpoints" / "step-000002")],
+         "overrides": sft(files["sft"], two / "sft_resumed", "train.micro_batch_size=1", "train.grad_accum_steps=2",
+                          "train.resume_from=latest", *SHARD)},
+        {"name": "dpo", "overrides": dpo(files["pairs"], two / "dpo", "train.micro_batch_size=2", *SHARD)},
+        {"name": "lora", "overrides": sft(files["sft"], two / "lora", "train.micro_batch_size=2", *LORA, *SHARD)},
+        {"name": "rloo_ddp", "overrides": rloo(files["prompts"], two / "rloo_ddp")},
+        {"name": "rloo", "overrides": rloo(files["prompts"], two / "rloo", *SHARD)},
+    ]
+    (tmp / "plan.json").write_text(json.dumps(plan, default=str))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src") + os.pathsep + str(ROOT),
+           "PREFTUNE_CACHE": str(tmp / "cache")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(ROOT / "tests" / "sharded_runs.py"), str(tmp / "plan.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return two, files
+
+
+def losses(path, key="loss"):
+    return [m[key] for m in read_metrics(path) if key in m]
+
+
+def weights(run_dir, name="model.safetensors"):
+    return load_file(str(run_dir / "model" / name))
+
+
+def test_sft_sharded_equals_one_process(runs, tmp_path):
+    two, files = runs
+    one = loop_mod.train(load_run_config(None, sft(files["sft"], tmp_path / "one", "train.micro_batch_size=4")))
+    m1, m2 = read_metrics(one.metrics_path), read_metrics(two / "sft" / "metrics.jsonl")
+    assert [m["loss"] for m in m2] == pytest.approx([m["loss"] for m in m1], abs=1e-5)
+    assert [m["grad_norm"] for m in m2] == pytest.approx([m["grad_norm"] for m in m1], rel=1e-5)  # clipped at 0.5
+    assert m1[0]["grad_norm"] > 0.5
+    assert_same_weights(weights(one.output_dir), weights(two / "sft"), atol=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(two / "sft" / "model")  # one whole model folder
+    assert not any(type(p).__name__ == "DTensor" for p in model.parameters())
+    state = json.loads((two / "sft" / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    assert state["sharding"] == "fsdp2" and state["world_size"] == 2
+
+
+def test_sharded_resume_equals_uninterrupted(runs):
+    two, _ = runs
+    full, resumed = two / "sft", two / "sft_resumed"
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
+    assert strip(read_metrics(resumed / "metrics.jsonl")) == strip(read_metrics(full / "metrics.jsonl"))[2:]
+    a, b = weights(full), weights(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit for bit
+
+
+def test_dpo_with_precomputed_reference_sharded_equals_one_process(runs, tmp_path, monkeypatch):
+    two, files = runs
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    one = loop_mod.train(load_run_config(None, dpo(files["pairs"], tmp_path / "one", "train.micro_batch_size=4")))
+    m1, m2 = read_metrics(one.metrics_path), read_metrics(two / "dpo" / "metrics.jsonl")
+    assert [m["loss"] for m in m2] == pytest.approx([m["loss"] for m in m1], abs=1e-5)
+    assert [m["ref_logps/chosen"] for m in m2] == pytest.approx([m["ref_logps/chosen"] for m in m1], abs=1e-4)
+    assert_same_weights(weights(one.output_dir), weights(two / "dpo"), atol=1e-4)
+
+
+def test_lora_sharded_trains_only_the_adapter(runs, tmp_path):
+    two, files = runs
+    one = loop_mod.train(load_run_config(None, sft(files["sft"], tmp_path / "one", "train.micro_batch_size=4", *LORA)))
+    saved = load_file(str(two / "lora" / "checkpoints" / "step-000004" / "trainable.safetensors"))
+    assert saved and all("lora_" in k for k in saved)
+    assert (two / "lora" / "model" / "adapter_model.safetensors").is_file()  # a peft adapter, as unsharded
+    assert_same_weights(weights(one.output_dir, "adapter_model.safetensors"), weights(two / "lora", "adapter_model.safetensors"), atol=1e-5)
+
+
+def test_rloo_sharded_equals_unsharded(runs):
+    """Sampling is seeded per process, so 2 sharded processes are compared with 2 unsharded ones:
+    the decode runs on gathered weights and must draw the same samples."""
+    two, _ = runs
+    ddp, sharded = read_metrics(two / "rloo_ddp" / "metrics.jsonl"), read_metrics(two / "rloo" / "metrics.jsonl")
+    for key in ("reward/score", "loss", "kl"):
+        assert [m[key] for m in sharded] == pytest.approx([m[key] for m in ddp], abs=1e-5), key
+    assert_same_weights(weights(two / "rloo_ddp"), weights(two / "rloo"), atol=1e-5)
