@@ -136,3 +136,39 @@ def test_rloo_sharded_equals_unsharded(runs):
     for key in ("reward/score", "loss", "kl"):
         assert [m[key] for m in sharded] == pytest.approx([m[key] for m in ddp], abs=1e-5), key
     assert_same_weights(weights(two / "rloo_ddp"), weights(two / "rloo"), atol=1e-5)
+
+
+class _Accelerator:
+    """What plan_for reads of an Accelerator."""
+
+    def __init__(self, kind, plugin=None, processes=2):
+        from types import SimpleNamespace
+
+        from accelerate.utils import DistributedType
+
+        self.distributed_type = getattr(DistributedType, kind)
+        self.state = SimpleNamespace(fsdp_plugin=plugin)
+        self.num_processes = processes
+
+
+def _run(*extra):
+    return load_run_config(None, ["data.path=x.jsonl", *extra])
+
+
+def test_sharding_plan_from_setting_and_launch_config():
+    from types import SimpleNamespace
+
+    from preftune.config import ConfigError
+    from preftune.train.sharding import ShardPlan, plan_for
+
+    assert plan_for(_run(), _Accelerator("MULTI_CPU")) is None
+    assert plan_for(_run("train.sharding=fsdp2"), _Accelerator("MULTI_CPU")) == ShardPlan()
+    assert plan_for(_run("train.sharding=fsdp2"), _Accelerator("NO", processes=1)) is None  # nothing to shard
+    plugin = SimpleNamespace(fsdp_version=2, reshard_after_forward=False, activation_checkpointing=True, cpu_offload=None,
+                             transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+    # an Accelerate FSDP2 launch config (GPU) implies sharding, with its settings; Accelerate itself wraps nothing
+    assert plan_for(_run(), _Accelerator("FSDP", plugin)) == ShardPlan(False, True, False, ("LlamaDecoderLayer",))
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        plan_for(_run(), _Accelerator("FSDP", SimpleNamespace(fsdp_version=1)))
+    with pytest.raises(ConfigError, match="DeepSpeed .* not supported"):
+        plan_for(_run(), _Accelerator("DEEPSPEED"))
