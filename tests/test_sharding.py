@@ -60,6 +60,8 @@ def runs(tmp_path_factory):
                                                     str(two / "sft_resumed" / "checkpoints" / "step-000002")],
          "overrides": sft(files["sft"], two / "sft_resumed", "train.micro_batch_size=1", "train.grad_accum_steps=2",
                           "train.resume_from=latest", *SHARD)},
+        {"name": "sft_checkpointed", "overrides": sft(files["sft"], two / "sft_checkpointed", "train.micro_batch_size=1",
+                                                       "train.grad_accum_steps=2", "model.gradient_checkpointing=true", *SHARD)},
         {"name": "dpo", "overrides": dpo(files["pairs"], two / "dpo", "train.micro_batch_size=2", *SHARD)},
         {"name": "lora", "overrides": sft(files["sft"], two / "lora", "train.micro_batch_size=2", *LORA, *SHARD)},
         {"name": "rloo_ddp", "overrides": rloo(files["prompts"], two / "rloo_ddp")},
@@ -97,6 +99,12 @@ def test_sft_sharded_equals_one_process(runs, tmp_path):
     assert not any(type(p).__name__ == "DTensor" for p in model.parameters())
     state = json.loads((two / "sft" / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
     assert state["sharding"] == "fsdp2" and state["world_size"] == 2
+
+
+def test_activation_checkpointing_under_sharding_changes_nothing(runs):
+    two, _ = runs
+    assert losses(two / "sft_checkpointed" / "metrics.jsonl") == pytest.approx(losses(two / "sft" / "metrics.jsonl"), abs=1e-6)
+    assert_same_weights(weights(two / "sft"), weights(two / "sft_checkpointed"), atol=1e-6)
 
 
 def test_sharded_resume_equals_uninterrupted(runs):

@@ -5,8 +5,11 @@ Layout of ``OUTPUT_DIR/checkpoints/step-000123/``:
     optimizer.pt, scheduler.pt
     rng_state_<rank>.pt     python / numpy / torch (and CUDA) generators of each process
     source_state_<rank>.pt  each process's batch-source position (and rollout buffer, online)
-    trainer_state.json      step, world size
+    trainer_state.json      step, world size ("sharding": "fsdp2" when written by a sharded run)
     manifest.json           size and sha256 of every file above, written last
+
+Under FSDP2 (preftune/train/sharding.py) the same files hold full state dicts gathered to rank 0;
+its optimizer.pt is keyed by parameter name (torch.distributed.checkpoint.state_dict's layout).
 
 A checkpoint is written into ``.step-000123.tmp`` and renamed into place only when complete, so a
 crash mid-write never leaves something that looks like a checkpoint. Loading verifies the manifest;

@@ -182,7 +182,9 @@ def _start(run: RunConfig) -> _Session:
         both = inner.prepare_examples(examples + eval_examples, accelerator)
         sharding.shard(algo, plan)  # Accelerate never sees the model, so it cannot wrap it a second time
         params = [p for p in algo.parameters() if p.requires_grad]  # the sharded (DTensor) parameters
-        optimizer = accelerator.prepare(build_optimizer(params, t))
+        # Not handed to accelerator.prepare either: under an FSDP2 launch config Accelerate refuses an
+        # optimizer without its model, and there is nothing for it to do (no grad scaler: bf16 or fp32).
+        optimizer = build_optimizer(params, t)
     examples, eval_examples = both[: len(examples)], both[len(examples) :]
     source = inner.make_source(examples, accelerator)
     total_steps = t.max_steps or t.num_epochs * source.steps_per_epoch
@@ -222,7 +224,7 @@ def train(run: RunConfig) -> TrainResult:
         if s.step % t.logging_steps == 0 or s.step == s.total_steps or not applied:
             elapsed = time.perf_counter() - window_start
             last = {"step": s.step, "epoch": round(s.source.epochs_done(), 4), **sums, "lr": lr, "grad_norm": grad_norm,
-                    "tokens": window_tokens, "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 2)}
+                    "tokens": window_tokens, "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 2), **_peak_memory()}
             if not applied:
                 last["skipped"] = True
             s.metrics_log.write(last)
@@ -360,6 +362,13 @@ def _clip(accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: 
         return float(accelerator.clip_grad_norm_(params, max_norm))
     grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _peak_memory() -> dict:
+    """Peak CUDA memory allocated by this process so far (GiB); nothing on CPU."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -47,6 +47,10 @@ def plan_for(run: Any, accelerator: Any) -> ShardPlan | None:
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
+    asked = kind == DistributedType.FSDP or run.train.sharding == "fsdp2"
+    if asked and accelerator.num_processes == 1:
+        log.info("FSDP2 asked for with one process: nothing to shard, training unsharded")
+        return None
     if kind == DistributedType.DEEPSPEED:
         raise ConfigError(
             "DeepSpeed (the Accelerate launch config) is not supported by preftune's loop yet: its engine steps the "
@@ -65,12 +69,9 @@ def plan_for(run: Any, accelerator: Any) -> ShardPlan | None:
             reshard_after_forward=bool(plugin.reshard_after_forward),
             activation_checkpointing=bool(plugin.activation_checkpointing),
             cpu_offload=isinstance(plugin.cpu_offload, CPUOffloadPolicy),
-            layer_classes=tuple([layers] if isinstance(layers, str) else layers),
+            layer_classes=tuple(n for n in ([layers] if isinstance(layers, str) else layers) if n),
         )
     if run.train.sharding == "fsdp2":
-        if accelerator.num_processes == 1:
-            log.info("train.sharding=fsdp2 with one process: nothing to shard, training unsharded")
-            return None
         return ShardPlan(activation_checkpointing=run.model.gradient_checkpointing)
     return None
 
