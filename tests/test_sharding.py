@@ -29,11 +29,16 @@ BASE = ["model.name=tiny-random-llama", "data.max_length=64", "train.progress_ba
 
 def sft(data, out, *extra):
     return ["algorithm=sft", f"data.path={data}", f"output_dir={out}", "train.learning_rate=1e-2", "train.max_grad_norm=0.5",
-            "train.max_steps=4", "train.save_steps=2", "sft.packing=false", *BASE, *extra]
+            "train.max_steps=4", "train.save_steps=2", "sft.packing=false", "data.eval_fraction=0.25", *BASE, *extra]
 
 
 def dpo(data, out, *extra):
     return ["algorithm=dpo", f"data.path={data}", f"output_dir={out}", "train.learning_rate=1e-3", "train.max_steps=3",
+            *BASE, *extra]
+
+
+def reward(data, out, *extra):
+    return ["algorithm=reward", f"data.path={data}", f"output_dir={out}", "train.learning_rate=1e-3", "train.max_steps=3",
             *BASE, *extra]
 
 
@@ -63,7 +68,10 @@ def runs(tmp_path_factory):
         {"name": "sft_checkpointed", "overrides": sft(files["sft"], two / "sft_checkpointed", "train.micro_batch_size=1",
                                                        "train.grad_accum_steps=2", "model.gradient_checkpointing=true", *SHARD)},
         {"name": "dpo", "overrides": dpo(files["pairs"], two / "dpo", "train.micro_batch_size=2", *SHARD)},
+        {"name": "dpo_live", "overrides": dpo(files["pairs"], two / "dpo_live", "train.micro_batch_size=2",
+                                               "dpo.precompute_reference=false", *SHARD)},  # the reference sharded too
         {"name": "lora", "overrides": sft(files["sft"], two / "lora", "train.micro_batch_size=2", *LORA, *SHARD)},
+        {"name": "reward", "overrides": reward(files["pairs"], two / "reward", "train.micro_batch_size=2", *SHARD)},
         {"name": "rloo_ddp", "overrides": rloo(files["prompts"], two / "rloo_ddp")},
         {"name": "rloo", "overrides": rloo(files["prompts"], two / "rloo", *SHARD)},
     ]
@@ -89,9 +97,11 @@ def test_sft_sharded_equals_one_process(runs, tmp_path):
     two, files = runs
     one = loop_mod.train(load_run_config(None, sft(files["sft"], tmp_path / "one", "train.micro_batch_size=4")))
     m1, m2 = read_metrics(one.metrics_path), read_metrics(two / "sft" / "metrics.jsonl")
-    assert [m["loss"] for m in m2] == pytest.approx([m["loss"] for m in m1], abs=1e-5)
-    assert [m["grad_norm"] for m in m2] == pytest.approx([m["grad_norm"] for m in m1], rel=1e-5)  # clipped at 0.5
+    assert losses(two / "sft" / "metrics.jsonl") == pytest.approx(losses(one.metrics_path), abs=1e-5)
+    assert losses(two / "sft" / "metrics.jsonl", "grad_norm") == pytest.approx(losses(one.metrics_path, "grad_norm"), rel=1e-5)
     assert m1[0]["grad_norm"] > 0.5
+    ev1, ev2 = (next(m for m in ms if "eval/loss" in m) for ms in (m1, m2))  # held-out rows, every process as many forwards
+    assert ev2["eval/loss"] == pytest.approx(ev1["eval/loss"], abs=1e-5)
     assert_same_weights(weights(one.output_dir), weights(two / "sft"), atol=1e-5)
     from transformers import AutoModelForCausalLM
 
@@ -117,7 +127,7 @@ def test_sharded_resume_equals_uninterrupted(runs):
         assert torch.equal(a[k], b[k]), k  # bit for bit
 
 
-def test_dpo_with_precomputed_reference_sharded_equals_one_process(runs, tmp_path, monkeypatch):
+def test_dpo_sharded_equals_one_process(runs, tmp_path, monkeypatch):
     two, files = runs
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
     one = loop_mod.train(load_run_config(None, dpo(files["pairs"], tmp_path / "one", "train.micro_batch_size=4")))
@@ -125,6 +135,16 @@ def test_dpo_with_precomputed_reference_sharded_equals_one_process(runs, tmp_pat
     assert [m["loss"] for m in m2] == pytest.approx([m["loss"] for m in m1], abs=1e-5)
     assert [m["ref_logps/chosen"] for m in m2] == pytest.approx([m["ref_logps/chosen"] for m in m1], abs=1e-4)
     assert_same_weights(weights(one.output_dir), weights(two / "dpo"), atol=1e-4)
+    live = read_metrics(two / "dpo_live" / "metrics.jsonl")  # a live reference model, sharded like the policy
+    assert [m["loss"] for m in live] == pytest.approx([m["loss"] for m in m1], abs=1e-5)
+    assert_same_weights(weights(one.output_dir), weights(two / "dpo_live"), atol=1e-4)
+
+
+def test_reward_model_sharded_equals_one_process(runs, tmp_path):
+    two, files = runs
+    one = loop_mod.train(load_run_config(None, reward(files["pairs"], tmp_path / "one", "train.micro_batch_size=4")))
+    assert losses(two / "reward" / "metrics.jsonl") == pytest.approx(losses(one.metrics_path), abs=1e-5)
+    assert_same_weights(weights(one.output_dir), weights(two / "reward"), atol=1e-5)
 
 
 def test_lora_sharded_trains_only_the_adapter(runs, tmp_path):

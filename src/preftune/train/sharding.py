@@ -109,7 +109,9 @@ def shard(algo: nn.Module, plan: ShardPlan) -> None:
                               "them with fsdp_transformer_layer_cls_to_wrap in the Accelerate config")
         for layer in layers:
             fully_shard(layer, **kwargs)
-        fully_shard(root, **kwargs)  # embeddings, final norm, head (tied or not) in one root unit
+        # Embeddings, final norm and head (tied or not) in one root unit, left gathered after the
+        # forward (torch's default for a root) so a head applied to its output finds whole weights.
+        fully_shard(root, **{**kwargs, "reshard_after_forward": None})
     sharded = {id(m) for m in models}
     for child in algo.children():
         if id(child) not in sharded and any(not isinstance(p, DTensor) for p in child.parameters()):
