@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from preftune.algorithms import ALGORITHMS
 from preftune.config import ConfigError, RunConfig, run_config_to_dict
 from preftune.data.records import DataError
+from preftune.train import sharding
 from preftune.train.checkpoint import (
     checkpoints_dir,
     list_checkpoints,
@@ -43,7 +44,6 @@ from preftune.train.evaluate import evaluate, split_eval
 from preftune.train.guard import StepGuard, step_rows
 from preftune.train.metrics import MetricsLog
 from preftune.train.optim import build_optimizer, build_scheduler
-from preftune.train import sharding
 
 log = logging.getLogger("preftune.train")
 

@@ -102,6 +102,9 @@ def shard(algo: nn.Module, plan: ShardPlan) -> None:
         enable_gradient_checkpointing(algo.policy)
     for model in models:
         root = _hf_root(model)
+        if getattr(getattr(root, "config", None), "vision_config", None) is not None:
+            raise ConfigError("train.sharding=fsdp2: vision-language models (mdpo) are not supported yet; their image and "
+                              "text parts are called apart, past the root unit that FSDP2 gathers")
         names = set(plan.layer_classes) or set(getattr(root, "_no_split_modules", None) or ())
         layers = [m for m in root.modules() if type(m).__name__ in names]
         if not layers:
