@@ -65,8 +65,6 @@ def runs(tmp_path_factory):
                                                     str(two / "sft_resumed" / "checkpoints" / "step-000002")],
          "overrides": sft(files["sft"], two / "sft_resumed", "train.micro_batch_size=1", "train.grad_accum_steps=2",
                           "train.resume_from=latest", *SHARD)},
-        {"name": "sft_checkpointed", "overrides": sft(files["sft"], two / "sft_checkpointed", "train.micro_batch_size=1",
-                                                       "train.grad_accum_steps=2", "model.gradient_checkpointing=true", *SHARD)},
         {"name": "dpo", "overrides": dpo(files["pairs"], two / "dpo", "train.micro_batch_size=2", *SHARD)},
         {"name": "dpo_live", "overrides": dpo(files["pairs"], two / "dpo_live", "train.micro_batch_size=2",
                                                "dpo.precompute_reference=false", *SHARD)},  # the reference sharded too
@@ -109,12 +107,6 @@ def test_sft_sharded_equals_one_process(runs, tmp_path):
     assert not any(type(p).__name__ == "DTensor" for p in model.parameters())
     state = json.loads((two / "sft" / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
     assert state["sharding"] == "fsdp2" and state["world_size"] == 2
-
-
-def test_activation_checkpointing_under_sharding_changes_nothing(runs):
-    two, _ = runs
-    assert losses(two / "sft_checkpointed" / "metrics.jsonl") == pytest.approx(losses(two / "sft" / "metrics.jsonl"), abs=1e-6)
-    assert_same_weights(weights(two / "sft"), weights(two / "sft_checkpointed"), atol=1e-6)
 
 
 def test_sharded_resume_equals_uninterrupted(runs):
@@ -200,3 +192,34 @@ def test_sharding_plan_from_setting_and_launch_config():
         plan_for(_run(), _Accelerator("FSDP", SimpleNamespace(fsdp_version=1)))
     with pytest.raises(ConfigError, match="DeepSpeed .* not supported"):
         plan_for(_run(), _Accelerator("DEEPSPEED"))
+
+
+def test_sharding_plan_from_an_fsdp2_launch_on_cpu(monkeypatch):
+    """On a CPU-only machine Accelerate reports MULTI_CPU and drops its FSDP plugin; the loop reads
+    the variables `accelerate launch --config_file configs/accelerate/fsdp2.yaml` exported."""
+    from preftune.config import ConfigError
+    from preftune.train.sharding import ShardPlan, plan_for
+
+    for key, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true",
+                       "FSDP_ACTIVATION_CHECKPOINTING": "true"}.items():
+        monkeypatch.setenv(key, value)
+    assert plan_for(_run(), _Accelerator("MULTI_CPU")) == ShardPlan(activation_checkpointing=True)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="DeepSpeed"):
+        plan_for(_run(), _Accelerator("MULTI_CPU"))
+
+
+def test_accelerate_launch_with_the_fsdp2_config_on_cpu(runs, tmp_path):
+    """The user-facing route: `accelerate launch --config_file configs/accelerate/fsdp2.yaml` (2 CPU
+    processes; the config's activation checkpointing on) trains what train.sharding=fsdp2 trains."""
+    two, files = runs
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"),
+           "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "preftune", "train", str(ROOT / "configs" / "sft_tiny.yaml"),
+           *sft(files["sft"], tmp_path / "acc", "train.micro_batch_size=1", "train.grad_accum_steps=2")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP2: 2 decoder layers" in proc.stderr
+    assert losses(tmp_path / "acc" / "metrics.jsonl") == pytest.approx(losses(two / "sft" / "metrics.jsonl"), abs=1e-6)
+    assert_same_weights(weights(two / "sft"), weights(tmp_path / "acc"), atol=1e-6)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,22 +44,23 @@ class ShardPlan:
 
 
 def plan_for(run: Any, accelerator: Any) -> ShardPlan | None:
-    """The sharding this run asks for (None = none): ``train.sharding`` or an Accelerate FSDP config."""
+    """The sharding this run asks for (None = none): ``train.sharding`` or an Accelerate FSDP launch
+    config (on GPU Accelerate's FSDP2 state; on CPU the FSDP_* variables its launcher exported)."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
-    asked = kind == DistributedType.FSDP or run.train.sharding == "fsdp2"
+    plugin = accelerator.state.fsdp_plugin if kind == DistributedType.FSDP else _launch_fsdp_plugin()
+    asked = plugin is not None or run.train.sharding == "fsdp2"
     if asked and accelerator.num_processes == 1:
         log.info("FSDP2 asked for with one process: nothing to shard, training unsharded")
         return None
-    if kind == DistributedType.DEEPSPEED:
+    if kind == DistributedType.DEEPSPEED or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise ConfigError(
             "DeepSpeed (the Accelerate launch config) is not supported by preftune's loop yet: its engine steps the "
             "optimizer inside backward, past the loop's loss normalisation and non-finite guard; use "
             "configs/accelerate/fsdp2.yaml (FSDP2 shards like ZeRO-3)"
         )
-    if kind == DistributedType.FSDP:
-        plugin = accelerator.state.fsdp_plugin
+    if plugin is not None:
         if int(getattr(plugin, "fsdp_version", 1)) != 2:
             raise ConfigError("the Accelerate launch config asks for FSDP version 1; preftune shards with FSDP2: set "
                               "fsdp_version: 2 (see configs/accelerate/fsdp2.yaml)")
@@ -74,6 +76,16 @@ def plan_for(run: Any, accelerator: Any) -> ShardPlan | None:
     if run.train.sharding == "fsdp2":
         return ShardPlan(activation_checkpointing=run.model.gradient_checkpointing)
     return None
+
+
+def _launch_fsdp_plugin():
+    """The FSDP plugin an ``accelerate launch --config_file`` with FSDP exported (FSDP_* variables)
+    where Accelerate did not act on it: on a CPU-only machine it reports MULTI_CPU and drops it."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin()
 
 
 def _hf_root(model: nn.Module) -> nn.Module:
