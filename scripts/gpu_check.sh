@@ -21,7 +21,7 @@ fi
 command -v accelerate >/dev/null || { echo "gpu_check: the 'accelerate' command is not on PATH (pip install accelerate)" >&2; exit 2; }
 "$PY" -c 'import preftune' 2>/dev/null || { echo "gpu_check: preftune is not importable (bash scripts/install.sh)" >&2; exit 2; }
 mkdir -p "$OUT"
-[ "$NGPU" -eq 1 ] && echo "gpu_check: one GPU: the DDP and FSDP2 runs are single-process (nothing to shard or reduce); use a multi-GPU machine to check NCCL"
+if [ "$NGPU" -eq 1 ]; then echo "gpu_check: one GPU: DDP and FSDP2 run one process (FSDP2 shards over 1); NCCL between GPUs needs a multi-GPU machine"; fi
 echo "gpu_check: $NGPU GPU(s): $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))'); torch $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')"
 
 MODEL="model.name=smollm2-135m-instruct model.dtype=bf16"

@@ -107,6 +107,10 @@ def test_sft_sharded_equals_one_process(runs, tmp_path):
     assert not any(type(p).__name__ == "DTensor" for p in model.parameters())
     state = json.loads((two / "sft" / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
     assert state["sharding"] == "fsdp2" and state["world_size"] == 2
+    from preftune.train.export import export_checkpoint  # a sharded run's checkpoint exports in one process
+
+    exported = export_checkpoint(two / "sft" / "checkpoints" / "step-000004", tmp_path / "exported")
+    assert_same_weights(load_file(str(exported / "model.safetensors")), weights(two / "sft"), atol=0)
 
 
 def test_sharded_resume_equals_uninterrupted(runs):
@@ -188,6 +192,7 @@ def test_sharding_plan_from_setting_and_launch_config():
                              transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
     # an Accelerate FSDP2 launch config (GPU) implies sharding, with its settings; Accelerate itself wraps nothing
     assert plan_for(_run(), _Accelerator("FSDP", plugin)) == ShardPlan(False, True, False, ("LlamaDecoderLayer",))
+    assert plan_for(_run(), _Accelerator("FSDP", plugin, processes=1)) is not None  # else Accelerate would wrap it
     with pytest.raises(ConfigError, match="fsdp_version: 2"):
         plan_for(_run(), _Accelerator("FSDP", SimpleNamespace(fsdp_version=1)))
     with pytest.raises(ConfigError, match="DeepSpeed .* not supported"):

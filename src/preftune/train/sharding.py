@@ -51,7 +51,9 @@ def plan_for(run: Any, accelerator: Any) -> ShardPlan | None:
     kind = accelerator.distributed_type
     plugin = accelerator.state.fsdp_plugin if kind == DistributedType.FSDP else _launch_fsdp_plugin()
     asked = plugin is not None or run.train.sharding == "fsdp2"
-    if asked and accelerator.num_processes == 1:
+    # Under Accelerate's FSDP state (GPU) even one process is sharded by the loop: handed the model,
+    # Accelerate would wrap it itself.
+    if asked and accelerator.num_processes == 1 and kind != DistributedType.FSDP:
         log.info("FSDP2 asked for with one process: nothing to shard, training unsharded")
         return None
     if kind == DistributedType.DEEPSPEED or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
