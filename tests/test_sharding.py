@@ -42,6 +42,17 @@ def reward(data, out, *extra):
             *BASE, *extra]
 
 
+def kto(data, out, *extra):
+    return ["algorithm=kto", f"data.path={data}", f"output_dir={out}", "train.learning_rate=1e-3", "train.max_steps=2",
+            *BASE, *extra]
+
+
+def ppo(data, out, *extra):
+    return ["algorithm=ppo", f"data.path={data}", f"output_dir={out}", "train.learning_rate=3e-3", "train.max_steps=2",
+            "train.lr_scheduler=constant", f"ppo.reward={REWARD}", "ppo.max_new_tokens=8", "ppo.samples_per_prompt=2",
+            "ppo.ppo_epochs=2", "train.micro_batch_size=2", *BASE, *extra]
+
+
 def rloo(data, out, *extra):
     return ["algorithm=rloo", f"data.path={data}", f"output_dir={out}", "train.learning_rate=1e-2", "train.max_steps=2",
             "train.lr_scheduler=constant", f"rloo.reward={REWARD}", "rloo.max_new_tokens=8", "rloo.samples_per_prompt=4",
@@ -70,6 +81,9 @@ def runs(tmp_path_factory):
                                                "dpo.precompute_reference=false", *SHARD)},  # the reference sharded too
         {"name": "lora", "overrides": sft(files["sft"], two / "lora", "train.micro_batch_size=2", *LORA, *SHARD)},
         {"name": "reward", "overrides": reward(files["pairs"], two / "reward", "train.micro_batch_size=2", *SHARD)},
+        {"name": "kto", "overrides": kto(files["pairs"], two / "kto", "train.micro_batch_size=2", *SHARD)},
+        {"name": "ppo_ddp", "overrides": ppo(files["prompts"], two / "ppo_ddp")},
+        {"name": "ppo", "overrides": ppo(files["prompts"], two / "ppo", *SHARD)},  # value head: a unit of its own
         {"name": "rloo_ddp", "overrides": rloo(files["prompts"], two / "rloo_ddp")},
         {"name": "rloo", "overrides": rloo(files["prompts"], two / "rloo", *SHARD)},
     ]
@@ -152,14 +166,24 @@ def test_lora_sharded_trains_only_the_adapter(runs, tmp_path):
     assert_same_weights(weights(one.output_dir, "adapter_model.safetensors"), weights(two / "lora", "adapter_model.safetensors"), atol=1e-5)
 
 
-def test_rloo_sharded_equals_unsharded(runs):
+def test_kto_sharded_equals_one_process(runs, tmp_path, monkeypatch):
+    two, files = runs
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    one = loop_mod.train(load_run_config(None, kto(files["pairs"], tmp_path / "one", "train.micro_batch_size=4")))
+    assert losses(two / "kto" / "metrics.jsonl") == pytest.approx(losses(one.metrics_path), abs=1e-5)
+    assert_same_weights(weights(one.output_dir), weights(two / "kto"), atol=1e-4)
+
+
+@pytest.mark.parametrize("algorithm,keys", [("rloo", ("reward/score", "loss", "kl")), ("ppo", ("loss", "value/loss"))])
+def test_online_rl_sharded_equals_unsharded(runs, algorithm, keys):
     """Sampling is seeded per process, so 2 sharded processes are compared with 2 unsharded ones:
     the decode runs on gathered weights and must draw the same samples."""
     two, _ = runs
-    ddp, sharded = read_metrics(two / "rloo_ddp" / "metrics.jsonl"), read_metrics(two / "rloo" / "metrics.jsonl")
-    for key in ("reward/score", "loss", "kl"):
-        assert [m[key] for m in sharded] == pytest.approx([m[key] for m in ddp], abs=1e-5), key
-    assert_same_weights(weights(two / "rloo_ddp"), weights(two / "rloo"), atol=1e-5)
+    ddp, sharded = read_metrics(two / f"{algorithm}_ddp" / "metrics.jsonl"), read_metrics(two / algorithm / "metrics.jsonl")
+    assert len(sharded) == len(ddp) == 2
+    for key in keys:
+        assert [m.get(key) for m in sharded] == pytest.approx([m.get(key) for m in ddp], abs=1e-5), key
+    assert_same_weights(weights(two / f"{algorithm}_ddp"), weights(two / algorithm), atol=1e-5)
 
 
 class _Accelerator:
