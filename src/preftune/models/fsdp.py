@@ -17,6 +17,10 @@ from torch import nn
 
 
 def fsdp_modules(model: nn.Module) -> list:
+    import torch
+
+    if not torch.distributed.is_available():
+        return []
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in model.modules() if isinstance(m, FSDPModule)]

@@ -119,6 +119,8 @@ def _fast_parts(model):
 
 
 def _is_fsdp_sharded(model) -> bool:
+    if not torch.distributed.is_available():  # builds without distributed support shard nothing
+        return False
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)

@@ -140,6 +140,8 @@ def shard(algo: nn.Module, plan: ShardPlan) -> None:
 
 
 def is_sharded(module: nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in module.parameters())
