@@ -148,3 +148,14 @@ def test_a_setting_under_another_algorithms_section_names_the_right_key(tmp_path
     with pytest.raises(ConfigError) as e:
         load_run_config(p)
     assert "section 'reward' given but algorithm is 'rloo'" in str(e.value) and "rloo.reward" in str(e.value)
+
+
+def test_full_example_configs_list_every_train_setting():
+    """Configs that list every setting stay complete (scripts/sync_example_configs.py adds new ones)."""
+    from preftune.config import TrainConfig, describe
+
+    keys = {k for k, *_ in describe(TrainConfig)}
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        if "progress_bar" in (data.get("train") or {}):
+            assert set(data["train"]) == keys, (path.name, keys ^ set(data["train"]))

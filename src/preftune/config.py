@@ -160,6 +160,12 @@ class TrainConfig:
         factory=list, help="Extra metric trackers: any of [tensorboard, wandb]. metrics.jsonl is always written."
     )
     progress_bar: bool = doc(True, "Show a live progress bar with ETA.")
+    sharding: Literal["none", "fsdp2"] = doc(
+        "none",
+        "'fsdp2': with several processes, shard weights, gradients and optimizer state over them (torch FSDP2, "
+        "per decoder layer; the loop applies it, on CPU/gloo too); checkpoints and model/ stay whole. An Accelerate "
+        "launch config with FSDP version 2 implies it. 'none': every process holds the whole model (DDP).",
+    )
     nonfinite: Literal["stop", "skip"] = doc(
         "stop",
         "A step whose loss, gradient norm, rewards or advantages are NaN/inf is never applied. 'stop': end the run "

@@ -102,6 +102,10 @@ class ClippedPolicyGradient(OnlineAlgorithm):
     needs = Needs(data_kind="prompts", loss_unit="token", reference_model=True)
 
     def __init__(self, config, policy, tokenizer, run):
+        if getattr(config, "dynamic_sampling", False) and run.train.sharding != "none":
+            # Refills are decided per process, but a sharded decode gathers weights collectively.
+            raise ConfigError(f"{self.name}.dynamic_sampling: not supported with train.sharding={run.train.sharding} "
+                              "(each process would sample a different number of times); turn one of them off")
         super().__init__(config, policy, tokenizer, run)
         self.token_fields = self.token_fields + (("sampler_logps",) if config.tis_cap is not None else ())
         self._pool: list[dict] = []

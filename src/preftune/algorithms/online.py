@@ -215,7 +215,9 @@ class OnlineAlgorithm(Algorithm):
         c = self.config
         start = time.perf_counter()
         sample = sample_rollout if self._from_sampler() else partial(generate_completions, return_token_ids=True)
-        with accelerator.autocast():
+        from preftune.models.fsdp import full_weights
+
+        with accelerator.autocast(), full_weights(self.policy):  # sharded: decode on gathered weights
             samples = sample(
                 self.policy, self.tokenizer, [p["prompt_ids"] for p in repeated], max_new_tokens=c.max_new_tokens,
                 temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, batch_size=c.generation_batch_size, seed=seed,

@@ -24,7 +24,7 @@ pairs), for models that :func:`shared_prompt_unsupported` accepts.
 
 The fast path is used only for architectures whose causal-LM head is known to be
 ``lm_head(backbone(...).last_hidden_state)`` up to a trivial logit transform (``_HEAD_TRANSFORMS``);
-anything else (unknown model types, DDP/compile wrappers, peft prompt-learning adapters) takes the
+anything else (unknown model types, DDP/compile wrappers, FSDP2-sharded models, peft prompt-learning adapters) takes the
 plain ``model(...).logits`` path, which is correct but uses O(B x T x V) memory.
 """
 
@@ -105,6 +105,8 @@ def _unwrap_peft(model):
 def _fast_parts(model):
     """(backbone, head, logit_transform) for the chunked path, or None for the plain path."""
     inner = _unwrap_peft(model)
+    if _is_fsdp_sharded(inner):  # the root unit gathers only in the model's own forward (preftune/train/sharding.py)
+        return None
     config = getattr(inner, "config", None)
     builder = _HEAD_TRANSFORMS.get(getattr(config, "model_type", None))
     if builder is None or not hasattr(inner, "get_decoder"):
@@ -114,6 +116,14 @@ def _fast_parts(model):
     if head is None or backbone is inner:
         return None
     return backbone, head, builder(config)
+
+
+def _is_fsdp_sharded(model) -> bool:
+    if not torch.distributed.is_available():  # builds without distributed support shard nothing
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def supports_fast_path(model) -> bool:

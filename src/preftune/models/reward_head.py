@@ -67,13 +67,15 @@ def sequence_rewards(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor
     inner = base_classifier(model)
     if pooling_kind(model) == "model":
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-    backbone = getattr(inner, inner.base_model_prefix)
-    hidden = backbone(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    from preftune.models.logprobs import _is_fsdp_sharded
+
+    if _is_fsdp_sharded(inner):
+        # FSDP2 gathers the classifier's root unit (backbone embeddings, norm, score) only in its own
+        # forward (preftune/train/sharding.py); the last hidden state is the backbone's output.
+        hidden = inner(**inputs, output_hidden_states=True).hidden_states[-1]
+    else:
+        hidden = getattr(inner, inner.base_model_prefix)(**inputs).last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     last = hidden[rows, last_token_index(attention_mask).to(hidden.device)]  # [B, H]
     return inner.score(last)[:, 0]

@@ -5,8 +5,11 @@ Layout of ``OUTPUT_DIR/checkpoints/step-000123/``:
     optimizer.pt, scheduler.pt
     rng_state_<rank>.pt     python / numpy / torch (and CUDA) generators of each process
     source_state_<rank>.pt  each process's batch-source position (and rollout buffer, online)
-    trainer_state.json      step, world size
+    trainer_state.json      step, world size ("sharding": "fsdp2" when written by a sharded run)
     manifest.json           size and sha256 of every file above, written last
+
+Under FSDP2 (preftune/train/sharding.py) the same files hold full state dicts gathered to rank 0;
+its optimizer.pt is keyed by parameter name (torch.distributed.checkpoint.state_dict's layout).
 
 A checkpoint is written into ``.step-000123.tmp`` and renamed into place only when complete, so a
 crash mid-write never leaves something that looks like a checkpoint. Loading verifies the manifest;
@@ -26,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from preftune.train.sharding import gather_states, is_sharded, load_states
 
 
 class CheckpointError(RuntimeError):
@@ -104,11 +109,15 @@ def save_checkpoint(
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp"
     main = accelerator.is_main_process
+    sharded = is_sharded(module)
+    if sharded:  # the same files, gathered from every process's shards (optimizer state keyed by parameter name)
+        weights, optim_state = gather_states(module, optimizer)
+        trainer_state = {**trainer_state, "sharding": "fsdp2"}
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights if sharded else trainable_state(module), str(tmp / "trainable.safetensors"))
+        torch.save(optim_state if sharded else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
     accelerator.wait_for_everyone()
@@ -148,6 +157,14 @@ def verify_checkpoint(path: Path) -> dict:
 def load_trainable(path: Path, module: torch.nn.Module) -> None:
     """Copy a checkpoint's ``trainable.safetensors`` into ``module``'s trainable parameters; the names
     must match exactly (same algorithm, model and LoRA setting)."""
+    weights = _checked_weights(path, module)
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device))
+
+
+def _checked_weights(path: Path, module: torch.nn.Module) -> dict[str, torch.Tensor]:
     weights = load_file(str(path / "trainable.safetensors"))
     expected = {n for n, p in module.named_parameters() if p.requires_grad}
     if set(weights) != expected:
@@ -156,10 +173,7 @@ def load_trainable(path: Path, module: torch.nn.Module) -> None:
             f"{path}: trainable weights do not match this model (missing {missing}, unexpected {extra}); "
             "was it written by a different model or LoRA setting?"
         )
-    params = dict(module.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device))
+    return weights
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -178,8 +192,17 @@ def load_checkpoint(
             f"{path} was written by {state['world_size']} processes; resume with the same number "
             f"(now {accelerator.num_processes}) so the data order and RNG streams continue exactly"
         )
-    load_trainable(path, module)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    sharded = is_sharded(module)
+    if (state.get("sharding") == "fsdp2") != sharded:
+        written = "with train.sharding=fsdp2" if state.get("sharding") else "without sharding"
+        raise CheckpointError(f"{path} was written {written}; resume it with the same train.sharding (its optimizer "
+                              "state is laid out for that)")
+    optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    if sharded:
+        load_states(module, optimizer, _checked_weights(path, module), optim_state)
+    else:
+        load_trainable(path, module)
+        optimizer.load_state_dict(optim_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_file = path / f"rng_state_{accelerator.process_index}.pt"
     _set_rng_state(torch.load(rng_file, weights_only=False))

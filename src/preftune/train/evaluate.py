@@ -6,6 +6,8 @@ import random
 
 import torch
 
+from preftune.train.sharding import is_sharded
+
 
 def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     """A seeded (train, eval) split; the same rows go to eval on every process and every resume."""
@@ -29,11 +31,19 @@ def evaluate(algo, inner, examples: list[dict], batch_size: int, accelerator) ->
     units = torch.zeros((), device=device)
     sums: dict[str, torch.Tensor] = {}
     order = sorted(range(len(mine)), key=lambda i: inner.example_length(mine[i]))
-    for k in range(0, len(order), batch_size):
-        batch = inner.collate([mine[i] for i in order[k : k + batch_size]])
-        batch = {key: v.to(device) for key, v in batch.items()}
+    starts = list(range(0, len(order), batch_size))
+    if sharded := is_sharded(inner):
+        # A sharded forward is collective in every layer: every process runs as many as the busiest one
+        # (extra ones on a real row, their results dropped).
+        most = accelerator.reduce(torch.tensor(float(len(starts)), device=device), reduction="max")
+        starts += [None] * (int(most) - len(starts))
+    for k in starts:
+        rows = [mine[i] for i in order[k : k + batch_size]] if k is not None else examples[:1]
+        batch = {key: v.to(device) for key, v in inner.collate(rows).items()}
         with accelerator.autocast():
             loss, metrics = inner(batch)
+        if sharded and k is None:
+            continue
         loss_sum += loss.float()
         units += inner.count_units(batch)
         for name, (s, c) in metrics.items():

@@ -8,6 +8,8 @@ Launch (the same config runs on one CPU, one GPU or many processes):
     preftune train configs/sft.yaml                              # one process
     accelerate launch --num_processes 2 -m preftune train ...    # DDP (gloo on CPU, NCCL on GPU)
     torchrun --nproc_per_node 2 -m preftune train ...            # same, with torchrun
+    torchrun --nproc_per_node 2 -m preftune train ... train.sharding=fsdp2   # FSDP2 (train/sharding.py)
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml -m preftune train ...   # same, on GPUs
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 from preftune.algorithms import ALGORITHMS
 from preftune.config import ConfigError, RunConfig, run_config_to_dict
 from preftune.data.records import DataError
+from preftune.train import sharding
 from preftune.train.checkpoint import (
     checkpoints_dir,
     list_checkpoints,
@@ -137,6 +140,7 @@ class _Session:
     guard: StepGuard
     total_steps: int
     step: int
+    sharded: bool = False
 
 
 def _make_accelerator(run: RunConfig) -> Accelerator:
@@ -159,16 +163,28 @@ def _start(run: RunConfig) -> _Session:
     check_output_dir_writable(out)  # before minutes of model loading and reference log-probs
     accelerator = _make_accelerator(run)
     resume_path = _check_output_dir(run, accelerator)
+    plan = sharding.plan_for(run, accelerator)  # before any model loads: a refused launch config costs nothing
     set_seed(t.seed)
     algo, examples, eval_examples, report = build_algorithm(run)
     if accelerator.is_main_process:
         log.info("data: %d training rows, %d held out, from %s; %s", len(examples), len(eval_examples), run.data.path, report)
-    params = [p for p in algo.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, t)
-    algo, optimizer = accelerator.prepare(algo, optimizer)
-    inner = accelerator.unwrap_model(algo)
-    # One call over train + held-out rows: the hook may free what it used (e.g. a reference model).
-    both = inner.prepare_examples(examples + eval_examples, accelerator)
+    if plan is None:
+        params = [p for p in algo.parameters() if p.requires_grad]
+        optimizer = build_optimizer(params, t)
+        algo, optimizer = accelerator.prepare(algo, optimizer)
+        inner = accelerator.unwrap_model(algo)
+        # One call over train + held-out rows: the hook may free what it used (e.g. a reference model).
+        both = inner.prepare_examples(examples + eval_examples, accelerator)
+    else:
+        # Before sharding: each process scores its own share of rows there (e.g. reference log-probs),
+        # which a sharded forward, collective in every layer, could not do.
+        inner = algo.to(accelerator.device)
+        both = inner.prepare_examples(examples + eval_examples, accelerator)
+        sharding.shard(algo, plan)  # Accelerate never sees the model, so it cannot wrap it a second time
+        params = [p for p in algo.parameters() if p.requires_grad]  # the sharded (DTensor) parameters
+        # Not handed to accelerator.prepare either: under an FSDP2 launch config Accelerate refuses an
+        # optimizer without its model, and there is nothing for it to do (no grad scaler: bf16 or fp32).
+        optimizer = build_optimizer(params, t)
     examples, eval_examples = both[: len(examples)], both[len(examples) :]
     source = inner.make_source(examples, accelerator)
     total_steps = t.max_steps or t.num_epochs * source.steps_per_epoch
@@ -190,7 +206,7 @@ def _start(run: RunConfig) -> _Session:
     guard = StepGuard(t, out, chance_loss=inner.chance_loss(), log_warning=metrics_log.write)
     guard.last_checkpoint = resume_path.name if resume_path is not None else None
     return _Session(run, accelerator, algo, inner, params, optimizer, scheduler, source, eval_examples,
-                    metrics_log, guard, total_steps, step)
+                    metrics_log, guard, total_steps, step, sharded=plan is not None)
 
 
 def train(run: RunConfig) -> TrainResult:
@@ -208,7 +224,7 @@ def train(run: RunConfig) -> TrainResult:
         if s.step % t.logging_steps == 0 or s.step == s.total_steps or not applied:
             elapsed = time.perf_counter() - window_start
             last = {"step": s.step, "epoch": round(s.source.epochs_done(), 4), **sums, "lr": lr, "grad_norm": grad_norm,
-                    "tokens": window_tokens, "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 2)}
+                    "tokens": window_tokens, "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 2), **_peak_memory()}
             if not applied:
                 last["skipped"] = True
             s.metrics_log.write(last)
@@ -224,7 +240,9 @@ def train(run: RunConfig) -> TrainResult:
     bar.close()
     model_dir = out / "model"
     s.accelerator.wait_for_everyone()
-    if s.accelerator.is_main_process:
+    if s.sharded:
+        sharding.save_final(run, s.inner, model_dir, s.accelerator.is_main_process)  # gathered: one whole model
+    elif s.accelerator.is_main_process:
         s.inner.save(model_dir)
     s.accelerator.wait_for_everyone()
     if t.report_to:
@@ -236,8 +254,11 @@ def _optimizer_step(s: _Session) -> tuple[dict, float, float, bool]:
     """Forward/backward one global batch and apply it unless the guard refuses (NaN/inf anywhere).
     Returns (step metrics, gradient norm, learning rate, whether the update was applied)."""
     micro_batches = s.source.next_step()
-    sums = _run_step(s.algo, micro_batches, s.accelerator, s.source.pop_metrics())
-    grad_norm = _clip(s.accelerator, s.params, s.run.train.max_grad_norm)
+    sums = _run_step(s.algo, micro_batches, s.accelerator, s.source.pop_metrics(), sharded=s.sharded)
+    if s.sharded:
+        grad_norm = sharding.clip_(s.params, s.run.train.max_grad_norm)
+    else:
+        grad_norm = _clip(s.accelerator, s.params, s.run.train.max_grad_norm)
     lr = s.scheduler.get_last_lr()[0]
     describe = lambda: step_rows(s.source.last_step_rows(), s.inner.tokenizer)  # noqa: E731
     applied = s.guard.check(s.step + 1, sums, grad_norm, s.accelerator, describe)
@@ -294,7 +315,7 @@ def check_output_dir_writable(out: Path) -> None:
         raise ConfigError(f"output_dir: cannot create or write {out} ({probe} is not a writable folder)")
 
 
-def _run_step(algo, micro_batches: list[dict], accelerator: Accelerator, source_metrics: dict) -> dict:
+def _run_step(algo, micro_batches: list[dict], accelerator: Accelerator, source_metrics: dict, sharded: bool = False) -> dict:
     """Forward/backward every micro-batch of one optimizer step; return globally reduced metrics
     (the algorithm's, and the batch source's, e.g. rollout statistics: name -> (sum, count))."""
     device = accelerator.device
@@ -312,11 +333,14 @@ def _run_step(algo, micro_batches: list[dict], accelerator: Accelerator, source_
         batch = {k: v.to(device) for k, v in batch.items()}
         tokens += _count_tokens(batch)
         last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last else accelerator.no_sync(algo)
+        if last:
+            sync = contextlib.nullcontext()
+        else:
+            sync = sharding.no_gradient_sync(algo) if sharded else accelerator.no_sync(algo)
         with sync:
             with accelerator.autocast():
                 loss_sum, metrics = algo(batch)
-            # DDP averages gradients over processes; x world turns that into the global sum.
+            # DDP and FSDP2 average gradients over processes; x world turns that into the global sum.
             accelerator.backward(loss_sum * world / global_units)
         loss_total += loss_sum.detach().float()
         for name, (s, c) in metrics.items():
@@ -338,6 +362,13 @@ def _clip(accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: 
         return float(accelerator.clip_grad_norm_(params, max_norm))
     grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _peak_memory() -> dict:
+    """Peak CUDA memory allocated by this process so far (GiB); nothing on CPU."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
