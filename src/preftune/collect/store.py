@@ -258,6 +258,17 @@ class Store:
             r["answer"] = None if r["answer"] is None else json.loads(r["answer"])
         return sorted(rows, key=lambda r: r["id"])
 
+    def progress(self, annotator_id: int, overlap: int) -> dict:
+        """{answered: by this annotator, complete: items with ``overlap`` answers, items}."""
+        rows = [r for r in self.current() if r["kind"] in ANSWERS]
+        per_item: dict[str, int] = {}
+        for r in rows:
+            per_item[r["item_id"]] = per_item.get(r["item_id"], 0) + 1
+        with self.engine.connect() as c:
+            n_items = c.execute(select(func.count()).select_from(items_t)).scalar()
+        return {"answered": sum(r["annotator_id"] == annotator_id for r in rows),
+                "complete": sum(v >= overlap for v in per_item.values()), "items": n_items}
+
     def count_rows(self) -> int:
         with self.engine.connect() as c:
             return c.execute(select(func.count()).select_from(labels_t)).scalar()

@@ -1,0 +1,90 @@
+"""``preftune collect ACTION PROJECT [args] [key=value ...]``: the team labelling workflow.
+
+    preftune collect create runs/collect samples.jsonl guidelines=guide.md overlap=3 mode=rank
+    preftune collect invite runs/collect alice bob carol      # one login link per annotator
+    preftune collect serve runs/collect host=0.0.0.0 port=8765
+    preftune collect status runs/collect                      # progress, per-annotator counts, agreement
+    preftune collect export runs/collect output=labels.jsonl consensus=borda format=pairs
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+
+from preftune.collect.project import LOOPBACK, CollectConfig, create, format_status, login_url, open_store, status
+from preftune.collect.store import StoreError
+from preftune.config import ConfigError, apply_overrides, from_dict
+
+ACTIONS = ("create", "invite", "serve", "status", "export")
+log = logging.getLogger("preftune.collect")
+
+
+def settings(overrides: list[str]) -> CollectConfig:
+    return from_dict(CollectConfig, apply_overrides({}, overrides), "collect")
+
+
+def run_collect(action: str, project: str, rest: list[str], *, on_ready=None) -> int:
+    words = [r for r in rest if "=" not in r]
+    cfg = settings([r for r in rest if "=" in r])
+    if action == "create":
+        if words:
+            cfg.samples = words[0]
+        info = create(project, cfg)
+        print(f"{project}: {info['added']} new items ({info['total']} in all, {info['gold']} gold), mode {cfg.mode}, overlap {cfg.overlap}")
+        if info["admin_token"]:
+            print(f"admin page (keep it secret; shown once): {login_url(cfg, info['admin_token'], '/admin')}")
+        print(f"next: preftune collect invite {project} NAME ...")
+        return 0
+    if words and action != "invite":
+        raise ConfigError(f"collect {action}: unexpected argument {words[0]!r} (settings are key=value)")
+    store = open_store(project, cfg)
+    try:
+        if action == "invite":
+            if not words:
+                raise ConfigError("collect invite: name at least one annotator, e.g. `preftune collect invite DIR alice bob`")
+            for name in words:
+                try:
+                    print(f"{name}: {login_url(cfg, store.add_annotator(name))}")
+                except StoreError as err:
+                    raise ConfigError(f"collect invite: {err}") from None
+        elif action == "status":
+            s = status(store)
+            print(format_status(s))
+        elif action == "export":
+            from preftune.collect.export import export
+
+            res = export(store, cfg)
+            print(f"wrote {res['rows']} {cfg.rows} rows ({res['format']}) to {res['output']}")
+        elif action == "serve":
+            serve(store, cfg, on_ready=on_ready)
+    finally:
+        store.close()
+    return 0
+
+
+def serve(store, cfg: CollectConfig, *, on_ready=None) -> None:
+    import uvicorn
+
+    from preftune.collect.app import make_app
+
+    loopback = cfg.host in LOOPBACK
+    if not loopback and not store.annotators():
+        raise ConfigError(f"collect.host: refusing to listen on {cfg.host} with no accounts; invite annotators first "
+                          "(`preftune collect invite PROJECT NAME`)")
+    allowed = [h for h in LOOPBACK] + ["[::1]"] if loopback else None  # a rebinding host name gets 400
+    app = make_app(store, max_body=cfg.max_body_kb * 1024, allowed_hosts=allowed)
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((cfg.host, cfg.port))
+    except OSError as err:
+        raise ConfigError(f"collect.port: cannot listen on {cfg.host}:{cfg.port} ({err.strerror}); choose another port") from None
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, backlog=4096, log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=3)
+    print(json.dumps({"serving": f"http://{cfg.host}:{port}/", "port": port}), flush=True)
+    if on_ready is not None:
+        on_ready(port)
+    uvicorn.Server(config).run(sockets=[sock])
