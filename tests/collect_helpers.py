@@ -55,7 +55,8 @@ class ThreadServer:
 
 def serve_subprocess(project, port=0):
     """`preftune collect serve` in a subprocess; returns (process, base url)."""
-    proc = subprocess.Popen([sys.executable, "-m", "preftune", "collect", "serve", str(project), f"port={port}"],
+    code = f"from preftune.collect.commands import run_collect; run_collect('serve', {str(project)!r}, ['port={port}'])"
+    proc = subprocess.Popen([sys.executable, "-c", code],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     line = proc.stdout.readline()
     if not line:
@@ -79,3 +80,23 @@ def rank_next(client, first_wins=True):
     ranking = [[0], [1]] if first_wins else [[1], [0]]
     r = client.post("/api/label", json={"item": item["item"], "ranking": ranking, "submission": item["submission"]})
     return item, r
+
+
+def assign(project, annotator_token, item_ids, db=""):
+    """Hand ``item_ids`` to an annotator at once (the app hands out one at a time), for load tests."""
+    from sqlalchemy import insert
+
+    from preftune.collect.store import assignments_t
+
+    store = open_store(project, CollectConfig(db=db))
+    who = store.authenticate(annotator_token)
+    with store.engine.begin() as c:
+        c.execute(insert(assignments_t), [{"item_id": i, "annotator_id": who["id"], "assigned_at": time.time()} for i in item_ids])
+    store.close()
+
+
+def item_ids(project, db=""):
+    store = open_store(project, CollectConfig(db=db))
+    ids = list(store.items())
+    store.close()
+    return ids

@@ -154,24 +154,35 @@ def test_shuffled_per_annotator_and_hostile_text_is_data(tmp_path):
         server.stop()
 
 
-def test_serve_refuses_other_interfaces_without_accounts(tmp_path):
+def preftune(capsys, *args):
+    """`preftune ARGS` in this process (the CLI's own entry point): (exit code, stdout, stderr)."""
+    from preftune.cli import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_serve_refuses_other_interfaces_without_accounts(tmp_path, capsys):
     samples = tmp_path / "s.jsonl"
     samples.write_text(json.dumps({"prompt": "p", "completions": ["a", "b"]}) + "\n")
-    assert cli("collect", "create", str(tmp_path / "p"), str(samples)).returncode == 0
-    r = cli("collect", "serve", str(tmp_path / "p"), "host=0.0.0.0", "port=0")
-    assert r.returncode == 2 and "refusing to listen on 0.0.0.0 with no accounts" in r.stderr and "Traceback" not in r.stderr
+    assert preftune(capsys, "collect", "create", str(tmp_path / "p"), str(samples))[0] == 0
+    code, _, err = preftune(capsys, "collect", "serve", str(tmp_path / "p"), "host=0.0.0.0", "port=0")
+    assert code == 2 and "refusing to listen on 0.0.0.0 with no accounts" in err
+    code, _, err = preftune(capsys, "collect", "status", str(tmp_path / "nothing"))
+    assert code == 2 and "not a collection project" in err
 
 
-def test_team_of_three_overlap_three_trains_dpo(tmp_path):
+def test_team_of_three_overlap_three_trains_dpo(tmp_path, capsys):
     """Done when: 3 annotators x overlap 3 -> consensus pairs -> `preftune train configs/dpo.yaml` on them."""
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(json.dumps({"prompt": f"Say hi {i}", "completions": [f"hello friend {i}", f"go away {i}"]}) + "\n"
                                for i in range(3)))
     project = tmp_path / "team"
-    out = cli("collect", "create", str(project), str(samples), "overlap=3")
-    assert out.returncode == 0, out.stderr
-    invite = cli("collect", "invite", str(project), "alice", "bob", "carol")
-    links = dict(line.split(": ", 1) for line in invite.stdout.splitlines())
+    code, out, err = preftune(capsys, "collect", "create", str(project), str(samples), "overlap=3")
+    assert code == 0 and "3 new items" in out and "/admin?token=" in out, err
+    code, out, _ = preftune(capsys, "collect", "invite", str(project), "alice", "bob", "carol")
+    links = dict(line.split(": ", 1) for line in out.splitlines())
     assert set(links) == {"alice", "bob", "carol"} and all("/login?token=" in v for v in links.values())
     server = ThreadServer(project)
     try:
@@ -185,11 +196,11 @@ def test_team_of_three_overlap_three_trains_dpo(tmp_path):
                 assert client.post("/api/label", json={"item": item["item"], "ranking": [[first], [second]]}).status_code == 200
     finally:
         server.stop()
-    status = cli("collect", "status", str(project))
-    assert "3 items (rank, overlap 3): 3 complete, 9 answers" in status.stdout and "Krippendorff" in status.stdout
-    assert "pairwise 0.778" in status.stdout  # carol disagrees on one of 3 items: 1 - 2/9
+    _, status, _ = preftune(capsys, "collect", "status", str(project))
+    assert "3 items (rank, overlap 3): 3 complete, 9 answers" in status and "Krippendorff" in status
+    assert "pairwise 0.778" in status  # carol disagrees on one of 3 items: 1 - 2/9
     pairs = tmp_path / "pairs.jsonl"
-    assert cli("collect", "export", str(project), f"output={pairs}", "format=pairs", "consensus=majority").returncode == 0
+    assert preftune(capsys, "collect", "export", str(project), f"output={pairs}", "format=pairs", "consensus=majority")[0] == 0
     records = load_records(str(pairs), "pairs")
     assert len(records) == 3 and all(r.chosen.startswith("hello") for r in records)
     train = cli("train", "configs/dpo.yaml", f"data.path={pairs}", "model.name=tiny-random-llama", f"output_dir={tmp_path / 'run'}",
