@@ -1,6 +1,6 @@
 """The collection store: SQLAlchemy Core over SQLite (WAL, the embedded default) or PostgreSQL.
 
-Tables: ``meta`` (mode, overlap, guidelines, the admin token's hash, the CSRF secret), ``items``
+Tables (each prefixed ``collect_``, so a shared PostgreSQL database is no problem): ``meta`` (mode, overlap, guidelines, the admin token's hash, the CSRF secret), ``items``
 (prompt + K completions, id = a hash of both), ``annotators`` (name + the SHA-256 of their login
 token; the token itself is never stored), ``assignments`` (which item was handed to whom) and
 ``labels``, which is append-only: a changed answer or an undo is a new row and the latest row of an
@@ -24,9 +24,9 @@ from sqlalchemy import (Column, Float, ForeignKey, Integer, MetaData, String, Ta
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 md = MetaData()
-meta_t = Table("meta", md, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False))
+meta_t = Table("collect_meta", md, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False))
 items_t = Table(
-    "items", md,
+    "collect_items", md,
     Column("id", String(32), primary_key=True),
     Column("position", Integer, nullable=False, index=True),
     Column("prompt", Text, nullable=False),  # JSON: text or a list of messages
@@ -35,23 +35,23 @@ items_t = Table(
     Column("gold", Text),  # JSON ranking of a gold item (known answer), else NULL
 )
 annotators_t = Table(
-    "annotators", md,
+    "collect_annotators", md,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("name", String(200), nullable=False, unique=True),
     Column("token_hash", String(64), nullable=False, unique=True),
     Column("created_at", Float, nullable=False),
 )
 assignments_t = Table(
-    "assignments", md,
-    Column("item_id", String(32), ForeignKey("items.id"), primary_key=True),
-    Column("annotator_id", Integer, ForeignKey("annotators.id"), primary_key=True),
+    "collect_assignments", md,
+    Column("item_id", String(32), ForeignKey("collect_items.id"), primary_key=True),
+    Column("annotator_id", Integer, ForeignKey("collect_annotators.id"), primary_key=True),
     Column("assigned_at", Float, nullable=False),
 )
 labels_t = Table(
-    "labels", md,
+    "collect_labels", md,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("item_id", String(32), ForeignKey("items.id"), nullable=False, index=True),
-    Column("annotator_id", Integer, ForeignKey("annotators.id"), nullable=False, index=True),
+    Column("item_id", String(32), ForeignKey("collect_items.id"), nullable=False, index=True),
+    Column("annotator_id", Integer, ForeignKey("collect_annotators.id"), nullable=False, index=True),
     Column("kind", String(16), nullable=False),  # rank | thumbs | both_bad | skip | undo
     Column("answer", Text),  # JSON: ranking (original indices) or thumbs list
     Column("comment", Text),
