@@ -243,7 +243,7 @@ def _answer(store: Store, mode: str, data: dict) -> tuple[str, Any]:
         if mode != "rank":
             raise StoreError("this project collects thumbs up/down ('labels'), not rankings", 400)
         try:
-            return "rank", check_ranking(data["ranking"], k, Where("request", None))
+            return "rank", [sorted(g) for g in check_ranking(data["ranking"], k, Where("request", None))]
         except DataError as err:
             raise StoreError(f"ranking: {err.message}", 422) from None
     if "labels" in data:
