@@ -84,14 +84,8 @@ def rank_next(client, first_wins=True):
 
 def assign(project, annotator_token, item_ids, db=""):
     """Hand ``item_ids`` to an annotator at once (the app hands out one at a time), for load tests."""
-    from sqlalchemy import insert
-
-    from preftune.collect.store import assignments_t
-
     store = open_store(project, CollectConfig(db=db))
-    who = store.authenticate(annotator_token)
-    with store.engine.begin() as c:
-        c.execute(insert(assignments_t), [{"item_id": i, "annotator_id": who["id"], "assigned_at": time.time()} for i in item_ids])
+    store.assign(store.authenticate(annotator_token)["id"], item_ids)
     store.close()
 
 

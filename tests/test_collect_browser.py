@@ -1,6 +1,6 @@
 """The labelling page in headless Chromium (Debian's chromium, driven by Playwright): log in by link,
 read the guidelines, rank with the mouse and with the keyboard, skip, undo; the database holds the
-result. Saves docs/collect-labelling.png. Fails (no skip) when chromium is missing and CI=true."""
+result. PREFTUNE_UPDATE_DOCS=1 saves the screenshot as docs/collect-labelling.png. Fails (no skip) when chromium is missing and CI=true."""
 
 import json
 import os
@@ -76,7 +76,8 @@ def test_label_in_chromium(tmp_path):
         # item 2: a mouse Skip, then Enter must not skip the next item too
         page.click("#skip")
         wait_prompt("Prompt 3")
-        shot = ROOT / "docs" / "collect-labelling.png"
+        # PREFTUNE_UPDATE_DOCS=1 refreshes the README's screenshot
+        shot = ROOT / "docs" / "collect-labelling.png" if os.environ.get("PREFTUNE_UPDATE_DOCS") else tmp_path / "labelling.png"
         page.screenshot(path=str(shot))
         page.keyboard.press("Enter")
         assert page.inner_text("#error") == "Label every completion first."

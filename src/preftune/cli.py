@@ -186,6 +186,9 @@ def config_markdown() -> str:
     from preftune.label import LabelConfig
 
     parts += ["", "## `preftune label`", "", table(LabelConfig)]
+    from preftune.collect.project import CollectConfig
+
+    parts += ["", "## `preftune collect`", "", table(CollectConfig)]
     from preftune.experiments.sentiment import StudyConfig
 
     parts += ["", "## `preftune demo` / `preftune study`", "", table(StudyConfig)]

@@ -5,6 +5,7 @@
     preftune collect serve runs/collect host=0.0.0.0 port=8765
     preftune collect status runs/collect                      # progress, per-annotator counts, agreement
     preftune collect export runs/collect output=labels.jsonl consensus=borda format=pairs
+    preftune collect judge runs/collect judge=llm:smollm2-135m-instruct   # an LLM answers every item too
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from preftune.collect.project import LOOPBACK, CollectConfig, create, format_sta
 from preftune.collect.store import StoreError
 from preftune.config import ConfigError, apply_overrides, from_dict
 
-ACTIONS = ("create", "invite", "serve", "status", "export")
+ACTIONS = ("create", "invite", "serve", "status", "export", "judge")
 log = logging.getLogger("preftune.collect")
 
 
@@ -57,11 +58,34 @@ def run_collect(action: str, project: str, rest: list[str], *, on_ready=None) ->
 
             res = export(store, cfg)
             print(f"wrote {res['rows']} {cfg.rows} rows ({res['format']}) to {res['output']}")
+        elif action == "judge":
+            print(run_judge(store, cfg))
         elif action == "serve":
             serve(store, cfg, on_ready=on_ready)
     finally:
         store.close()
     return 0
+
+
+def run_judge(store, cfg: CollectConfig) -> str:
+    from preftune.collect.judge import LLMJudge, parse_spec
+
+    model = parse_spec(cfg.judge)
+    if model is None:
+        raise ConfigError(f"collect.judge: expected 'llm' or 'llm:MODEL', got {cfg.judge!r}")
+    meta = store.get_meta()
+    if meta["mode"] != "rank":
+        raise ConfigError("collect.judge: an LLM judge ranks; this project collects thumbs")
+    who = store.annotator_id(f"judge:{cfg.judge}", create=True)
+    done = {r["item_id"] for r in store.current(who)}
+    todo = [it for i, it in store.items().items() if i not in done]
+    store.assign(who, [it["id"] for it in todo])
+    results = LLMJudge(model, meta.get("guidelines", "")).judge([(it["prompt"], it["completions"]) for it in todo])
+    for it, r in zip(todo, results):
+        store.submit(who, it["id"], "rank", r["ranking"])
+    asked = sum(r["asked"] for r in results)
+    consistency = f"{sum(r['consistent'] for r in results) / asked:.3f}" if asked else "n/a"
+    return f"judge:{cfg.judge} answered {len(todo)} items; position consistency {consistency} over {asked} pairs"
 
 
 def serve(store, cfg: CollectConfig, *, on_ready=None) -> None:

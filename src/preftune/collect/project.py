@@ -42,6 +42,8 @@ class CollectConfig:
         "auto", "export: record format `preftune train` reads: rankings, pairs (chosen/rejected) or unpaired (KTO); auto = rankings in rank mode, unpaired in thumbs mode.")
     consensus: Literal["borda", "majority", "bradley_terry"] = doc("borda", "export: how annotators' rankings combine: Borda count, majority vote per pair, or a Bradley-Terry fit.")
     min_agreement: float = doc(0.0, "export: drop consensus items whose pairwise agreement among their annotators is below this (0..1).")
+    judge: str = doc("llm", "judge: the labeller, 'llm' or 'llm:MODEL' (default the packaged smollm2-135m-instruct); it joins the "
+                            "project as annotator 'judge:<spec>' and answers every item, so `status` shows its agreement with people.")
     min_annotators: int = doc(1, "export: drop consensus items answered by fewer annotators than this.")
 
     def validate(self, path: str) -> None:

@@ -215,6 +215,23 @@ class Store:
             c.execute(insert(assignments_t).values(item_id=item_id, annotator_id=annotator_id, assigned_at=now))
         return self.item(item_id)
 
+    def annotator_id(self, name: str, *, create: bool = False) -> int | None:
+        """The id of annotator ``name`` (made, without a usable login, when ``create``: e.g. a judge)."""
+        with self.engine.connect() as c:
+            found = c.execute(select(annotators_t.c.id).where(annotators_t.c.name == name)).scalar()
+        if found is None and create:
+            self.add_annotator(name)
+            return self.annotator_id(name)
+        return found
+
+    def assign(self, annotator_id: int, item_ids: list[str]) -> None:
+        """Hand ``item_ids`` to an annotator outright (a judge labels every item; overlap is for people)."""
+        with self.engine.begin() as c:
+            have = set(c.execute(select(assignments_t.c.item_id).where(assignments_t.c.annotator_id == annotator_id)).scalars())
+            new = [{"item_id": i, "annotator_id": annotator_id, "assigned_at": time.time()} for i in item_ids if i not in have]
+            if new:
+                c.execute(insert(assignments_t), new)
+
     def submit(self, annotator_id: int, item_id: Any, kind: str, answer: Any = None, *, comment: str | None = None,
                submission: str | None = None, revise: bool = False) -> int:
         """Append an answer (``kind`` in ANSWERS or 'skip'); refuses unassigned items and a second

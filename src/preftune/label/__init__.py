@@ -42,8 +42,10 @@ class LabelConfig:
         None,
         "Label automatically instead of in the browser: 'vader', 'module:function' / 'file.py:function' (texts in, "
         "floats out), or trained reward model(s) (run directory; comma-separated = ensemble). Its scores are kept "
-        "in each row. null = a person labels in the web UI.",
+        "in each row. 'llm' / 'llm:MODEL': an LLM asked which of two completions is better, in both orders "
+        "(see preftune.collect.judge). null = a person labels in the web UI.",
     )
+    guidelines: str = doc("", "judge=llm: a text/Markdown file with the criterion the LLM judge is given.")
     tie_tolerance: float = doc(0.0, "Judge, rank mode: scores within this of their neighbour are tied; an all-tied item is skipped.")
     threshold: float = doc(0.0, "Judge, thumbs mode: thumbs up when the score is above this.")
     annotator: str = doc("", "Name stored with every label (who labelled it; 'judge:SPEC' for a judge by default).")
@@ -86,8 +88,13 @@ def run_label(cfg: LabelConfig, *, on_ready=None) -> dict:
     session = build_session(cfg)
     result = {"output": cfg.output}
     if cfg.judge:
+        from preftune.collect.judge import label_session, parse_spec
         from preftune.rollout.rewards import resolve_reward
 
+        if parse_spec(cfg.judge) is not None:
+            guide = Path(cfg.guidelines).read_text(encoding="utf-8") if cfg.guidelines else ""
+            result.update(label_session(session, parse_spec(cfg.judge), guide))
+            return {**result, **session.progress()}
         try:
             reward = resolve_reward(cfg.judge)
         except ValueError as err:
