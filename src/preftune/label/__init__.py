@@ -51,7 +51,8 @@ class LabelConfig:
     annotator: str = doc("", "Name stored with every label (who labelled it; 'judge:SPEC' for a judge by default).")
     shuffle: bool = doc(True, "Show each item's completions in a random (per-item, seeded) order, so position gives nothing away.")
     seed: int = doc(0, "Seed of that order.")
-    host: str = doc("127.0.0.1", "Address the web UI listens on (0.0.0.0 = every interface; there is no login).")
+    host: str = doc("127.0.0.1", "Address the web UI listens on: a loopback address only, as it has no login (for a team, "
+                                 "with accounts: `preftune collect`).")
     port: int = doc(8765, "Port of the web UI (0 = any free port).")
     max_items: Optional[int] = doc(None, "Label only the first N items of the input. null = all.")
 
@@ -64,6 +65,9 @@ class LabelConfig:
             raise ConfigError(f"{path}.tie_tolerance: must be >= 0, got {self.tie_tolerance}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{path}.port: must be between 0 and 65535, got {self.port}")
+        if self.judge is None and self.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ConfigError(f"{path}.host: refusing to listen on {self.host}: this page has no login; keep 127.0.0.1 "
+                              "(or use `preftune collect`, which has accounts)")
         if self.max_items is not None and self.max_items < 1:
             raise ConfigError(f"{path}.max_items: must be >= 1 or null, got {self.max_items}")
 

@@ -1,0 +1,108 @@
+"""The one-person `preftune label` page: each defect found when it was tried as a new user would, with
+the test that shows it fixed (cross-site POSTs, DNS rebinding, backlog, Content-Length, UTF-8,
+newline-less labels files, binding to every interface, keyboard handling)."""
+
+import json
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from preftune.config import ConfigError, from_dict
+from preftune.label import LabelConfig
+from preftune.label.server import make_server
+from preftune.label.store import LabelStore
+from tests.test_label import _request, session_for
+
+
+@pytest.fixture
+def served(tmp_path):
+    s = session_for(tmp_path, prompts=3, k=2)
+    server = make_server(s, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield s, server, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def raw(server, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as c:
+        c.sendall(request)
+        return c.recv(4096)
+
+
+def test_blind_cross_site_posts_cannot_undo(served, tmp_path):
+    s, server, base = served
+    item = json.loads(_request(base + "/api/next")[1])
+    assert _request(base + "/api/label", {"key": item["key"], "ranking": [[0], [1]]})[0] == 200
+    for _ in range(20):  # what any open web page can send without a preflight
+        reply = raw(server, b"POST /api/undo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{}")
+        assert reply.split(b" ")[1] == b"415"
+    reply = raw(server, b"POST /api/undo HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://evil.example\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+    assert reply.split(b" ")[1] == b"403"
+    assert len(LabelStore(tmp_path / "labels.jsonl").labels) == 1  # the label survived
+    reply = raw(server, b"GET /api/next HTTP/1.1\r\nHost: rebind.evil.example\r\n\r\n")
+    assert reply.split(b" ")[1] == b"400"  # a rebinding host name reads nothing
+
+
+def test_negative_length_and_bad_utf8_are_400(served):
+    _, server, _ = served
+    reply = raw(server, b"POST /api/label HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: -1\r\n\r\n" + b"x" * 1000)
+    assert reply.split(b" ")[1] == b"400" and b"non-negative" in reply
+    reply = raw(server, b"POST /api/label HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 4\r\n\r\n\"\xff\xfe\"")
+    assert reply.split(b" ")[1] == b"400" and b"UTF-8" in reply
+
+
+def test_many_simultaneous_connections_are_all_answered(served):
+    _, server, _ = served
+    socks = [socket.create_connection(("127.0.0.1", server.server_port), timeout=30) for _ in range(300)]  # backlog was 5
+
+    def ask(c):
+        c.sendall(b"GET /api/next HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        return c.recv(64).split(b" ")[1]
+
+    with ThreadPoolExecutor(32) as pool:
+        codes = list(pool.map(ask, socks))
+    for c in socks:
+        c.close()
+    assert codes == [b"200"] * 300
+
+
+def test_a_labels_file_without_final_newline_is_not_glued(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    path.write_text('{"item": "a", "ranking": [[0], [1]]}', encoding="utf-8")  # hand-edited: no newline
+    LabelStore(path).append([{"item": "b"}])
+    assert [r["item"] for r in LabelStore(path).labels] == ["a", "b"]
+
+
+def test_every_interface_is_refused_without_a_login(tmp_path):
+    with pytest.raises(ConfigError, match="refusing to listen on 0.0.0.0"):
+        from_dict(LabelConfig, {"input": "s.jsonl", "host": "0.0.0.0"}, "label")
+
+
+def test_keys_in_chromium_enter_after_skip_and_ctrl_s(served):
+    from tests.test_collect_browser import browser
+
+    s, server, base = served
+    pw, chromium = browser()
+    try:
+        page = chromium.new_page()
+        page.goto(base + "/")
+        page.wait_for_selector("#card1")
+        first = page.inner_text(".prompt")
+        page.keyboard.press("Control+s")  # not a skip
+        page.wait_for_timeout(300)
+        assert page.inner_text(".prompt") == first
+        page.click("#skip")  # a mouse skip ...
+        page.wait_for_function("t => document.querySelector('.prompt').textContent !== t", arg=first)
+        second = page.inner_text(".prompt")
+        page.keyboard.press("Enter")  # ... then Enter: must not skip the next item too
+        page.wait_for_timeout(300)
+        assert page.inner_text(".prompt") == second and page.inner_text("#error") == "Label every completion first."
+        assert s.progress()["done"] == 1
+    finally:
+        chromium.close()
+        pw.stop()
