@@ -32,13 +32,13 @@ def make_project(tmp_path, names=("alice", "bob", "carol"), n=4, k=2, overlap=3,
 class ThreadServer:
     """The app under uvicorn in a thread of this process, on a free port."""
 
-    def __init__(self, project, db=""):
+    def __init__(self, project, db="", body_timeout=20.0):
         import uvicorn
 
         from preftune.collect.app import make_app
 
         self.store = open_store(project, CollectConfig(db=db))
-        app = make_app(self.store, allowed_hosts=["127.0.0.1", "localhost"])
+        app = make_app(self.store, allowed_hosts=["127.0.0.1", "localhost"], body_timeout=body_timeout)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", backlog=4096))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -207,3 +207,40 @@ def test_team_of_three_overlap_three_trains_dpo(tmp_path, capsys):
                 "train.max_steps=2", "train.micro_batch_size=1", "train.grad_accum_steps=1")
     assert train.returncode == 0, train.stderr[-2000:]
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_a_stalled_body_times_out(tmp_path):
+    project, tokens, _ = make_project(tmp_path, names=("alice",))
+    server = ThreadServer(project, body_timeout=1.0)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(b"POST /api/label HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n0123456789")
+            assert s.recv(200).split(b" ")[1] == b"408"
+    finally:
+        server.stop()
+
+
+def test_thumbs_project_exports_kto_rows_and_admin_page(tmp_path):
+    project, tokens, admin = make_project(tmp_path, names=("alice", "bob"), n=2, k=2, overlap=2, mode="thumbs")
+    server = ThreadServer(project)
+    try:
+        for name in ("alice", "bob"):
+            client = login(server.url, tokens[name])
+            while (item := client.get("/api/next").json())["item"] is not None:
+                assert client.post("/api/label", json={"item": item["item"], "ranking": [[0], [1]]}).status_code == 400
+                labels = [True, False]  # in the item's own order: completion 0 is good
+                assert client.post("/api/label", json={"item": item["item"], "labels": labels}).status_code == 200
+        page = httpx.Client(base_url=server.url)
+        assert page.get("/admin", params={"token": admin}).status_code == 200
+        html = page.get("/admin").text
+        assert '<b id="complete">2</b> complete' in html and "pairwise 1.000" in html
+    finally:
+        server.stop()
+    from preftune.collect.export import export
+    from preftune.collect.project import CollectConfig, open_store
+
+    store = open_store(project, CollectConfig())
+    export(store, CollectConfig(output=str(tmp_path / "kto.jsonl")))
+    store.close()
+    rows = load_records(str(tmp_path / "kto.jsonl"), "unpaired")
+    assert [(r.completion.endswith(".0"), r.label) for r in rows] == [(True, True), (False, False)] * 2

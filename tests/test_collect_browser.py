@@ -104,3 +104,41 @@ def test_label_in_chromium(tmp_path):
     store.close()
     assert got == {"Prompt 0": ("rank", [[1], [0], [2]]), "Prompt 1": ("rank", [[ids1[0]], [ids1[1]]]),
                    "Prompt 2": ("rank", [[ids2[1]], [ids2[0]]]), "Prompt 3": ("rank", [[0, 1]])}
+
+
+def thumbs_by_text(page, good_text):
+    """Click Good on the card showing ``good_text`` and Bad on every other, then Submit."""
+    n = page.locator(".card").count()
+    for pos in range(n):
+        good = page.inner_text(f"#card{pos} .text") == good_text
+        page.click(f"#card{pos} button[data-value='{'true' if good else 'false'}']")
+    page.click("#submit")
+
+
+def test_thumbs_in_chromium_land_on_the_right_completion(tmp_path):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"prompt": f"P{i}", "completions": ["bad one", "so-so", "good one"]} for i in range(3)])
+    project = tmp_path / "p"
+    create(project, CollectConfig(samples=str(samples), mode="thumbs"))
+    store = open_store(project, CollectConfig())
+    token = store.add_annotator("alice")
+    store.close()
+    server = ThreadServer(project)
+    pw, chromium = browser()
+    try:
+        page = chromium.new_page()
+        page.goto(f"{server.url}/login?token={token}")
+        page.wait_for_url("**/guidelines")
+        page.click("#start")
+        for _ in range(3):
+            page.wait_for_selector("#card2")
+            prompt = page.inner_text(".prompt")
+            thumbs_by_text(page, "good one")
+            page.wait_for_function("t => !document.querySelector('.prompt') || document.querySelector('.prompt').textContent !== t", arg=prompt)
+    finally:
+        chromium.close()
+        pw.stop()
+        server.stop()
+    store = open_store(project, CollectConfig())
+    answers = [r["answer"] for r in store.current()]
+    store.close()
+    assert answers == [[False, False, True]] * 3  # whatever order the cards were shown in

@@ -106,3 +106,32 @@ def test_keys_in_chromium_enter_after_skip_and_ctrl_s(served):
     finally:
         chromium.close()
         pw.stop()
+
+
+def test_thumbs_in_chromium_land_on_the_right_completion(tmp_path):
+    """The page showed shuffled cards but sent thumbs in display order: labels landed on the wrong completion."""
+    from preftune.label.items import load_items
+    from preftune.label.session import LabelSession
+    from tests.conftest import write_jsonl
+    from tests.test_collect_browser import browser, thumbs_by_text
+
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"prompt": f"P{i}", "completions": ["bad one", "so-so", "good one"]} for i in range(4)])
+    s = LabelSession(load_items(str(samples), min_completions=1), LabelStore(tmp_path / "l.jsonl"), mode="thumbs")
+    server = make_server(s, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    pw, chromium = browser()
+    try:
+        page = chromium.new_page()
+        page.goto(f"http://127.0.0.1:{server.server_port}/")
+        for _ in range(4):
+            page.wait_for_selector("#card2")
+            prompt = page.inner_text(".prompt")
+            thumbs_by_text(page, "good one")
+            page.wait_for_function("t => !document.querySelector('.prompt') || document.querySelector('.prompt').textContent !== t", arg=prompt)
+    finally:
+        chromium.close()
+        pw.stop()
+        server.shutdown()
+        server.server_close()
+    rows = LabelStore(tmp_path / "l.jsonl").labels
+    assert [(r["completion"], r["label"]) for r in rows] == [("bad one", False), ("so-so", False), ("good one", True)] * 4

@@ -155,11 +155,14 @@ function paint(){
   if(item) item.completions.forEach((c, pos) => { $("card" + pos).classList.toggle("picked", pos in choice); $("card" + pos).classList.toggle("cursor", pos === cursor); });
 }
 function base(){ return {item:item.key, comment:$("comment").value || null, submission:item.submission}; }
+function byId(){  // thumbs in the items' own order (the page shows them shuffled)
+  const labels = []; item.completions.forEach((c, pos) => labels[c.id] = choice[pos]); return labels;
+}
 function submit(){
   if(!item) return;
   const k = item.completions.length;
   if(Object.keys(choice).length < k){ $("error").textContent = "Label every completion first."; return; }
-  if(item.mode === "thumbs") return post("/api/label", {...base(), labels:item.completions.map((c, pos) => choice[pos])});
+  if(item.mode === "thumbs") return post("/api/label", {...base(), labels:byId()});
   const groups = {};
   item.completions.forEach((c, pos) => (groups[choice[pos]] = groups[choice[pos]] || []).push(c.id));
   post("/api/label", {...base(), ranking:Object.keys(groups).map(Number).sort((a, b) => a - b).map(r => groups[r])});

@@ -207,11 +207,14 @@ function paint(){
   document.querySelectorAll(".choices button").forEach(b => b.classList.toggle("on", String(choice[b.dataset.pos]) === b.dataset.value));
   if(item) item.completions.forEach((c, pos) => $("card" + pos).classList.toggle("picked", pos in choice));
 }
+function byId(){  // thumbs in the items' own order (the page shows them shuffled)
+  const labels = []; item.completions.forEach((c, pos) => labels[c.id] = choice[pos]); return labels;
+}
 function submit(){
   if(!item) return;
   const k = item.completions.length;
   if(Object.keys(choice).length < k){ $("error").textContent = "Label every completion first."; return; }
-  if(item.mode === "thumbs") return call("/api/label", {key:item.key, labels:item.completions.map((c, pos) => choice[pos])});
+  if(item.mode === "thumbs") return call("/api/label", {key:item.key, labels:byId()});
   const groups = {};
   item.completions.forEach((c, pos) => (groups[choice[pos]] = groups[choice[pos]] || []).push(c.id));
   call("/api/label", {key:item.key, ranking:Object.keys(groups).map(Number).sort((a, b) => a - b).map(r => groups[r])});
