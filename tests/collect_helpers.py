@@ -76,7 +76,6 @@ def login(url, token) -> httpx.Client:
 
 def rank_next(client, first_wins=True):
     item = client.get("/api/next").json()
-    ids = [c["id"] for c in item["completions"]]
     ranking = [[0], [1]] if first_wins else [[1], [0]]
     r = client.post("/api/label", json={"item": item["item"], "ranking": ranking, "submission": item["submission"]})
     return item, r

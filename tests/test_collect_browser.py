@@ -2,7 +2,6 @@
 read the guidelines, rank with the mouse and with the keyboard, skip, undo; the database holds the
 result. PREFTUNE_UPDATE_DOCS=1 saves the screenshot as docs/collect-labelling.png. Fails (no skip) when chromium is missing and CI=true."""
 
-import json
 import os
 import shutil
 from pathlib import Path

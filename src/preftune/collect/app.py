@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from preftune.collect import pages
@@ -91,30 +91,33 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def make_app(store: Store, *, max_body: int = 64 * 1024, body_timeout: float = 20.0, allowed_hosts: list[str] | None = None,
-             title: str = "preftune collect") -> Starlette:
-    meta = store.get_meta()
-    secret = meta["csrf_secret"].encode()
-    mode, overlap = meta["mode"], int(meta["overlap"])
+class Routes:
+    """The handlers, sharing the store and the project's settings."""
 
-    def csrf_for(annotator: dict) -> str:
-        return hmac.new(secret, annotator["token_hash"].encode(), hashlib.sha256).hexdigest()
+    def __init__(self, store: Store, title: str):
+        self.store, self.title = store, title
+        self.meta = store.get_meta()
+        self.secret = self.meta["csrf_secret"].encode()
+        self.mode, self.overlap = self.meta["mode"], int(self.meta["overlap"])
 
-    async def who(request: Request) -> dict:
-        annotator = await run_in_threadpool(store.authenticate, request.cookies.get(SESSION))
+    def csrf_for(self, annotator: dict) -> str:
+        return hmac.new(self.secret, annotator["token_hash"].encode(), hashlib.sha256).hexdigest()
+
+    async def who(self, request: Request) -> dict:
+        annotator = await run_in_threadpool(self.store.authenticate, request.cookies.get(SESSION))
         if annotator is None:
             raise HTTPException(401, "not logged in: open your invite link (preftune collect invite)")
         return annotator
 
-    def is_admin(request: Request) -> bool:
+    def is_admin(self, request: Request) -> bool:
         token = request.cookies.get(ADMIN) or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        return bool(token) and hmac.compare_digest(hash_token(token), meta.get("admin_hash", ""))
+        return bool(token) and hmac.compare_digest(hash_token(token), self.meta.get("admin_hash", ""))
 
-    async def body_of(request: Request, annotator: dict) -> dict:
+    async def body_of(self, request: Request, annotator: dict) -> dict:
         origin = request.headers.get("origin")
         if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host"):
             raise HTTPException(403, f"cross-origin request from {origin[:100]} refused")
-        if not hmac.compare_digest(request.headers.get("x-csrf-token", ""), csrf_for(annotator)):
+        if not hmac.compare_digest(request.headers.get("x-csrf-token", ""), self.csrf_for(annotator)):
             raise HTTPException(403, "missing or wrong X-CSRF-Token (reload the page)")
         raw = await request.body()
         try:
@@ -127,11 +130,11 @@ def make_app(store: Store, *, max_body: int = 64 * 1024, body_timeout: float = 2
             raise HTTPException(400, "expected a JSON object")
         return data
 
-    def progress(annotator: dict) -> dict:
-        return store.progress(annotator["id"], overlap)
+    def progress(self, annotator: dict) -> dict:
+        return self.store.progress(annotator["id"], self.overlap)
 
-    def shown(annotator: dict, item: dict | None) -> dict:
-        out: dict[str, Any] = {"progress": progress(annotator), "mode": mode}
+    def shown(self, annotator: dict, item: dict | None) -> dict:
+        out: dict[str, Any] = {"progress": self.progress(annotator), "mode": self.mode}
         if item is None:
             return {**out, "item": None}
         order = list(range(item["k"]))
@@ -140,89 +143,93 @@ def make_app(store: Store, *, max_body: int = 64 * 1024, body_timeout: float = 2
                 "submission": f"{item['id']}-{random.getrandbits(64):x}",
                 "completions": [{"id": i, "text": _text(item["completions"][i])} for i in order]}
 
-    async def login(request: Request):
+    async def login(self, request: Request):
         token = request.query_params.get("token")
-        annotator = await run_in_threadpool(store.authenticate, token)
+        annotator = await run_in_threadpool(self.store.authenticate, token)
         if annotator is None:
             return HTMLResponse(pages.message("Not logged in", "This login link is not valid. Ask for a new one."), 401)
         response = HTMLResponse(pages.logged_in("/guidelines", annotator["name"]))
         response.set_cookie(SESSION, token, httponly=True, samesite="strict", max_age=90 * 86400)
         return response
 
-    async def guidelines(request: Request):
-        annotator = await who(request)
-        return HTMLResponse(pages.guidelines(meta.get("guidelines", ""), annotator["name"]))
+    async def guidelines(self, request: Request):
+        annotator = await self.who(request)
+        return HTMLResponse(pages.guidelines(self.meta.get("guidelines", ""), annotator["name"]))
 
-    async def index(request: Request):
-        annotator = await who(request)
-        return HTMLResponse(pages.labelling(title, csrf_for(annotator)), headers={"Cache-Control": "no-store"})
+    async def index(self, request: Request):
+        annotator = await self.who(request)
+        return HTMLResponse(pages.labelling(self.title, self.csrf_for(annotator)), headers={"Cache-Control": "no-store"})
 
-    async def next_item(request: Request):
-        annotator = await who(request)
-        item = await run_in_threadpool(store.next_item, annotator["id"], overlap)
-        return JSONResponse(await run_in_threadpool(shown, annotator, item), headers={"Cache-Control": "no-store"})
+    async def next_item(self, request: Request):
+        annotator = await self.who(request)
+        item = await run_in_threadpool(self.store.next_item, annotator["id"], self.overlap)
+        return JSONResponse(await run_in_threadpool(self.shown, annotator, item), headers={"Cache-Control": "no-store"})
 
-    async def label(request: Request):
-        annotator = await who(request)
-        data = await body_of(request, annotator)
-        kind, answer = await run_in_threadpool(_answer, store, mode, data)
+    async def label(self, request: Request):
+        annotator = await self.who(request)
+        data = await self.body_of(request, annotator)
+        kind, answer = await run_in_threadpool(_answer, self.store, self.mode, data)
         comment, submission = data.get("comment"), data.get("submission")
         if comment is not None and (not isinstance(comment, str) or len(comment) > 2000):
             raise HTTPException(400, "comment: expected text of at most 2000 characters")
         if submission is not None and (not isinstance(submission, str) or len(submission) > 64):
             raise HTTPException(400, "submission: expected an id of at most 64 characters")
-        label_id = await run_in_threadpool(lambda: store.submit(annotator["id"], data.get("item"), kind, answer, comment=comment,
+        label_id = await run_in_threadpool(lambda: self.store.submit(annotator["id"], data.get("item"), kind, answer, comment=comment,
                                                                 submission=submission, revise=data.get("revise") is True))
         return JSONResponse({"saved": label_id, "item": data["item"], "kind": kind})
 
-    async def undo(request: Request):
-        annotator = await who(request)
-        data = await body_of(request, annotator)
+    async def undo(self, request: Request):
+        annotator = await self.who(request)
+        data = await self.body_of(request, annotator)
         target = data.get("item")
         if target is not None and not isinstance(target, str):
             raise HTTPException(400, "item: expected an item id")
-        undone = await run_in_threadpool(store.undo, annotator["id"], target)
+        undone = await run_in_threadpool(self.store.undo, annotator["id"], target)
         if undone is None:
             raise HTTPException(409, "nothing of yours to undo" + (f" for item {target}" if target else ""))
         return JSONResponse({"undone": undone})
 
-    async def history(request: Request):
-        annotator = await who(request)
-        rows = await run_in_threadpool(store.current, annotator["id"])
-        items = await run_in_threadpool(store.items)
+    async def history(self, request: Request):
+        annotator = await self.who(request)
+        rows = await run_in_threadpool(self.store.current, annotator["id"])
+        items = await run_in_threadpool(self.store.items)
         return JSONResponse({"labels": [{"item": r["item_id"], "kind": r["kind"], "answer": r["answer"], "comment": r["comment"],
                                          "prompt": _text(items[r["item_id"]]["prompt"])[:80]} for r in rows]})
 
-    async def admin_page(request: Request):
+    async def admin_page(self, request: Request):
         token = request.query_params.get("token")
         if token is not None:
-            if not hmac.compare_digest(hash_token(token), meta.get("admin_hash", "")):
+            if not hmac.compare_digest(hash_token(token), self.meta.get("admin_hash", "")):
                 return HTMLResponse(pages.message("Not allowed", "This admin link is not valid."), 401)
             response = HTMLResponse(pages.logged_in("/admin", "admin"))
             response.set_cookie(ADMIN, token, httponly=True, samesite="strict")
             return response
-        if not is_admin(request):
+        if not self.is_admin(request):
             raise HTTPException(401, "admin only: open the admin link printed by `preftune collect create`")
-        return HTMLResponse(pages.admin(await run_in_threadpool(project_status, store)))
+        return HTMLResponse(pages.admin(await run_in_threadpool(project_status, self.store)))
 
-    async def admin_status(request: Request):
-        if not is_admin(request):
+    async def admin_status(self, request: Request):
+        if not self.is_admin(request):
             raise HTTPException(401, "admin only: send the admin token (Authorization: Bearer TOKEN)")
-        return JSONResponse(await run_in_threadpool(project_status, store))
+        return JSONResponse(await run_in_threadpool(project_status, self.store))
 
-    async def http_error(request: Request, exc: HTTPException):
+    async def http_error(self, request: Request, exc: HTTPException):
         return _error(exc.status_code, str(exc.detail))
 
-    async def store_error(request: Request, exc: StoreError):
+    async def store_error(self, request: Request, exc: StoreError):
         return _error(exc.status, str(exc))
 
-    routes = [Route("/login", login), Route("/guidelines", guidelines), Route("/", index), Route("/api/next", next_item),
-              Route("/api/label", label, methods=["POST"]), Route("/api/undo", undo, methods=["POST"]),
-              Route("/api/history", history), Route("/admin", admin_page), Route("/api/admin/status", admin_status)]
+
+def make_app(store: Store, *, max_body: int = 64 * 1024, body_timeout: float = 20.0, allowed_hosts: list[str] | None = None,
+             title: str = "preftune collect") -> Starlette:
+    r = Routes(store, title)
+    routes = [Route("/login", r.login), Route("/guidelines", r.guidelines), Route("/", r.index), Route("/api/next", r.next_item),
+              Route("/api/label", r.label, methods=["POST"]), Route("/api/undo", r.undo, methods=["POST"]),
+              Route("/api/history", r.history), Route("/admin", r.admin_page), Route("/api/admin/status", r.admin_status)]
     middleware = [Middleware(BodyGuard, max_body=max_body, timeout=body_timeout)]
     if allowed_hosts:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts))
-    return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: http_error, StoreError: store_error})
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: r.http_error, StoreError: r.store_error})
 
 
 def _text(value: Any) -> str:

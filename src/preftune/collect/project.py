@@ -15,7 +15,6 @@ from typing import Literal, Optional
 from preftune.collect import agreement as agr
 from preftune.collect.store import Store, StoreError, db_url
 from preftune.config import ConfigError, doc
-from preftune.data.records import DataError
 from preftune.data.validate import Where, check_ranking
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
