@@ -1,6 +1,5 @@
 """Shared by the collect tests: a project on disk and its web app on 127.0.0.1 (in a thread or a subprocess)."""
 
-import json
 import os
 import re
 import subprocess
@@ -61,7 +60,7 @@ def serve_subprocess(project, port=0):
     line = proc.stdout.readline()
     if not line:
         raise RuntimeError(f"server did not start: {proc.stderr.read()}")
-    return proc, json.loads(line)["serving"].rstrip("/")
+    return proc, re.search(r"serving (http://\S+)/ ", line).group(1)
 
 
 def login(url, token) -> httpx.Client:

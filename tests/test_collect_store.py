@@ -111,3 +111,17 @@ def test_lone_surrogate_names_row_and_field(tmp_path):
     with pytest.raises(DataError) as err:
         create(tmp_path / "p", CollectConfig(samples=str(path), mode="thumbs"))
     assert f"{path}, row 2, field 'completions'" in str(err.value) and "lone surrogate" in str(err.value)
+
+
+def test_ties_and_both_bad_in_exports(tmp_path):
+    store, ids, _ = project(tmp_path, overlap=1, n=2, k=2)
+    first = store.next_item(ids["a"], 1)
+    store.submit(ids["a"], first["id"], "rank", [[0, 1]])  # a tie: no pair, no thumbs
+    second = store.next_item(ids["a"], 1)
+    store.submit(ids["a"], second["id"], "both_bad")
+    export(store, CollectConfig(output=str(tmp_path / "u.jsonl"), format="unpaired", rows="annotators"))
+    rows = [json.loads(x) for x in (tmp_path / "u.jsonl").read_text().splitlines()]
+    assert [(r["item"], r["label"]) for r in rows] == [(second["id"], False), (second["id"], False)]
+    with pytest.raises(Exception, match="no labels"):  # neither gives a pair
+        export(store, CollectConfig(output=str(tmp_path / "p.jsonl"), format="pairs"))
+    assert status(store)["agreement"]["pairwise_agreement"] is None  # one annotator per item: nothing to compare

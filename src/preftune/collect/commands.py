@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 
@@ -108,7 +107,8 @@ def serve(store, cfg: CollectConfig, *, on_ready=None) -> None:
         raise ConfigError(f"collect.port: cannot listen on {cfg.host}:{cfg.port} ({err.strerror}); choose another port") from None
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, backlog=4096, log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=3)
-    print(json.dumps({"serving": f"http://{cfg.host}:{port}/", "port": port}), flush=True)
+    print(f"preftune collect: serving http://{cfg.host}:{port}/ (annotators log in by their invite links; "
+          f"the admin page is /admin; Ctrl-C stops, every answer is already stored)", flush=True)
     if on_ready is not None:
         on_ready(port)
     uvicorn.Server(config).run(sockets=[sock])

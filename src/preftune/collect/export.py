@@ -19,12 +19,15 @@ from preftune.collect.store import Store
 from preftune.config import ConfigError
 
 
-def thumbs_of(row: dict, k: int) -> list[bool]:
-    """An answer as thumbs: itself in thumbs mode; in rank mode the top group is up; both bad: all down."""
+def thumbs_of(row: dict, k: int) -> list[bool] | None:
+    """An answer as thumbs: itself in thumbs mode; in rank mode the top group is up; both bad: all
+    down; an all-tied ranking says nothing about good or bad (None)."""
     if row["kind"] == "thumbs":
         return [bool(v) for v in row["answer"]]
     if row["kind"] == "both_bad":
         return [False] * k
+    if len(row["answer"]) < 2:
+        return None
     return [i in row["answer"][0] for i in range(k)]
 
 
@@ -48,7 +51,7 @@ def annotator_rows(store: Store, fmt: str) -> list[dict]:
             continue
         if fmt == "unpaired":
             rows += [{"prompt": item["prompt"], "completion": c, "label": v, **base}
-                     for c, v in zip(item["completions"], thumbs_of(r, item["k"]))]
+                     for c, v in zip(item["completions"], thumbs_of(r, item["k"]) or [])]
         elif len(ranking) >= 2 and fmt == "rankings":
             rows.append({"prompt": item["prompt"], "completions": item["completions"], "ranking": ranking, **base})
         elif len(ranking) >= 2:
@@ -71,8 +74,8 @@ def consensus_rows(store: Store, fmt: str, method: str, min_agreement: float = 0
         base = {"item": item_id, "agreement": score, "annotators": len(rankings)}
         result = consensus(rankings, item["k"], method)
         if fmt == "unpaired":
-            votes = [thumbs_of(r, item["k"]) for r in rows_by_item[item_id]]
-            for i, c in enumerate(item["completions"]):
+            votes = [v for v in (thumbs_of(r, item["k"]) for r in rows_by_item[item_id]) if v is not None]
+            for i, c in enumerate(item["completions"] if votes else []):
                 label = thumbs_majority([v[i] for v in votes])
                 if label is not None:
                     rows.append({"prompt": item["prompt"], "completion": c, "label": label, **base})
