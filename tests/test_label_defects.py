@@ -135,3 +135,23 @@ def test_thumbs_in_chromium_land_on_the_right_completion(tmp_path):
         server.server_close()
     rows = LabelStore(tmp_path / "l.jsonl").labels
     assert [(r["completion"], r["label"]) for r in rows] == [("bad one", False), ("so-so", False), ("good one", True)] * 4
+
+
+def test_undo_survives_a_restart_and_works_after_the_last_item(tmp_path):
+    s = session_for(tmp_path, prompts=2, k=2)
+    for _ in range(2):
+        s.rank(s.next_item()["key"], [[1], [0]])
+    assert s.next_item() is None
+    s2 = session_for(tmp_path, prompts=2, k=2)  # a restart: a new session on the same files
+    last = s2.undo()
+    assert last is not None and s2.next_item()["key"] == last and s2.progress() == {"done": 1, "total": 2}
+    server = make_server(s2, "127.0.0.1", 0)  # what `preftune label` serves: it stays up when all is done
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        done = json.loads(_request(base + "/api/label", {"key": last, "ranking": [[0], [1]]})[1])
+        assert done["finished"] is True and done["can_undo"]
+        assert json.loads(_request(base + "/api/undo", {})[1])["key"] == last  # undo on the last item
+    finally:
+        server.shutdown()
+        server.server_close()

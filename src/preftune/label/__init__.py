@@ -108,11 +108,10 @@ def run_label(cfg: LabelConfig, *, on_ready=None) -> dict:
     from preftune.label.server import make_server
 
     progress = session.progress()
-    if progress["done"] == progress["total"]:
-        log.info("all %d items of %s are already labelled in %s", progress["total"], cfg.input, cfg.output)
-        return {**result, **progress}
+    if progress["done"] == progress["total"]:  # still served: the last label can be undone
+        log.info("all %d items of %s are already labelled in %s (undo still works; Ctrl-C stops)", progress["total"], cfg.input, cfg.output)
     try:
-        server = make_server(session, cfg.host, cfg.port, title=f"preftune label: {Path(cfg.input).name}", exit_when_done=True)
+        server = make_server(session, cfg.host, cfg.port, title=f"preftune label: {Path(cfg.input).name}", exit_when_done=False)
     except OSError as err:
         raise ConfigError(f"label.port: cannot listen on {cfg.host}:{cfg.port} ({err.strerror}); choose another port") from None
     url = f"http://{cfg.host}:{server.server_port}/"

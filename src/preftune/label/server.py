@@ -180,7 +180,7 @@ function show(data){
   $("progress").style.width = (data.total ? 100*data.done/data.total : 100) + "%";
   $("undo").disabled = !data.can_undo;
   const main = $("main"); main.replaceChildren();
-  if(!item){ main.appendChild(el("h3", "", "All items are labelled. The labels are saved; you can close this page.")); $("submit").disabled=$("skip").disabled=true; return; }
+  if(!item){ main.appendChild(el("h3", "", "All items are labelled. The labels are saved; Undo (u) still works. Stop the server with Ctrl-C.")); $("submit").disabled=$("skip").disabled=true; return; }
   $("submit").disabled=$("skip").disabled=false;
   main.appendChild(el("h4", "", "Prompt")); main.appendChild(el("div", "prompt", item.prompt));
   const cards = el("div", "cards"); main.appendChild(cards);
