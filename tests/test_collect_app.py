@@ -249,3 +249,18 @@ def test_thumbs_project_exports_kto_rows_and_admin_page(tmp_path):
     store.close()
     rows = load_records(str(tmp_path / "kto.jsonl"), "unpaired")
     assert [(r.completion.endswith(".0"), r.label) for r in rows] == [(True, True), (False, False)] * 2
+
+
+def test_a_busy_database_is_503_not_500(app, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    server, tokens, _, _ = app
+    alice = login(server.url, tokens["alice"])
+    item = alice.get("/api/next").json()
+
+    def busy(*args, **kwargs):
+        raise OperationalError("INSERT", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(server.store, "submit", busy)
+    r = alice.post("/api/label", json={"item": item["item"], "ranking": [[0], [1]]})
+    assert r.status_code == 503 and "send it again" in r.json()["error"]

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import hmac
 import json
 import random
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -40,6 +42,7 @@ from preftune.data.records import DataError
 from preftune.data.validate import Where, check_ranking
 
 SESSION, ADMIN = "preftune_session", "preftune_admin"
+log = logging.getLogger("preftune.collect")
 
 
 class BodyGuard:
@@ -219,6 +222,10 @@ class Routes:
     async def store_error(self, request: Request, exc: StoreError):
         return _error(exc.status, str(exc))
 
+    async def db_error(self, request: Request, exc: OperationalError):  # e.g. SQLite busy past its timeout
+        log.warning("database error on %s: %s", request.url.path, exc.orig)
+        return _error(503, "the database is busy or unreachable; nothing was stored, send it again")
+
 
 def make_app(store: Store, *, max_body: int = 64 * 1024, body_timeout: float = 20.0, allowed_hosts: list[str] | None = None,
              title: str = "preftune collect") -> Starlette:
@@ -229,7 +236,8 @@ def make_app(store: Store, *, max_body: int = 64 * 1024, body_timeout: float = 2
     middleware = [Middleware(BodyGuard, max_body=max_body, timeout=body_timeout)]
     if allowed_hosts:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts))
-    return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: r.http_error, StoreError: r.store_error})
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: r.http_error, StoreError: r.store_error,
+                                                                                OperationalError: r.db_error})
 
 
 def _text(value: Any) -> str:
