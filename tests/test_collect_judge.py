@@ -25,11 +25,15 @@ def test_kwise_borda_from_pairs():
 
 
 def test_agreement_with_gold():
-    results = [{"asked": 3, "consistent": 2, "pairs": {(0, 1): 0, (0, 2): None, (1, 2): 1}}]
+    margins = {(0, 1): (2.0, -1.0), (0, 2): (3.0, 1.0), (1, 2): (-1.0, 0.5)}
+    results = [{"asked": 3, "consistent": 2, "pairs": {(0, 1): 0, (0, 2): None, (1, 2): 1}, "margins": margins}]
     # gold 0 > 2 > 1: (0,1) judge 0 ok; (0,2) judge tie; (1,2) judge 2 ok -> 2 of 2 decided; ties as half: 2.5 / 3
     out = agreement_with_gold(results, [[0.9, 0.1, 0.5]])
     assert out["position_consistency"] == pytest.approx(2 / 3) and out["agreement_when_decided"] == 1.0
     assert out["agreement_ties_as_half"] == pytest.approx(2.5 / 3) and out["decided"] == 2
+    # mean margins m_ab - m_ba: 3 (0 wins, ok), 2 (0 wins, ok), -1.5 (2 wins, ok); first shown won 4 of 6 (2, 3; 1, 0.5 > 0)
+    assert out["agreement_balanced_margin"] == 1.0 and out["first_position_rate"] == pytest.approx(4 / 6)
+    assert agreement_with_gold(results, [[0.9, 0.1, 0.5]], tolerance=0.5)["gold_pairs"] == 1  # only (0,1) differs by > 0.5
 
 
 def test_parse_spec():

@@ -109,23 +109,31 @@ def parse_spec(spec: str) -> str | None:
 
 
 def agreement_with_gold(results: Sequence[dict], gold_scores: Sequence[Sequence[float]], tolerance: float = 0.0) -> dict:
-    """Position consistency, and how often the judge's decided pairs agree with a gold reward
-    (pairs whose gold scores differ by more than ``tolerance``); ties of the judge counted apart."""
-    asked = consistent = decided = agree = gold_pairs = 0
+    """Position consistency, and how often the judge agrees with a gold reward on the pairs whose gold
+    scores differ by more than ``tolerance``: over the pairs it decided, with its ties counted as half
+    right, and -- where the margins are known -- by the sign of the mean margin over both orders
+    (``m_ab - m_ba``: "balanced position calibration", Wang et al. 2023, which cancels a constant
+    preference for one position). ``first_position_rate``: how often the first-shown completion won."""
+    asked = consistent = decided = agree = gold_pairs = balanced = first = 0
     for r, gold in zip(results, gold_scores):
         asked += r["asked"]
         consistent += r["consistent"]
         for (i, j), outcome in r["pairs"].items():
+            m_ab, m_ba = r.get("margins", {}).get((i, j), (0.0, 0.0))
+            first += (m_ab > 0) + (m_ba > 0)
             if abs(gold[i] - gold[j]) <= tolerance:
                 continue
             gold_pairs += 1
+            balanced += (m_ab - m_ba > 0) == (gold[i] > gold[j])
             if outcome is None:
                 continue
             decided += 1
             agree += (outcome == 0) == (gold[i] > gold[j])
-    return {"pairs": asked, "position_consistency": consistent / asked if asked else None, "gold_pairs": gold_pairs,
+    return {"pairs": asked, "position_consistency": consistent / asked if asked else None,
+            "first_position_rate": first / (2 * asked) if asked else None, "gold_pairs": gold_pairs,
             "decided": decided, "agreement_when_decided": agree / decided if decided else None,
-            "agreement_ties_as_half": (agree + 0.5 * (gold_pairs - decided)) / gold_pairs if gold_pairs else None}
+            "agreement_ties_as_half": (agree + 0.5 * (gold_pairs - decided)) / gold_pairs if gold_pairs else None,
+            "agreement_balanced_margin": balanced / gold_pairs if gold_pairs else None}
 
 
 def label_session(session, model: str, guidelines: str = "") -> dict:
