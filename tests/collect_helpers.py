@@ -38,7 +38,7 @@ class ThreadServer:
 
         self.store = open_store(project, CollectConfig(db=db))
         app = make_app(self.store, allowed_hosts=["127.0.0.1", "localhost"], body_timeout=body_timeout)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", backlog=4096))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", backlog=4096, timeout_keep_alive=75))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:

@@ -54,7 +54,7 @@ def test_50_annotators_20_concurrent_submissions_each(tmp_path):
     try:
         acked = set()
         failures = asyncio.run(_fire(server.url, tokens, ids, acked))
-        assert failures == [] and len(acked) == 1000
+        assert failures == [] and len(acked) == 1000, failures[:5]
         assert httpx.get(server.url + "/api/next").status_code == 401  # still answering
     finally:
         server.stop()

@@ -106,7 +106,9 @@ def serve(store, cfg: CollectConfig, *, on_ready=None) -> None:
     except OSError as err:
         raise ConfigError(f"collect.port: cannot listen on {cfg.host}:{cfg.port} ({err.strerror}); choose another port") from None
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, backlog=4096, log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=3)
+    # keep-alive 75 s (nginx's default): with 5 s, a browser reusing a connection just as the server
+    # dropped it lost the POST (seen under load as "server closed the connection" on ~1% of submissions)
+    config = uvicorn.Config(app, backlog=4096, log_level="warning", timeout_keep_alive=75, timeout_graceful_shutdown=3)
     print(f"preftune collect: serving http://{cfg.host}:{port}/ (annotators log in by their invite links; "
           f"the admin page is /admin; Ctrl-C stops, every answer is already stored)", flush=True)
     if on_ready is not None:
