@@ -30,7 +30,10 @@ def served(tmp_path):
 def raw(server, request: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as c:
         c.sendall(request)
-        return c.recv(4096)
+        reply = b""
+        while chunk := c.recv(4096):  # the server answers HTTP/1.0 and closes
+            reply += chunk
+        return reply
 
 
 def test_blind_cross_site_posts_cannot_undo(served, tmp_path):
