@@ -186,7 +186,7 @@ def config_markdown() -> str:
     from preftune.label import LabelConfig
 
     parts += ["", "## `preftune label`", "", table(LabelConfig)]
-    from preftune.collect.project import CollectConfig
+    from preftune.collect.settings import CollectConfig
 
     parts += ["", "## `preftune collect`", "", table(CollectConfig)]
     from preftune.experiments.sentiment import StudyConfig
@@ -246,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     settings_command("label", "Rank sampled completions in a local web UI, or with a judge; writes labels JSONL.", LabelConfig,
                      "input=samples.jsonl output=labels.jsonl judge=vader", cmd_label)
 
-    from preftune.collect.commands import ACTIONS as COLLECT_ACTIONS
-    from preftune.collect.project import CollectConfig
+    from preftune.collect.settings import ACTIONS as COLLECT_ACTIONS
+    from preftune.collect.settings import CollectConfig
 
     k = sub.add_parser("collect", help="Preference collection for a team: a project, invite links, the web app, status, export.",
                        epilog=_field_help(CollectConfig, "Settings (key=value):"), formatter_class=argparse.RawDescriptionHelpFormatter)

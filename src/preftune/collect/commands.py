@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import socket
 
-from preftune.collect.project import LOOPBACK, CollectConfig, create, format_status, login_url, open_store, status
+from preftune.collect.project import create, format_status, login_url, open_store, status
+from preftune.collect.settings import LOOPBACK, CollectConfig
 from preftune.collect.store import StoreError
 from preftune.config import ConfigError, apply_overrides, from_dict
 
-ACTIONS = ("create", "invite", "serve", "status", "export", "judge")
 log = logging.getLogger("preftune.collect")
 
 
