@@ -158,3 +158,32 @@ def test_undo_survives_a_restart_and_works_after_the_last_item(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_long_text_layout_and_thumbs_words_in_chromium(tmp_path):
+    """A 5,000-character word made the page 47,823 px wide; a long completion put Submit 35,000 px down;
+    the thumbs buttons were bare emoji."""
+    from preftune.label.items import load_items
+    from preftune.label.session import LabelSession
+    from tests.conftest import write_jsonl
+    from tests.test_collect_browser import LONG, browser
+
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "P", "completions": ["x" * 5000, LONG]}])
+    s = LabelSession(load_items(str(samples), min_completions=1), LabelStore(tmp_path / "l.jsonl"), mode="thumbs")
+    server = make_server(s, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    pw, chromium = browser()
+    try:
+        page = chromium.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(f"http://127.0.0.1:{server.server_port}/")
+        page.wait_for_selector("#card1")
+        layout = page.evaluate("""() => ({doc: document.documentElement.scrollWidth, view: innerWidth,
+            submit: document.getElementById('submit').getBoundingClientRect().bottom,
+            buttons: [...document.querySelectorAll('.choices button')].map(b => b.textContent)})""")
+        assert layout["doc"] <= layout["view"] and 0 < layout["submit"] <= 800
+        assert [b.split(" ")[1] for b in layout["buttons"]] == ["Good", "Bad", "Good", "Bad"]
+    finally:
+        chromium.close()
+        pw.stop()
+        server.shutdown()
+        server.server_close()
