@@ -5,6 +5,7 @@
     preftune score [CONFIG.yaml] [key=value ...]    # reward-model scores of (prompt, completion) rows
     preftune eval [CONFIG.yaml] [key=value ...]     # models vs a reference -> results.json + report.html
     preftune label [CONFIG.yaml] [key=value ...]    # rank samples in a web UI (or with a judge) -> labels
+    preftune collect create|invite|serve|status|export PROJECT [...]   # team labelling: accounts, overlap, agreement
     preftune export CHECKPOINT [--output DIR]       # a training checkpoint -> a loadable model folder
     preftune config [ALGORITHM] [--markdown]      # every field, its default and its help
     preftune algorithms
@@ -118,6 +119,12 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_collect(args: argparse.Namespace) -> int:
+    from preftune.collect.commands import run_collect
+
+    return run_collect(args.action, args.project, list(args.rest))
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from preftune.algorithms import ALGORITHMS
 
@@ -179,6 +186,9 @@ def config_markdown() -> str:
     from preftune.label import LabelConfig
 
     parts += ["", "## `preftune label`", "", table(LabelConfig)]
+    from preftune.collect.settings import CollectConfig
+
+    parts += ["", "## `preftune collect`", "", table(CollectConfig)]
     from preftune.experiments.sentiment import StudyConfig
 
     parts += ["", "## `preftune demo` / `preftune study`", "", table(StudyConfig)]
@@ -235,6 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
                      StudyConfig, "output_dir=runs/study", cmd_study)
     settings_command("label", "Rank sampled completions in a local web UI, or with a judge; writes labels JSONL.", LabelConfig,
                      "input=samples.jsonl output=labels.jsonl judge=vader", cmd_label)
+
+    from preftune.collect.settings import ACTIONS as COLLECT_ACTIONS
+    from preftune.collect.settings import CollectConfig
+
+    k = sub.add_parser("collect", help="Preference collection for a team: a project, invite links, the web app, status, export.",
+                       epilog=_field_help(CollectConfig, "Settings (key=value):"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    k.add_argument("action", choices=COLLECT_ACTIONS)
+    k.add_argument("project", help="The project folder (holds collect.db, or collect.json naming a PostgreSQL database).")
+    k.add_argument("rest", nargs="*", help="create: the samples file; invite: annotator names; then key=value settings")
+    k.set_defaults(func=cmd_collect)
 
     x = sub.add_parser("export", help="Turn a training checkpoint into a model folder (full weights or LoRA adapter).")
     x.add_argument("checkpoint", help="A checkpoint folder, OUTPUT_DIR/checkpoints/step-N.")

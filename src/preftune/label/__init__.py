@@ -42,14 +42,17 @@ class LabelConfig:
         None,
         "Label automatically instead of in the browser: 'vader', 'module:function' / 'file.py:function' (texts in, "
         "floats out), or trained reward model(s) (run directory; comma-separated = ensemble). Its scores are kept "
-        "in each row. null = a person labels in the web UI.",
+        "in each row. 'llm' / 'llm:MODEL': an LLM asked which of two completions is better, in both orders "
+        "(see preftune.collect.judge). null = a person labels in the web UI.",
     )
+    guidelines: str = doc("", "judge=llm: a text/Markdown file with the criterion the LLM judge is given.")
     tie_tolerance: float = doc(0.0, "Judge, rank mode: scores within this of their neighbour are tied; an all-tied item is skipped.")
     threshold: float = doc(0.0, "Judge, thumbs mode: thumbs up when the score is above this.")
     annotator: str = doc("", "Name stored with every label (who labelled it; 'judge:SPEC' for a judge by default).")
     shuffle: bool = doc(True, "Show each item's completions in a random (per-item, seeded) order, so position gives nothing away.")
     seed: int = doc(0, "Seed of that order.")
-    host: str = doc("127.0.0.1", "Address the web UI listens on (0.0.0.0 = every interface; there is no login).")
+    host: str = doc("127.0.0.1", "Address the web UI listens on: a loopback address only, as it has no login (for a team, "
+                                 "with accounts: `preftune collect`).")
     port: int = doc(8765, "Port of the web UI (0 = any free port).")
     max_items: Optional[int] = doc(None, "Label only the first N items of the input. null = all.")
 
@@ -62,6 +65,9 @@ class LabelConfig:
             raise ConfigError(f"{path}.tie_tolerance: must be >= 0, got {self.tie_tolerance}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{path}.port: must be between 0 and 65535, got {self.port}")
+        if self.judge is None and self.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ConfigError(f"{path}.host: refusing to listen on {self.host}: this page has no login; keep 127.0.0.1 "
+                              "(or use `preftune collect`, which has accounts)")
         if self.max_items is not None and self.max_items < 1:
             raise ConfigError(f"{path}.max_items: must be >= 1 or null, got {self.max_items}")
 
@@ -86,8 +92,13 @@ def run_label(cfg: LabelConfig, *, on_ready=None) -> dict:
     session = build_session(cfg)
     result = {"output": cfg.output}
     if cfg.judge:
+        from preftune.collect.judge import label_session, parse_spec
         from preftune.rollout.rewards import resolve_reward
 
+        if parse_spec(cfg.judge) is not None:
+            guide = Path(cfg.guidelines).read_text(encoding="utf-8") if cfg.guidelines else ""
+            result.update(label_session(session, parse_spec(cfg.judge), guide))
+            return {**result, **session.progress()}
         try:
             reward = resolve_reward(cfg.judge)
         except ValueError as err:
@@ -97,11 +108,10 @@ def run_label(cfg: LabelConfig, *, on_ready=None) -> dict:
     from preftune.label.server import make_server
 
     progress = session.progress()
-    if progress["done"] == progress["total"]:
-        log.info("all %d items of %s are already labelled in %s", progress["total"], cfg.input, cfg.output)
-        return {**result, **progress}
+    if progress["done"] == progress["total"]:  # still served: the last label can be undone
+        log.info("all %d items of %s are already labelled in %s (undo still works; Ctrl-C stops)", progress["total"], cfg.input, cfg.output)
     try:
-        server = make_server(session, cfg.host, cfg.port, title=f"preftune label: {Path(cfg.input).name}", exit_when_done=True)
+        server = make_server(session, cfg.host, cfg.port, title=f"preftune label: {Path(cfg.input).name}", exit_when_done=False)
     except OSError as err:
         raise ConfigError(f"label.port: cannot listen on {cfg.host}:{cfg.port} ({err.strerror}); choose another port") from None
     url = f"http://{cfg.host}:{server.server_port}/"

@@ -78,5 +78,18 @@ def load_items(source: str, *, split: str = "train", min_completions: int = 2) -
                 "(flat rows are grouped by consecutive equal prompts)",
                 source=str(source), row=item.rows[0], field="completions",
             )
-        item.key = item_key(item.prompt, item.completions)
+        try:
+            item.key = item_key(item.prompt, item.completions)
+        except UnicodeEncodeError as err:  # a lone surrogate: a valid JSON escape that is not text
+            field = "prompt" if _unencodable(item.prompt) else "completions"
+            raise DataError(f"contains a lone surrogate ({err.object[err.start:err.end]!a}), which is not text",
+                            source=str(source), row=item.rows[0], field=field) from None
     return items
+
+
+def _unencodable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True

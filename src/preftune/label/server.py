@@ -5,8 +5,9 @@
     POST /api/label   {"key", "ranking": [[id...], ...]} | {"key", "labels": [bool...]} | {"key", "skip": true}
     POST /api/undo    take back the last label of this session
 
-Every label is on disk (fsynced) before the page shows the next item. The server binds to 127.0.0.1
-by default; pass ``host=0.0.0.0`` only on a network you trust (there is no login).
+Every label is on disk (fsynced) before the page shows the next item. The server binds to a loopback
+address only (it has no login; ``preftune collect`` is the team version with accounts), answers only
+Host headers naming that address, and refuses cross-origin and non-JSON POSTs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from preftune.label.session import LabelError, LabelSession
 log = logging.getLogger("preftune.label")
 
 _MAX_BODY = 1 << 20
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def make_server(session: LabelSession, host: str = "127.0.0.1", port: int = 8765, *, title: str = "preftune: label",
@@ -30,6 +32,8 @@ def make_server(session: LabelSession, host: str = "127.0.0.1", port: int = 8765
     lock = threading.Lock()  # one label at a time: checks and appends are atomic together
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 20  # seconds a request may stall (a slow or abandoned body) before its thread is freed
+
         def log_message(self, fmt, *args):  # requests are routine; keep the terminal for progress
             log.debug("%s " + fmt, self.address_string(), *args)
 
@@ -48,7 +52,28 @@ def make_server(session: LabelSession, host: str = "127.0.0.1", port: int = 8765
             item = session.next_item()
             return item if item is not None else {"finished": True, "can_undo": bool(session.history), **session.progress()}
 
+        def _refused(self) -> bool:
+            """Requests this one-person page never honours: a foreign Host (DNS rebinding) and, for
+            POSTs, a foreign Origin or a non-JSON body type (what a blind cross-site form or
+            text/plain fetch sends; application/json from another site needs a CORS preflight, never granted)."""
+            host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+            if host not in _LOOPBACK and host != server.server_address[0]:
+                self._json(400, {"error": f"unexpected Host {host[:100]!r}"})
+                return True
+            if self.command != "POST":
+                return False
+            origin = self.headers.get("Origin")
+            if origin is not None and origin.split("://", 1)[-1] != self.headers.get("Host"):
+                self._json(403, {"error": "cross-origin request refused"})
+                return True
+            if (self.headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
+                self._json(415, {"error": "expected Content-Type: application/json"})
+                return True
+            return False
+
         def do_GET(self):
+            if self._refused():
+                return
             if self.path in ("/", "/index.html"):
                 self._send(200, page, "text/html; charset=utf-8")
             elif self.path == "/api/next":
@@ -57,11 +82,18 @@ def make_server(session: LabelSession, host: str = "127.0.0.1", port: int = 8765
                 self._json(404, {"error": f"no such page {self.path}"})
 
         def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
+            if self._refused():
+                return
+            raw_length = (self.headers.get("Content-Length") or "0").strip()
+            if not raw_length.isdigit():  # "-1" used to mean "read everything"
+                self.close_connection = True
+                return self._json(400, {"error": "Content-Length must be a non-negative integer"})
+            length = int(raw_length)
             if length > _MAX_BODY:
+                self.close_connection = True
                 return self._json(413, {"error": "request too large"})
             try:
-                body = json.loads(self.rfile.read(length) or b"{}")
+                body = json.loads((self.rfile.read(length) or b"{}").decode("utf-8"))
                 if not isinstance(body, dict):
                     raise LabelError("expected a JSON object")
                 with lock:
@@ -82,6 +114,8 @@ def make_server(session: LabelSession, host: str = "127.0.0.1", port: int = 8765
                     else:
                         return self._json(404, {"error": f"no such endpoint {self.path}"})
                     reply = self._next()
+            except UnicodeDecodeError:
+                return self._json(400, {"error": "request is not UTF-8"})
             except json.JSONDecodeError as err:
                 return self._json(400, {"error": f"request is not JSON: {err}"})
             except LabelError as err:
@@ -90,8 +124,11 @@ def make_server(session: LabelSession, host: str = "127.0.0.1", port: int = 8765
             if exit_when_done and reply.get("finished"):
                 threading.Thread(target=server.shutdown, daemon=True).start()
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 1024  # the default listen backlog of 5 reset most of 1,000 simultaneous connections
+        daemon_threads = True
+
+    server = Server((host, port), Handler)
     return server
 
 
@@ -106,7 +143,8 @@ PAGE = """<!doctype html>
  body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;color:#222}
  header{display:flex;justify-content:space-between;align-items:baseline}
  .bar{height:6px;background:#eee;border-radius:3px;margin:.4em 0 1em}.bar>div{height:6px;background:#4a7;border-radius:3px}
- .prompt,.text{white-space:pre-wrap;border-radius:6px;padding:.8em;line-height:1.45}
+ .prompt,.text{white-space:pre-wrap;overflow-wrap:anywhere;word-break:break-word;border-radius:6px;padding:.8em;line-height:1.45;overflow:auto}
+ .text{max-height:45vh}.card{min-width:0} .actions{position:sticky;bottom:0;background:#fff;padding:.5em 0;border-top:1px solid #ccc}
  .prompt{background:#f3f3f7;border:1px solid #dde}
  .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:1em;margin:1em 0}
  .card{border:2px solid #ddd;border-radius:8px;padding:.6em}.card.picked{border-color:#4a7}
@@ -125,11 +163,16 @@ PAGE = """<!doctype html>
 let item = null, choice = {};
 const $ = id => document.getElementById(id);
 function el(tag, cls, text){const e=document.createElement(tag); if(cls) e.className=cls; if(text!==undefined) e.textContent=text; return e;}
+let busy = false;
 async function call(url, body){
-  const r = await fetch(url, body===undefined ? {} : {method:"POST", headers:{"Content-Type":"application/json"}, body:JSON.stringify(body)});
-  const data = await r.json();
-  if(!r.ok){ $("error").textContent = data.error || ("error " + r.status); return; }
-  $("error").textContent = ""; show(data);
+  if(busy) return;  // one request at a time: a second key press must not act on the next item
+  busy = true;
+  try{
+    const r = await fetch(url, body===undefined ? {} : {method:"POST", headers:{"Content-Type":"application/json"}, body:JSON.stringify(body)});
+    const data = await r.json();
+    if(!r.ok){ $("error").textContent = data.error || ("error " + r.status); return; }
+    $("error").textContent = ""; show(data);
+  } finally { busy = false; }
 }
 function show(data){
   item = data.finished ? null : data; choice = {};
@@ -137,7 +180,7 @@ function show(data){
   $("progress").style.width = (data.total ? 100*data.done/data.total : 100) + "%";
   $("undo").disabled = !data.can_undo;
   const main = $("main"); main.replaceChildren();
-  if(!item){ main.appendChild(el("h3", "", "All items are labelled. The labels are saved; you can close this page.")); $("submit").disabled=$("skip").disabled=true; return; }
+  if(!item){ main.appendChild(el("h3", "", "All items are labelled. The labels are saved; Undo (u) still works. Stop the server with Ctrl-C.")); $("submit").disabled=$("skip").disabled=true; return; }
   $("submit").disabled=$("skip").disabled=false;
   main.appendChild(el("h4", "", "Prompt")); main.appendChild(el("div", "prompt", item.prompt));
   const cards = el("div", "cards"); main.appendChild(cards);
@@ -147,10 +190,10 @@ function show(data){
     card.appendChild(el("h3", "", String.fromCharCode(65 + pos)));
     card.appendChild(el("div", "text", c.text));
     const row = el("div", "choices");
-    const options = item.mode === "rank" ? [...Array(k).keys()].map(r => [r + 1, "#" + (r + 1)]) : [[true, "\\u{1F44D}"], [false, "\\u{1F44E}"]];
+    const options = item.mode === "rank" ? [...Array(k).keys()].map(r => [r + 1, "#" + (r + 1)]) : [[true, "\\u{1F44D} Good"], [false, "\\u{1F44E} Bad"]];
     options.forEach(([value, label]) => {
       const b = el("button", "", label);
-      b.onclick = () => { choice[pos] = value; paint(); };
+      b.onclick = e => { e.currentTarget.blur(); choice[pos] = value; paint(); };
       b.dataset.pos = pos; b.dataset.value = String(value); row.appendChild(b);
     });
     card.appendChild(row); cards.appendChild(card);
@@ -164,19 +207,25 @@ function paint(){
   document.querySelectorAll(".choices button").forEach(b => b.classList.toggle("on", String(choice[b.dataset.pos]) === b.dataset.value));
   if(item) item.completions.forEach((c, pos) => $("card" + pos).classList.toggle("picked", pos in choice));
 }
+function byId(){  // thumbs in the items' own order (the page shows them shuffled)
+  const labels = []; item.completions.forEach((c, pos) => labels[c.id] = choice[pos]); return labels;
+}
 function submit(){
   if(!item) return;
   const k = item.completions.length;
   if(Object.keys(choice).length < k){ $("error").textContent = "Label every completion first."; return; }
-  if(item.mode === "thumbs") return call("/api/label", {key:item.key, labels:item.completions.map((c, pos) => choice[pos])});
+  if(item.mode === "thumbs") return call("/api/label", {key:item.key, labels:byId()});
   const groups = {};
   item.completions.forEach((c, pos) => (groups[choice[pos]] = groups[choice[pos]] || []).push(c.id));
   call("/api/label", {key:item.key, ranking:Object.keys(groups).map(Number).sort((a, b) => a - b).map(r => groups[r])});
 }
 $("submit").onclick = submit;
-$("skip").onclick = () => item && call("/api/label", {key:item.key, skip:true});
-$("undo").onclick = () => call("/api/undo", {});
+$("skip").onclick = e => { e.currentTarget.blur(); if(item) call("/api/label", {key:item.key, skip:true}); };
+$("undo").onclick = e => { e.currentTarget.blur(); call("/api/undo", {}); };
+$("submit").addEventListener("click", e => e.currentTarget.blur());
 document.addEventListener("keydown", e => {
+  if(e.ctrlKey || e.metaKey || e.altKey) return;  // Ctrl+S saves the page; it is no shortcut here
+  if(["Enter", "s", "u", "1", "2"].includes(e.key)) e.preventDefault();  // Enter must not also press a focused button
   if(!item) { if(e.key === "u") call("/api/undo", {}); return; }
   if(e.key === "Enter") submit();
   else if(e.key === "s") $("skip").click();

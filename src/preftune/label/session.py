@@ -39,7 +39,9 @@ class LabelSession:
             self.items.setdefault(item.key, item)
         self.store, self.mode, self.annotator = store, mode, annotator
         self.shuffle, self.seed = shuffle, seed
-        self.history: list[str] = []  # keys labelled in this session, for undo
+        # keys labelled, oldest first, for undo: what the files already hold (so undo survives a restart), then this session's
+        earlier = sorted(store.labels + store.skips, key=lambda r: str(r.get("labelled_at", "")))
+        self.history: list[str] = list(dict.fromkeys(r["item"] for r in earlier if r["item"] in self.items))
 
     # -- progress ----------------------------------------------------------------------------------
     def pending(self) -> list[Item]:

@@ -49,6 +49,12 @@ def _read_lines(path: Path) -> list[dict]:
     return rows
 
 
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
 class LabelStore:
     """Append-only labels (``output``) and skips (``output.skipped.jsonl``); thread-safe."""
 
@@ -70,6 +76,8 @@ class LabelStore:
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
         with self._lock:
             with open(path, "ab") as f:
+                if f.tell() and _last_byte(path) != b"\n":  # a hand-edited file without a final newline
+                    data = b"\n" + data
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
