@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -448,7 +448,7 @@ def load_pairs(source: str, split: str, config: RewardConfig) -> list[PairRecord
                 )  # fmt: skip
             identical.append(row_no)
             continue
-        records.append(rec if margin is None else MarginPair(rec.prompt, rec.chosen, rec.rejected, row=rec.row, margin=margin))
+        records.append(rec if margin is None else MarginPair(**{f.name: getattr(rec, f.name) for f in fields(rec)}, margin=margin))
     if identical:
         shown = ", ".join(map(str, identical[:10])) + (", ..." if len(identical) > 10 else "")
         log.warning("%s: dropped %d pair(s) whose chosen and rejected are identical (rows %s)", source, len(identical), shown)
