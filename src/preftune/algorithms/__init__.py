@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from preftune.algorithms.dpo import CDPO, DPO, IPO, ORPO, Hinge, ReferenceFreeDPO, RobustDPO, SimPO, Unlikelihood
 from preftune.algorithms.best_of_n import BestOfN
+from preftune.algorithms.grdpo import GroupRobustDPO
 from preftune.algorithms.kto import KTO
 from preftune.algorithms.mdpo import MDPO
 from preftune.algorithms.ppo import PPO
@@ -30,4 +31,5 @@ ALGORITHMS = {
     "reinforce": Reinforce,
     "rloo": RLOO,
     "ppo": PPO,
+    "grdpo": GroupRobustDPO,
 }

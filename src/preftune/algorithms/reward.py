@@ -103,6 +103,12 @@ class RewardConfig:
         "reward with it. null = none.",
     )
     calibration_bins: int = doc(10, "Bins of the calibration table in reward_eval.json.")
+    groups: Literal["pooled", "conditioned"] = doc(
+        "pooled",
+        "Annotator groups (the rows' 'group' field): 'pooled' = one model of everyone's pairs (groups only reported, "
+        "per group, in reward_eval.json); 'conditioned' = one model for all groups with each prompt carrying its "
+        "group ('[preferences of group G] ' / a system message), so it can learn opposite tastes.",
+    )
 
     def validate(self, path: str) -> None:
         if self.ensemble_size < 1:
@@ -185,6 +191,12 @@ class RewardModelAlgorithm(Algorithm):
     # -- data ------------------------------------------------------------------------------------
     @classmethod
     def load_records(cls, config: RewardConfig, source: str, split: str) -> list:
+        from preftune.algorithms.reward_groups import apply_groups
+
+        return apply_groups(config.groups, cls._read_records(config, source, split), str(source))
+
+    @classmethod
+    def _read_records(cls, config: RewardConfig, source: str, split: str) -> list:
         from preftune.data.loaders import load_records, rankings_to_pairs, read_rows
 
         first = next(iter(read_rows(source, split=split)), (0, {}))[1]
@@ -198,7 +210,7 @@ class RewardModelAlgorithm(Algorithm):
             return pairs
         pairs = load_pairs(source, split, config)
         if config.loss == "plackett_luce":
-            return [RankingRecord(p.prompt, [p.chosen, p.rejected], [[0], [1]], row=p.row) for p in pairs]
+            return [RankingRecord(p.prompt, [p.chosen, p.rejected], [[0], [1]], row=p.row, annotator=p.annotator, group=p.group) for p in pairs]
         return pairs
 
     def tokenize(self, records: list, source: str) -> tuple[list[dict], Any]:
@@ -217,6 +229,10 @@ class RewardModelAlgorithm(Algorithm):
             kept, examples, report = self._tokenize_rankings(records, kind, lambda recs: tokenize_sft(recs, self.tokenizer, **kwargs))
         else:
             kept, examples, report = self._tokenize_pairs(records, kind, lambda recs: tokenize_pairs(recs, self.tokenizer, **kwargs))
+        if source != d.path and d.path in self._data:
+            from preftune.algorithms.reward_groups import check_eval_groups
+
+            check_eval_groups(self.config.groups, self._data[d.path][0], records, source)
         if source == d.path and self.config.member > 0:
             kept, examples = self._member_order(kept, examples)
         self._data[source] = (kept, examples)
@@ -416,6 +432,10 @@ class RewardModelAlgorithm(Algorithm):
         if len(model.members) > 1:
             extra.update(member_chosen=member_c, member_rejected=member_r)
         report = pair_report(chosen, rejected, bins=self.config.calibration_bins, **extra)
+        if any(p.group for p in pairs):
+            from preftune.algorithms.reward_groups import per_group_accuracy
+
+            report["groups"] = per_group_accuracy(pairs, chosen, rejected)
         rule = {"combine": model.combine, "k": model.k} if len(model.members) > 1 else {}
         return {"split": split, "loss": self.config.loss, **rule, **report}
 
