@@ -112,3 +112,23 @@ def test_aggregation_min_gradient_goes_to_worst_group():
     assert w.tolist() == pytest.approx([0.8, -1.0, 0.54])
     with pytest.raises(ValueError, match="one weight per reward"):
         aggregate_rewards(rewards, "weighted", torch.tensor([1.0]))
+
+
+def test_em_with_features_and_too_many_components():
+    torch.manual_seed(1)
+    feats = torch.randn(30, 2)
+    w = torch.tensor([[2.0, 0.0], [-2.0, 0.5]])
+    truth = torch.tensor([0] * 6 + [1] * 4)
+    chosen, rejected, who = [], [], []
+    for a in range(10):
+        r = feats @ w[truth[a]]
+        i, j = torch.randint(30, (2, 40))
+        win = torch.rand(40) < torch.sigmoid(r[i] - r[j])
+        chosen.append(torch.where(win, i, j)), rejected.append(torch.where(win, j, i)), who.append(torch.full((40,), a))
+    fit = fit_bt_mixture(torch.cat(chosen), torch.cat(rejected), torch.cat(who), num_items=30, num_annotators=10,
+                         num_components=2, features=feats, iterations=10, m_steps=30, restarts=2)
+    assign = fit["responsibilities"].argmax(-1)
+    assert max((assign == truth).float().mean(), (assign != truth).float().mean()) >= 0.9
+    assert fit["weights"].shape == (2, 2)
+    with pytest.raises(ValueError, match="3 mixture components for 2 annotators"):
+        fit_bt_mixture(torch.tensor([0]), torch.tensor([1]), torch.tensor([0]), num_items=2, num_annotators=2, num_components=3)

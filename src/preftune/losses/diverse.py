@@ -68,9 +68,10 @@ def mixture_responsibilities(pair_log_likelihood: Tensor, annotator_index: Tenso
 
 
 def fit_bt_mixture(chosen_items: Tensor, rejected_items: Tensor, annotator_index: Tensor, *, num_items: int,
-                   num_annotators: int, num_components: int, iterations: int = 30, m_steps: int = 50, lr: float = 0.5,
-                   restarts: int = 4, seed: int = 0) -> dict[str, Tensor]:
-    """EM for a mixture of K tabular Bradley–Terry models (one free reward per item per component).
+                   num_annotators: int, num_components: int, features: Tensor | None = None, iterations: int = 30,
+                   m_steps: int = 50, lr: float = 0.5, restarts: int = 4, seed: int = 0) -> dict[str, Tensor]:
+    """EM for a mixture of K tabular Bradley–Terry models (one free reward per item per component), or,
+    with ``features`` (Tensor[num_items, F]), of K linear ones: r_k(item) = features[item] · w_k.
 
     The same E-step (``mixture_responsibilities``) and M-step (``weighted_bradley_terry_loss`` with the
     annotator's responsibility as each pair's weight, minimised by Adam) that the neural reward mixture
@@ -84,25 +85,32 @@ def fit_bt_mixture(chosen_items: Tensor, rejected_items: Tensor, annotator_index
 
     Returns:
         {"rewards": Tensor[K, num_items] (each component centred to mean 0), "responsibilities":
-        Tensor[A, K], "prior": Tensor[K], "log_likelihood": Tensor[] (the observed-data log-likelihood)}.
+        Tensor[A, K], "prior": Tensor[K], "log_likelihood": Tensor[] (the observed-data log-likelihood)},
+        plus "weights": Tensor[K, F] with ``features``.
     """
+    if num_components > num_annotators:
+        raise ValueError(f"{num_components} mixture components for {num_annotators} annotators: each component needs "
+                         f"annotators of its own; use at most {num_annotators}")
     gen = torch.Generator().manual_seed(seed)
     best = None
     for _ in range(restarts):
         gamma = (3 * torch.rand(num_annotators, num_components, generator=gen)).softmax(-1)
-        rewards = torch.zeros(num_components, num_items, requires_grad=True)
+        params = torch.zeros(num_components, num_items if features is None else features.shape[1])
         for _ in range(iterations):
             prior = gamma.mean(0).clamp(min=1e-6)
-            rewards = _m_step(rewards.detach(), chosen_items, rejected_items, gamma[annotator_index], m_steps, lr)
+            params = _m_step(params, features, chosen_items, rejected_items, gamma[annotator_index], m_steps, lr)
             with torch.no_grad():
+                rewards = params if features is None else params @ features.T
                 loglik = _pair_log_likelihood(rewards, chosen_items, rejected_items)
                 gamma = mixture_responsibilities(loglik, annotator_index, num_annotators, prior.log())
         with torch.no_grad():
             totals = torch.zeros(num_annotators, num_components).index_add_(0, annotator_index, loglik)
             observed = (totals + prior.log()).logsumexp(-1).sum()
         if best is None or observed > best["log_likelihood"]:
-            centred = rewards.detach() - rewards.detach().mean(-1, keepdim=True)
+            centred = rewards - rewards.mean(-1, keepdim=True)
             best = {"rewards": centred, "responsibilities": gamma, "prior": prior, "log_likelihood": observed}
+            if features is not None:
+                best["weights"] = params
     return best
 
 
@@ -111,16 +119,18 @@ def _pair_log_likelihood(rewards: Tensor, chosen: Tensor, rejected: Tensor) -> T
     return F.logsigmoid(rewards[:, chosen] - rewards[:, rejected]).T
 
 
-def _m_step(rewards: Tensor, chosen: Tensor, rejected: Tensor, weights: Tensor, steps: int, lr: float) -> Tensor:
-    rewards = rewards.clone().requires_grad_(True)
-    opt = torch.optim.Adam([rewards], lr=lr)
+def _m_step(params: Tensor, features: Tensor | None, chosen: Tensor, rejected: Tensor, weights: Tensor, steps: int,
+            lr: float) -> Tensor:
+    params = params.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([params], lr=lr)
     for _ in range(steps):
         opt.zero_grad()
+        rewards = params if features is None else params @ features.T
         losses, _ = weighted_bradley_terry_loss(rewards[:, chosen].T, rewards[:, rejected].T, weights)
         # A small L2 pull: a pair set with a perfectly separable order has no finite BT optimum.
-        (losses.sum() / len(chosen) + 1e-3 * rewards.square().mean()).backward()
+        (losses.sum() / len(chosen) + 1e-3 * params.square().mean()).backward()
         opt.step()
-    return rewards
+    return params.detach()
 
 
 def group_robust_dpo_loss(
