@@ -10,6 +10,7 @@ Rows need a ``group`` field; the group weights α are logged in metrics.jsonl as
 (and each group's DPO loss as ``group_loss/G``) and saved with the model (``group_weights.json``).
 One deviation from the paper's Algorithm 1: α is updated at the start of a step from the group
 losses of the previous step (measured during its forward), which saves a second forward pass.
+The weights are not part of a checkpoint: ``--resume`` restarts them from uniform.
 """
 
 from __future__ import annotations

@@ -228,6 +228,10 @@ def _run_arm(cfg, mix, samples, golds, held_path, test_prompts, out, progress):
         raise ConfigError(f"{name}: a group has no labelled training pairs ({counts}); use more train_prompts")
     pairs_path = arm_dir / "pairs.jsonl"
     write_jsonl(pairs, pairs_path)
+    from preftune.data.loaders import load_records
+    from preftune.data.groups import warn_single_label_annotators
+
+    warn_single_label_annotators(load_records(str(pairs_path), "pairs"), str(pairs_path))
     arm = {"pairs": counts, "reward_models": {}, "policies": {}, "em": _em(cfg, pairs, arm_dir)}
     configs = {}
     for method in cfg.reward_methods:
