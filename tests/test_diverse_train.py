@@ -66,3 +66,14 @@ def test_group_aware_runs_refuse_bad_groups(tmp_path):
                f"data.eval_path={held}", "data.max_length=64", "train.max_steps=1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{held}, row 1, field 'group': group 'C' does not occur in the training data (groups: A, B)" in proc.stderr
+
+
+def test_per_group_reward_models_train_one_model_per_group(tmp_path):
+    out = tmp_path / "per-group"
+    proc = cli("train", "configs/reward_conditioned_tiny.yaml", f"output_dir={out}", "reward.groups=per_group",
+               "train.max_steps=30", "train.eval_steps=30", "train.progress_bar=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for group in ("A", "B"):
+        report = json.loads((out / f"group-{group}" / "reward_eval.json").read_text())
+        assert list(report["groups"]) == [group]  # trained and evaluated on its own group's pairs only
+        assert report["groups"][group]["accuracy"] >= 0.9

@@ -103,12 +103,14 @@ class RewardConfig:
         "reward with it. null = none.",
     )
     calibration_bins: int = doc(10, "Bins of the calibration table in reward_eval.json.")
-    groups: Literal["pooled", "conditioned"] = doc(
+    groups: Literal["pooled", "per_group", "conditioned"] = doc(
         "pooled",
         "Annotator groups (the rows' 'group' field): 'pooled' = one model of everyone's pairs (groups only reported, "
-        "per group, in reward_eval.json); 'conditioned' = one model for all groups with each prompt carrying its "
-        "group ('[preferences of group G] ' / a system message), so it can learn opposite tastes.",
+        "per group, in reward_eval.json); 'per_group' = one model per group, trained on its rows only, into "
+        "OUTPUT_DIR/group-G/; 'conditioned' = one model for all groups with each prompt carrying its group "
+        "('[preferences of group G] ' / a system message), so it can learn opposite tastes.",
     )
+    group: Optional[str] = doc(None, "With groups=per_group: the group this run trains (set for each group by `preftune train`).")
 
     def validate(self, path: str) -> None:
         if self.ensemble_size < 1:
@@ -117,6 +119,8 @@ class RewardConfig:
             raise ConfigError(f"{path}.member: must lie in [0, ensemble_size - 1 = {self.ensemble_size - 1}], got {self.member}")
         if self.centering_coef < 0 or self.combine_k < 0:
             raise ConfigError(f"{path}.centering_coef / combine_k: must be >= 0")
+        if self.groups == "per_group" and self.ensemble_size > 1:
+            raise ConfigError(f"{path}.groups: per_group trains one model per group; use ensemble_size=1 with it")
         if self.calibration_bins < 1:
             raise ConfigError(f"{path}.calibration_bins: must be >= 1, got {self.calibration_bins}")
         if self.margin_column is not None and self.loss != "bt":
@@ -148,6 +152,9 @@ class RewardModelAlgorithm(Algorithm):
                 "reward.ensemble_size > 1: each member trains in OUTPUT_DIR/member-i; run `preftune train`, or "
                 "from Python `for r in RewardModelAlgorithm.member_runs(run): train(r)`"
             )
+        if config.groups == "per_group" and config.group is None:
+            raise ConfigError("reward.groups=per_group: each group trains in OUTPUT_DIR/group-G; run `preftune train`, or "
+                              "from Python `for r in RewardModelAlgorithm.member_runs(run): train(r)`")
         super().__init__(config, policy, tokenizer, run)
         self._data: dict[str, tuple[list, list[dict]]] = {}  # source -> (records, examples), aligned
 
@@ -168,6 +175,10 @@ class RewardModelAlgorithm(Algorithm):
 
     @classmethod
     def member_runs(cls, run) -> list:
+        if run.algo.groups == "per_group" and run.algo.group is None:
+            from preftune.algorithms.reward_groups import group_member_runs
+
+            return group_member_runs(cls, run)
         n = run.algo.ensemble_size
         if n == 1:
             return [run]
@@ -193,7 +204,7 @@ class RewardModelAlgorithm(Algorithm):
     def load_records(cls, config: RewardConfig, source: str, split: str) -> list:
         from preftune.algorithms.reward_groups import apply_groups
 
-        return apply_groups(config.groups, cls._read_records(config, source, split), str(source))
+        return apply_groups(config.groups, cls._read_records(config, source, split), str(source), config.group)
 
     @classmethod
     def _read_records(cls, config: RewardConfig, source: str, split: str) -> list:

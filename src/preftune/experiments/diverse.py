@@ -32,7 +32,7 @@ from preftune.config import ConfigError, doc
 log = logging.getLogger("preftune.experiments")
 
 POLICY_METHODS = ("dpo", "grdpo", "dpo_conditioned", "rloo_mean", "rloo_min")
-REWARD_METHODS = ("pooled", "conditioned")
+REWARD_METHODS = ("pooled", "per_group", "conditioned")
 
 
 def calm(prompts, completions) -> list[float]:
@@ -61,7 +61,8 @@ class DiverseStudyConfig:
     )
     mixes: list[float] = doc(factory=lambda: [0.8, 0.5], help="Share of the annotators (and pairs) in the first group, one study arm each.")
     annotators: int = doc(10, "Annotators in all; each mix splits them between the groups.")
-    reward_methods: list[str] = doc(factory=lambda: ["pooled", "conditioned"], help="Reward models: 'pooled', 'conditioned'.")
+    reward_methods: list[str] = doc(factory=lambda: ["pooled", "per_group", "conditioned"],
+                                    help="Reward models (reward.groups): 'pooled', 'per_group', 'conditioned'.")
     policy_methods: list[str] = doc(
         factory=lambda: ["dpo", "grdpo", "dpo_conditioned", "rloo_mean", "rloo_min"],
         help=f"Policies: {', '.join(POLICY_METHODS)}.",
@@ -257,14 +258,19 @@ def _common(cfg, out: Path) -> list[str]:
 
 
 def _train_reward(cfg, method: str, pairs: Path, held: Path, out: Path) -> tuple[dict, dict]:
+    """Train the reward model(s) of ``reward.groups = method``; {"groups": {g: held-out report}} + config."""
+    from preftune.algorithms import ALGORITHMS
     from preftune.config import load_run_config, run_config_to_dict
     from preftune.train.loop import train
 
     run = load_run_config(None, ["algorithm=reward", *_common(cfg, out), f"data.path={pairs}", f"data.eval_path={held}",
                                  f"train.num_epochs={cfg.offline_epochs}", f"train.learning_rate={cfg.reward_learning_rate}",
                                  f"reward.groups={method}", *cfg.train_overrides])
-    train(run)
-    return json.loads((out / "reward_eval.json").read_text()), run_config_to_dict(run)
+    groups = {}
+    for member in ALGORITHMS["reward"].member_runs(run):  # per_group: one run per group
+        train(member)
+        groups.update(json.loads((Path(member.output_dir) / "reward_eval.json").read_text())["groups"])
+    return {"groups": groups}, run_config_to_dict(run)
 
 
 def _train_policy(cfg, method: str, pairs: Path, arm_dir: Path, test_prompts: list) -> tuple[Path, dict]:
@@ -344,11 +350,8 @@ def _summary(cfg, arm: dict) -> dict:
     """The minority's loss under pooling, and what the group-aware methods recover."""
     minority = min(arm["pairs"], key=arm["pairs"].get)
     out = {"minority": minority}
-    rms = arm["reward_models"]
-    if "pooled" in rms:
-        out["minority_rm_accuracy_pooled"] = rms["pooled"].get(minority)
-    if "conditioned" in rms:
-        out["minority_rm_accuracy_conditioned"] = rms["conditioned"].get(minority)
+    for method, accuracy in arm["reward_models"].items():
+        out[f"minority_rm_accuracy_{method}"] = accuracy.get(minority)
     pol = arm["policies"]
     for method, per_group in pol.items():
         g = per_group[minority]
