@@ -91,6 +91,8 @@ def fit_bt_mixture(chosen_items: Tensor, rejected_items: Tensor, annotator_index
     if num_components > num_annotators:
         raise ValueError(f"{num_components} mixture components for {num_annotators} annotators: each component needs "
                          f"annotators of its own; use at most {num_annotators}")
+    if restarts < 1 or iterations < 1:
+        raise ValueError(f"need restarts >= 1 and iterations >= 1, got {restarts} and {iterations}")
     gen = torch.Generator().manual_seed(seed)
     best = None
     for _ in range(restarts):
