@@ -16,7 +16,7 @@ def test_quick_study_runs_and_its_report_shows_its_results(tmp_path):
     assert "mix80 reward-pooled" in proc.stdout and f"report: {out / 'report.html'}" in proc.stdout
     results = json.loads((out / "results.json").read_text())
     arm = results["arms"]["mix80"]
-    assert arm["pairs"]["A"] > arm["pairs"]["B"] > 0  # 4 of 5 annotators in A
+    assert arm["pairs"]["A"] > arm["pairs"]["B"] > 0  # 5 of 6 annotators in A
     assert set(arm["reward_models"]) == {"pooled", "conditioned"}
     assert all(set(acc) == {"A", "B"} and all(0 <= v <= 1 for v in acc.values()) for acc in arm["reward_models"].values())
     assert set(arm["policies"]) == {"dpo", "grdpo", "dpo_conditioned", "rloo_min"}
@@ -24,7 +24,7 @@ def test_quick_study_runs_and_its_report_shows_its_results(tmp_path):
         assert set(per_group) == {"A", "B"} and all(isinstance(v["kl"], float) for v in per_group.values())
     assert arm["summary"]["minority"] == "B" and "minority_rm_accuracy_pooled" in arm["summary"]
     em = json.loads((out / "mix80" / "em_components.json").read_text())
-    assert em == arm["em"] and len(em["annotators"]) == 5 and 0 <= em["assignment_accuracy"] <= 1
+    assert em == arm["em"] and len(em["annotators"]) == 6 and 0 <= em["assignment_accuracy"] <= 1
     assert (out / "mix80" / "grdpo" / "model" / "group_weights.json").is_file()
     page = (out / "report.html").read_text()
     for name, m in results["models"].items():  # every (arm, method, group) row: its numbers are results.json's
