@@ -60,6 +60,9 @@ def test_group_aware_runs_refuse_bad_groups(tmp_path):
     proc = cli("train", "configs/reward_conditioned_tiny.yaml", f"output_dir={tmp_path / 'r'}", f"data.path={one}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{one}, field 'group': the 'group' column has 1 distinct value(s) ('A')" in proc.stderr
+    proc = cli("train", "configs/grdpo.yaml", "model.name=tiny-random-llama", f"output_dir={tmp_path / 'g1'}", f"data.path={one}",
+               "data.max_length=64", "train.max_steps=1")
+    assert proc.returncode == 0 and f"{one}, field 'group': one group ('A'), so grdpo is DPO" in proc.stderr  # a warning
     train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"Q{i}?", "chosen": " yes", "rejected": " no", "group": "AB"[i % 2]} for i in range(8)])
     held = write_jsonl(tmp_path / "held.jsonl", [{"prompt": "Q?", "chosen": " yes", "rejected": " no", "group": "C"}])
     proc = cli("train", "configs/grdpo.yaml", "model.name=tiny-random-llama", f"output_dir={tmp_path / 'g'}", f"data.path={train}",

@@ -6,7 +6,8 @@ the same initials) minimises the worst group's DPO loss instead, min_θ max_{α 
 L_g(θ), by alternating an exponentiated-gradient step on α (α_g ← α_g · exp(η · L_g), normalised)
 with a gradient step on θ for the α-weighted loss (``preftune.losses.diverse``).
 
-Rows need a ``group`` field; the group weights α are logged in metrics.jsonl as ``group_weight/G``
+Rows carry a ``group`` field (data without one is a single group, and a warning: grdpo is then DPO);
+the group weights α are logged in metrics.jsonl as ``group_weight/G``
 (and each group's DPO loss as ``group_loss/G``) and saved with the model (``group_weights.json``).
 One deviation from the paper's Algorithm 1: α is updated at the start of a step from the group
 losses of the previous step (measured during its forward), which saves a second forward pass.
@@ -16,6 +17,7 @@ The weights are not part of a checkpoint: ``--resume`` restarts them from unifor
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,8 @@ import torch
 from preftune.algorithms.dpo import DPOConfig
 from preftune.algorithms.pairwise import PairwiseAlgorithm
 from preftune.config import check_range, doc
+
+log = logging.getLogger("preftune.algorithms")
 
 
 @dataclass
@@ -49,16 +53,23 @@ class GroupRobustDPO(PairwiseAlgorithm):
         self.group_names: list[str] = []
         self._counts = None  # rows of each group in the current global batch
 
-    def group_index(self, records: list, source: str) -> dict[str, int]:
+    def group_index(self, records: list, source: str) -> dict:
         from preftune.data.groups import check_held_out_groups, group_index, group_names
 
-        if not self.group_names:  # the training data comes first and fixes the vocabulary
-            self.group_names = group_names(records, source)
-            g = len(self.group_names)
-            self.register_buffer("group_weights", torch.full((g,), 1.0 / g))
-            self.register_buffer("_loss_sums", torch.zeros(2, g))  # (sum of DPO losses, rows) since the last update
+        if self.group_names:  # the training data came first and fixed the groups
+            if self.group_names != [None]:
+                check_held_out_groups(self.group_names, records, source)
+            return group_index(self.group_names)
+        if all(r.group is None for r in records):
+            log.warning("%s: no row has a 'group', so every row is in one group and grdpo is DPO", source)
+            self.group_names = [None]  # rows without a group: index 0
         else:
-            check_held_out_groups(self.group_names, records, source)
+            self.group_names = group_names(records, source, min_groups=1)
+            if len(self.group_names) == 1:
+                log.warning("%s, field 'group': one group (%r), so grdpo is DPO", source, self.group_names[0])
+        g = len(self.group_names)
+        self.register_buffer("group_weights", torch.full((g,), 1.0 / g))
+        self.register_buffer("_loss_sums", torch.zeros(2, g))  # (sum of DPO losses, rows) since the last update
         return group_index(self.group_names)
 
     def before_step(self, micro_batches: list[dict], accelerator) -> None:
@@ -95,11 +106,12 @@ class GroupRobustDPO(PairwiseAlgorithm):
         sums, rows = self._group_metrics
         one = torch.ones((), device=sums.device)
         for i, name in enumerate(self.group_names):
+            name = "all" if name is None else name
             metrics[f"group_loss/{name}"] = (sums[i], rows[i])
             metrics[f"group_weight/{name}"] = (self.group_weights[i].detach().float(), one)
         return loss, metrics
 
     def save(self, out_dir: Path) -> None:
         super().save(out_dir)
-        weights = dict(zip(self.group_names, self.group_weights.tolist()))
+        weights = {"all" if g is None else g: w for g, w in zip(self.group_names, self.group_weights.tolist())}
         (Path(out_dir) / "group_weights.json").write_text(json.dumps({"group_weights": weights}, indent=2) + "\n")

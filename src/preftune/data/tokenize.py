@@ -204,13 +204,14 @@ def _row(record: Record, index: int) -> int:
 
 def _with_group(example: dict, record: Record, index: int, groups: dict[str, int] | None,
                 source: str) -> dict:
-    """``example`` plus ``"group"``: the index of the record's group (collated as a LongTensor)."""
+    """``example`` plus ``"group"``: the index of the record's group (collated as a LongTensor); a
+    ``None`` key in ``groups`` is the index of rows without a group."""
     if groups is None:
         return example
     group = getattr(record, "group", None)
     if group not in groups:
         got = "no group" if group is None else f"group {group!r}"
-        raise DataError(f"{got}; expected one of {', '.join(groups)}", source=source,
+        raise DataError(f"{got}; expected one of {', '.join(map(str, groups))}", source=source,
                         row=_row(record, index), field="group")
     return {**example, "group": groups[group]}
 
