@@ -45,7 +45,7 @@ def test_em_recovers_two_known_reward_vectors():
         rejected.append(torch.where(win, j, i))
         who.append(torch.full((len(i),), a))
     fit = fit_bt_mixture(torch.cat(chosen), torch.cat(rejected), torch.cat(who), num_items=items,
-                         num_annotators=annotators, num_components=2, seed=0)
+                         num_annotators=annotators, num_components=2, iterations=15, m_steps=30, restarts=2, seed=0)
     assign = fit["responsibilities"].argmax(-1)
     # Components are unlabelled: match them to the truth by the better of the two labellings.
     agree = max((assign == truth).float().mean(), (assign != truth).float().mean())
