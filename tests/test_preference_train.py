@@ -153,7 +153,7 @@ def test_example_config_through_cli(tmp_path, pairs_file, algorithm):
     first, final = train_ms[0], [m for m in ms if "eval/loss" in m][-1]
     assert len(train_ms) == 24 and final["step"] == 24
     if ALGORITHMS[algorithm].needs.reference_model:
-        assert first["loss"] == pytest.approx({"dpo": 0.693147, "cdpo": 0.693147, "robust_dpo": 0.693147, "hinge": 1.0,
+        assert first["loss"] == pytest.approx({"dpo": 0.693147, "grdpo": 0.693147, "cdpo": 0.693147, "robust_dpo": 0.693147, "hinge": 1.0,
                                                "ipo": (1 / 0.2) ** 2, "kto": 0.5}[algorithm], abs=1e-3)
     if algorithm == "kto":  # unpaired: no pairwise accuracy; the loss falls from σ(0)-based 0.5
         assert final["eval/loss"] < first["loss"] - 0.1

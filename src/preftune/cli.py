@@ -146,12 +146,24 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     from preftune.experiments.sentiment import load_study_config, run_study, summary
 
+    if args.config and _study_kind(args.config) == "diverse":
+        from preftune.experiments.diverse import load_diverse_config, run_diverse_study, summary
+
+        load_study_config, run_study = load_diverse_config, run_diverse_study
     cfg = load_study_config(args.config, list(args.overrides))
     report = run_study(cfg)
     print(summary(report))
     print(f"report: {report}")
     print(f"results: {report.parent / 'results.json'}")
     return 0
+
+
+def _study_kind(path: str) -> str | None:
+    """The ``study:`` key of a study file (None = the sentiment study, whose files have none)."""
+    from preftune.config import read_yaml
+
+    data = read_yaml(path)
+    return data.get("study") if isinstance(data, dict) else None
 
 
 def config_markdown() -> str:
@@ -192,6 +204,9 @@ def config_markdown() -> str:
     from preftune.experiments.sentiment import StudyConfig
 
     parts += ["", "## `preftune demo` / `preftune study`", "", table(StudyConfig)]
+    from preftune.experiments.diverse import DiverseStudyConfig
+
+    parts += ["", "## `preftune study` with `study: diverse`", "", table(DiverseStudyConfig)]
     return "\n".join(parts) + "\n"
 
 

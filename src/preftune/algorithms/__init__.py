@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from preftune.algorithms.dpo import CDPO, DPO, DPOP, IPO, ORPO, RPO, Hinge, ReferenceFreeDPO, RobustDPO, SimPO, Unlikelihood
 from preftune.algorithms.best_of_n import BestOfN
+from preftune.algorithms.grdpo import GroupRobustDPO
 from preftune.algorithms.grpo import GRPO, GSPO
 from preftune.algorithms.kto import KTO
 from preftune.algorithms.mdpo import MDPO
@@ -37,4 +38,5 @@ ALGORITHMS = {
     "reinforce_pp": ReinforcePP,
     "rpo": RPO,
     "dpop": DPOP,
+    "grdpo": GroupRobustDPO,
 }

@@ -103,10 +103,16 @@ class Algorithm(nn.Module):
             truncation=d.truncation,
             text_as_chat=d.text_as_chat,
             source=source,
+            groups=self.group_index(records, source),
         )
         if self.needs.data_kind == "pairs":
             return tokenize_pairs(records, self.tokenizer, **kwargs)
         return tokenize_sft(records, self.tokenizer, **kwargs)
+
+    def group_index(self, records: list, source: str) -> dict[str, int] | None:
+        """Group name -> index for algorithms that read each row's annotator group (``"group"`` in the
+        batch, see preftune.data.groups); None (the default) leaves groups out of the batch."""
+        return None
 
     def example_length(self, example: dict) -> int:
         """Tokens an example occupies in a batch (used to group rows of similar length)."""

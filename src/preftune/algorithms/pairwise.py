@@ -53,6 +53,12 @@ class PairsConfig:
         "'auto': shared where the model supports it (SDPA attention, a verified architecture, no sliding "
         "window shorter than data.max_length), else padded.",
     )
+    condition_on_group: bool = doc(
+        False,
+        "Write each row's 'group' into its prompt (text: a '[preferences of group G] ' prefix; conversations: a "
+        "system message), so one policy learns every group's preferences and serves group G when its prompt "
+        "says G (group-conditioned DPO). Every row needs a 'group'.",
+    )
 
 
 @dataclass
@@ -189,8 +195,15 @@ class PairwiseAlgorithm(WithReference):
 
         first = next(iter(read_rows(source, split=split)), (0, {}))[1]
         if "ranking" in first:
-            return rankings_to_pairs(load_records(source, "rankings", split=split), mode=config.rankings_to_pairs)
-        return load_records(source, "pairs", split=split)
+            records = rankings_to_pairs(load_records(source, "rankings", split=split), mode=config.rankings_to_pairs)
+        else:
+            records = load_records(source, "pairs", split=split)
+        if getattr(config, "condition_on_group", False):
+            from preftune.data.groups import condition_on_group, group_names
+
+            group_names(records, str(source))  # every row has a group, and there are at least two
+            records = condition_on_group(records, str(source))
+        return records
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         from preftune.data.collate import collate_pairs, collate_shared_pairs

@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -103,6 +103,14 @@ class RewardConfig:
         "reward with it. null = none.",
     )
     calibration_bins: int = doc(10, "Bins of the calibration table in reward_eval.json.")
+    groups: Literal["pooled", "per_group", "conditioned"] = doc(
+        "pooled",
+        "Annotator groups (the rows' 'group' field): 'pooled' = one model of everyone's pairs (groups only reported, "
+        "per group, in reward_eval.json); 'per_group' = one model per group, trained on its rows only, into "
+        "OUTPUT_DIR/group-G/; 'conditioned' = one model for all groups with each prompt carrying its group "
+        "('[preferences of group G] ' / a system message), so it can learn opposite tastes.",
+    )
+    group: Optional[str] = doc(None, "With groups=per_group: the group this run trains (set for each group by `preftune train`).")
 
     def validate(self, path: str) -> None:
         if self.ensemble_size < 1:
@@ -111,6 +119,8 @@ class RewardConfig:
             raise ConfigError(f"{path}.member: must lie in [0, ensemble_size - 1 = {self.ensemble_size - 1}], got {self.member}")
         if self.centering_coef < 0 or self.combine_k < 0:
             raise ConfigError(f"{path}.centering_coef / combine_k: must be >= 0")
+        if self.groups == "per_group" and self.ensemble_size > 1:
+            raise ConfigError(f"{path}.groups: per_group trains one model per group; use ensemble_size=1 with it")
         if self.calibration_bins < 1:
             raise ConfigError(f"{path}.calibration_bins: must be >= 1, got {self.calibration_bins}")
         if self.margin_column is not None and self.loss != "bt":
@@ -142,6 +152,9 @@ class RewardModelAlgorithm(Algorithm):
                 "reward.ensemble_size > 1: each member trains in OUTPUT_DIR/member-i; run `preftune train`, or "
                 "from Python `for r in RewardModelAlgorithm.member_runs(run): train(r)`"
             )
+        if config.groups == "per_group" and config.group is None:
+            raise ConfigError("reward.groups=per_group: each group trains in OUTPUT_DIR/group-G; run `preftune train`, or "
+                              "from Python `for r in RewardModelAlgorithm.member_runs(run): train(r)`")
         super().__init__(config, policy, tokenizer, run)
         self._data: dict[str, tuple[list, list[dict]]] = {}  # source -> (records, examples), aligned
 
@@ -162,6 +175,10 @@ class RewardModelAlgorithm(Algorithm):
 
     @classmethod
     def member_runs(cls, run) -> list:
+        if run.algo.groups == "per_group" and run.algo.group is None:
+            from preftune.algorithms.reward_groups import group_member_runs
+
+            return group_member_runs(cls, run)
         n = run.algo.ensemble_size
         if n == 1:
             return [run]
@@ -185,6 +202,12 @@ class RewardModelAlgorithm(Algorithm):
     # -- data ------------------------------------------------------------------------------------
     @classmethod
     def load_records(cls, config: RewardConfig, source: str, split: str) -> list:
+        from preftune.algorithms.reward_groups import apply_groups
+
+        return apply_groups(config.groups, cls._read_records(config, source, split), str(source), config.group)
+
+    @classmethod
+    def _read_records(cls, config: RewardConfig, source: str, split: str) -> list:
         from preftune.data.loaders import load_records, rankings_to_pairs, read_rows
 
         first = next(iter(read_rows(source, split=split)), (0, {}))[1]
@@ -198,7 +221,7 @@ class RewardModelAlgorithm(Algorithm):
             return pairs
         pairs = load_pairs(source, split, config)
         if config.loss == "plackett_luce":
-            return [RankingRecord(p.prompt, [p.chosen, p.rejected], [[0], [1]], row=p.row) for p in pairs]
+            return [RankingRecord(p.prompt, [p.chosen, p.rejected], [[0], [1]], row=p.row, annotator=p.annotator, group=p.group) for p in pairs]
         return pairs
 
     def tokenize(self, records: list, source: str) -> tuple[list[dict], Any]:
@@ -217,6 +240,10 @@ class RewardModelAlgorithm(Algorithm):
             kept, examples, report = self._tokenize_rankings(records, kind, lambda recs: tokenize_sft(recs, self.tokenizer, **kwargs))
         else:
             kept, examples, report = self._tokenize_pairs(records, kind, lambda recs: tokenize_pairs(recs, self.tokenizer, **kwargs))
+        if source != d.path and d.path in self._data:
+            from preftune.algorithms.reward_groups import check_eval_groups
+
+            check_eval_groups(self.config.groups, self._data[d.path][0], records, source)
         if source == d.path and self.config.member > 0:
             kept, examples = self._member_order(kept, examples)
         self._data[source] = (kept, examples)
@@ -416,6 +443,10 @@ class RewardModelAlgorithm(Algorithm):
         if len(model.members) > 1:
             extra.update(member_chosen=member_c, member_rejected=member_r)
         report = pair_report(chosen, rejected, bins=self.config.calibration_bins, **extra)
+        if any(p.group for p in pairs):
+            from preftune.algorithms.reward_groups import per_group_accuracy
+
+            report["groups"] = per_group_accuracy(pairs, chosen, rejected)
         rule = {"combine": model.combine, "k": model.k} if len(model.members) > 1 else {}
         return {"split": split, "loss": self.config.loss, **rule, **report}
 
@@ -448,7 +479,7 @@ def load_pairs(source: str, split: str, config: RewardConfig) -> list[PairRecord
                 )  # fmt: skip
             identical.append(row_no)
             continue
-        records.append(rec if margin is None else MarginPair(rec.prompt, rec.chosen, rec.rejected, row=rec.row, margin=margin))
+        records.append(rec if margin is None else MarginPair(**{f.name: getattr(rec, f.name) for f in fields(rec)}, margin=margin))
     if identical:
         shown = ", ".join(map(str, identical[:10])) + (", ..." if len(identical) > 10 else "")
         log.warning("%s: dropped %d pair(s) whose chosen and rejected are identical (rows %s)", source, len(identical), shown)

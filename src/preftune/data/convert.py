@@ -42,7 +42,7 @@ def rankings_to_pairs(records: Iterable[RankingRecord], mode: str = "all") -> li
             if chosen == rejected:
                 identical += 1
                 continue
-            pairs.append(PairRecord(rec.prompt, chosen, rejected, row=rec.row))
+            pairs.append(PairRecord(rec.prompt, chosen, rejected, row=rec.row, annotator=rec.annotator, group=rec.group))
     if identical:
         logger.warning("rankings_to_pairs: skipped %d pair(s) of identical completions", identical)
     return pairs
@@ -52,6 +52,7 @@ def pairs_to_unpaired(records: Iterable[PairRecord]) -> list[UnpairedRecord]:
     """Each pair -> (chosen, label True), (rejected, label False), in that order (KTO's recipe)."""
     out = []
     for rec in records:
-        out.append(UnpairedRecord(rec.prompt, rec.chosen, True, row=rec.row))
-        out.append(UnpairedRecord(rec.prompt, rec.rejected, False, row=rec.row))
+        tags = {"annotator": rec.annotator, "group": rec.group}
+        out.append(UnpairedRecord(rec.prompt, rec.chosen, True, row=rec.row, **tags))
+        out.append(UnpairedRecord(rec.prompt, rec.rejected, False, row=rec.row, **tags))
     return out

@@ -66,6 +66,15 @@ def _row_field():
     return field(default=None, compare=False, repr=False)
 
 
+# Optional labels of who judged a row (``annotator``) and which population they speak for (``group``):
+# diverse-preference methods (group-aware reward models, group-robust DPO) read them; others ignore them.
+TAG_FIELDS = ("annotator", "group")
+
+
+def _tag_field():
+    return field(default=None, repr=False)
+
+
 @dataclass(frozen=True)
 class SFTRecord:
     """A demonstration: learn ``completion`` given ``prompt`` (prompt may be "" / [])."""
@@ -83,6 +92,8 @@ class PairRecord:
     chosen: Value
     rejected: Value
     row: int | None = _row_field()
+    annotator: str | None = _tag_field()
+    group: str | None = _tag_field()
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,8 @@ class RankingRecord:
     completions: list
     ranking: list  # list[list[int]]
     row: int | None = _row_field()
+    annotator: str | None = _tag_field()
+    group: str | None = _tag_field()
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,8 @@ class UnpairedRecord:
     completion: Value
     label: bool
     row: int | None = _row_field()
+    annotator: str | None = _tag_field()
+    group: str | None = _tag_field()
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,20 @@ def _row(record: Record, index: int) -> int:
     return record.row if record.row is not None else index + 1
 
 
+def _with_group(example: dict, record: Record, index: int, groups: dict[str, int] | None,
+                source: str) -> dict:
+    """``example`` plus ``"group"``: the index of the record's group (collated as a LongTensor); a
+    ``None`` key in ``groups`` is the index of rows without a group."""
+    if groups is None:
+        return example
+    group = getattr(record, "group", None)
+    if group not in groups:
+        got = "no group" if group is None else f"group {group!r}"
+        raise DataError(f"{got}; expected one of {', '.join(map(str, groups))}", source=source,
+                        row=_row(record, index), field="group")
+    return {**example, "group": groups[group]}
+
+
 def _render_or_raise(tokenizer, record, index, completions, text_as_chat, source, field):
     try:
         return render_many(tokenizer, record.prompt, completions, text_as_chat=text_as_chat)
@@ -214,14 +228,15 @@ def _render_or_raise(tokenizer, record, index, completions, text_as_chat, source
 
 def tokenize_sft(records: Sequence[Record], tokenizer, *, max_length: int,
                  max_prompt_length: int | None = None, truncation: str = "keep_end",
-                 text_as_chat: bool = False, add_eos: bool = True,
-                 source: str = "<data>") -> tuple[list[dict], TruncationReport]:
+                 text_as_chat: bool = False, add_eos: bool = True, source: str = "<data>",
+                 groups: dict[str, int] | None = None) -> tuple[list[dict], TruncationReport]:
     """SFT / unpaired / prompt records -> ``[{"prompt_ids", "completion_ids"(, "label")}]``.
 
     ``max_length`` bounds prompt + completion tokens; ``max_prompt_length`` (default max_length // 2)
     is the prompt's share when a row must be cut; ``truncation`` is "keep_end" (left-truncate the
     prompt, cut the completion's end), "error" (DataError naming ``source`` and the row) or "drop".
     PromptRecords give ``completion_ids == []`` and are limited to max_prompt_length.
+    ``groups`` (group name -> index, see ``preftune.data.groups``) adds ``"group"``: the row's index.
     """
     lim = _limits(max_length, max_prompt_length, truncation, source)
     prompt_texts, completion_texts = [], []
@@ -248,19 +263,19 @@ def tokenize_sft(records: Sequence[Record], tokenizer, *, max_length: int,
         example = {"prompt_ids": fitted[0], "completion_ids": fitted[1]["completion"]}
         if isinstance(rec, UnpairedRecord):
             example["label"] = rec.label
-        out.append(example)
+        out.append(_with_group(example, rec, i, groups, source))
     return out, report
 
 
 def tokenize_pairs(records: Sequence[PairRecord], tokenizer, *, max_length: int,
                    max_prompt_length: int | None = None, truncation: str = "keep_end",
-                   text_as_chat: bool = False, add_eos: bool = True,
-                   source: str = "<data>") -> tuple[list[dict], TruncationReport]:
+                   text_as_chat: bool = False, add_eos: bool = True, source: str = "<data>",
+                   groups: dict[str, int] | None = None) -> tuple[list[dict], TruncationReport]:
     """Pair records -> ``[{"prompt_ids", "chosen_ids", "rejected_ids"}]``.
 
     Same limits as ``tokenize_sft``; the prompt is truncated once (shared by both completions) and
     each completion is cut to fit ``max_length`` after it. ``truncated_completions`` counts chosen
-    and rejected separately.
+    and rejected separately. ``groups`` adds ``"group"`` as in ``tokenize_sft``.
     """
     lim = _limits(max_length, max_prompt_length, truncation, source)
     prompt_texts, chosen_texts, rejected_texts = [], [], []
@@ -284,6 +299,6 @@ def tokenize_pairs(records: Sequence[PairRecord], tokenizer, *, max_length: int,
         if fitted is None:
             continue
         prompt, comps = fitted
-        out.append({"prompt_ids": prompt, "chosen_ids": comps["chosen"],
-                    "rejected_ids": comps["rejected"]})
+        out.append(_with_group({"prompt_ids": prompt, "chosen_ids": comps["chosen"],
+                                "rejected_ids": comps["rejected"]}, rec, i, groups, source))
     return out, report

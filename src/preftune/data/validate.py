@@ -8,7 +8,9 @@ Accepted row shapes are TRL's dataset formats (https://huggingface.co/docs/trl/d
 - unpaired: {prompt, completion, label}
 - prompts:  {prompt} | {messages}
 
-Extra fields (ids, metadata) are ignored.
+Pairs, rankings and unpaired rows may also carry ``annotator`` and ``group`` (non-empty strings;
+numbers are taken as their text), kept on the record for diverse-preference methods. Other extra
+fields (ids, metadata) are ignored.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from preftune.data.records import (ROLES, DataError, PairRecord, PromptRecord, RankingRecord, Record,
+from preftune.data.records import (ROLES, TAG_FIELDS, DataError, PairRecord, PromptRecord, RankingRecord, Record,
                                    SFTRecord, UnpairedRecord, is_conversational, type_name)
 
 
@@ -117,6 +119,23 @@ def split_messages(messages: Any, where: Where, field: str = "messages") -> tupl
     return messages[:-1], [last]
 
 
+def check_tags(row: dict, where: Where) -> dict:
+    """The row's optional ``annotator`` / ``group`` labels: {field: str} for those present."""
+    tags = {}
+    for key in TAG_FIELDS:
+        value = row.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # annotator ids exported as numbers
+        if not isinstance(value, str):
+            raise where.error(f"expected a string (who labelled the row / their group), got {type_name(value)}", key)
+        if not value.strip():
+            raise where.error("empty string; leave the field out (or null) for rows without one", key)
+        tags[key] = value.strip()
+    return tags
+
+
 def row_to_sft(row: dict, where: Where) -> SFTRecord:
     expected = "'prompt' and 'completion', or 'messages', or 'text'"
     if _has(row, "prompt") or _has(row, "completion"):
@@ -174,7 +193,7 @@ def row_to_pair(row: dict, where: Where) -> PairRecord:
         prompt, chosen, rejected = _implicit_prompt(row, where)
     chosen = check_completion(chosen, prompt, where, "chosen")
     rejected = check_completion(rejected, prompt, where, "rejected")
-    return PairRecord(prompt, chosen, rejected, row=where.row)
+    return PairRecord(prompt, chosen, rejected, row=where.row, **check_tags(row, where))
 
 
 def check_ranking(ranking: Any, k: int, where: Where, field: str = "ranking") -> list:
@@ -222,7 +241,7 @@ def row_to_ranking(row: dict, where: Where) -> RankingRecord:
         raise where.error(f"expected a list of at least 2 completions, got {got}", "completions")
     completions = [_ranked_completion(k, c, prompt, where) for k, c in enumerate(completions)]
     ranking = check_ranking(_get(row, "ranking", where, expected), len(completions), where)
-    return RankingRecord(prompt, completions, ranking, row=where.row)
+    return RankingRecord(prompt, completions, ranking, row=where.row, **check_tags(row, where))
 
 
 def check_label(value: Any, where: Where, field: str = "label") -> bool:
@@ -241,7 +260,7 @@ def row_to_unpaired(row: dict, where: Where) -> UnpairedRecord:
     completion = check_completion(_get(row, "completion", where, expected), prompt, where,
                                   "completion")
     label = check_label(_get(row, "label", where, expected), where)
-    return UnpairedRecord(prompt, completion, label, row=where.row)
+    return UnpairedRecord(prompt, completion, label, row=where.row, **check_tags(row, where))
 
 
 def row_to_prompt(row: dict, where: Where) -> PromptRecord:

@@ -12,8 +12,15 @@ def _is_function_spec(spec: str) -> bool:
 
 def resolve_reward(spec: str, *, allow_nonfinite: bool = False):
     """'vader' -> VADER sentiment; 'module:function' or 'file.py:function' -> that function; anything
-    else -> trained reward model(s) (a run directory or model folder; comma-separated = ensemble).
+    else -> trained reward model(s) (a run directory or model folder; comma-separated = ensemble);
+    'mean(A | B)', 'min(A | B)', 'weighted(0.7*A | 0.3*B)' -> those rewards aggregated per row.
     ``allow_nonfinite``: a function's NaN/inf scores pass through (for the training loop's guard)."""
+    from preftune.rewards.aggregate import AggregateReward, parse_aggregate
+
+    aggregate = parse_aggregate(spec)
+    if aggregate is not None:
+        rule, parts, weights = aggregate
+        return AggregateReward([resolve_reward(p, allow_nonfinite=allow_nonfinite) for p in parts], rule, weights, names=parts)
     if spec == "vader":
         from preftune.rewards.sentiment import VaderSentiment
 
@@ -30,6 +37,13 @@ def resolve_reward(spec: str, *, allow_nonfinite: bool = False):
 def check_reward_spec(spec: str) -> None:
     """Raise ValueError now for a spec :func:`resolve_reward` would reject later, without loading
     anything heavy: a function spec must import and name a callable; a reward model path must exist."""
+    from preftune.rewards.aggregate import parse_aggregate
+
+    aggregate = parse_aggregate(spec)
+    if aggregate is not None:
+        for part in aggregate[1]:
+            check_reward_spec(part)
+        return
     if spec == "vader":
         return
     if _is_function_spec(spec):

@@ -1,0 +1,212 @@
+"""Losses for diverse preferences: when annotators want different things (seed 000's assignment,
+"Analyze the case with diverse human preferences").
+
+- ``weighted_bradley_terry_loss``: w · −log σ(r_w − r_l), the M-step of a BT mixture.
+- ``mixture_responsibilities`` / ``fit_bt_mixture``: EM for a mixture of K Bradley–Terry models when
+  the groups are unknown (Chakraborty et al. 2024, "MaxMin-RLHF", §4, Algorithm 1): an annotator's
+  responsibility for component k is proportional to π_k · Π_{their pairs} σ(r_k(y_w) − r_k(y_l)).
+- ``group_robust_dpo_loss`` / ``group_robust_weights``: group-robust DPO (Ramesh et al. 2024, "Group
+  Robust Preference Optimization in Reward-free RLHF", Algorithm 1): min_θ max_α Σ_g α_g · L_g(θ),
+  α updated by exponentiated gradient, α_g ← α_g · exp(η · L_g), then normalised.
+- ``aggregate_rewards``: several rewards -> one, utilitarian ``mean``, MaxMin-RLHF's egalitarian
+  ``min`` (eq. 6), or ``weighted``.
+
+Pure functions: tensors and floats in, tensors out; no config objects, no modules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from preftune.losses.preference import dpo_loss
+from preftune.losses.reward import bradley_terry_loss
+
+Metrics = dict[str, Tensor]
+
+AGGREGATIONS = ("mean", "min", "weighted")
+
+
+def weighted_bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, weights: Tensor) -> tuple[Tensor, Metrics]:
+    """w · −log σ(r_w − r_l) per pair: the responsibility-weighted BT of the mixture's M-step.
+
+    Args:
+        chosen_rewards, rejected_rewards: Tensor[B] (or [B, K] for K components at once).
+        weights: Tensor broadcastable to them, w ≥ 0 (a pair's responsibility under the component).
+
+    Returns:
+        losses like the rewards; the metrics of ``bradley_terry_loss`` (unweighted) plus ``weights``.
+    """
+    losses, metrics = bradley_terry_loss(chosen_rewards, rejected_rewards)
+    weights = torch.as_tensor(weights, dtype=losses.dtype, device=losses.device)
+    return weights * losses, {**metrics, "weights": weights.detach().expand_as(losses)}
+
+
+def mixture_responsibilities(pair_log_likelihood: Tensor, annotator_index: Tensor, num_annotators: int,
+                             log_prior: Tensor | None = None) -> Tensor:
+    """E-step: γ[a, k] = P(annotator a belongs to component k | their labels).
+
+    log γ[a, k] = log π_k + Σ_{pairs i of a} log σ(r_k(x_i, y_w) − r_k(x_i, y_l)) − log Z_a.
+
+    Args:
+        pair_log_likelihood: Tensor[N, K], log σ(r_k(y_w) − r_k(y_l)) of each pair under each component.
+        annotator_index: LongTensor[N], the annotator (0..A-1) who labelled each pair.
+        num_annotators: A.
+        log_prior: Tensor[K], log π_k; None = uniform.
+
+    Returns:
+        Tensor[A, K], rows summing to 1 (an annotator without pairs gets the prior).
+    """
+    n, k = pair_log_likelihood.shape
+    totals = pair_log_likelihood.new_zeros(num_annotators, k).index_add_(0, annotator_index.long(), pair_log_likelihood)
+    if log_prior is None:
+        log_prior = pair_log_likelihood.new_full((k,), -math.log(k))
+    return torch.softmax(totals + log_prior, dim=-1)
+
+
+def fit_bt_mixture(chosen_items: Tensor, rejected_items: Tensor, annotator_index: Tensor, *, num_items: int,
+                   num_annotators: int, num_components: int, features: Tensor | None = None, iterations: int = 30,
+                   m_steps: int = 50, lr: float = 0.5, restarts: int = 4, seed: int = 0) -> dict[str, Tensor]:
+    """EM for a mixture of K tabular Bradley–Terry models (one free reward per item per component), or,
+    with ``features`` (Tensor[num_items, F]), of K linear ones: r_k(item) = features[item] · w_k.
+
+    The same E-step (``mixture_responsibilities``) and M-step (``weighted_bradley_terry_loss`` with the
+    annotator's responsibility as each pair's weight, minimised by Adam) that the neural reward mixture
+    uses, on a reward table instead of a network, so it can be checked against known reward vectors.
+    EM finds a local optimum and the labels of components are arbitrary: ``restarts`` random starts,
+    the one with the highest log-likelihood kept.
+
+    Args:
+        chosen_items, rejected_items: LongTensor[N], item ids (0..num_items-1) of each pair.
+        annotator_index: LongTensor[N].
+
+    Returns:
+        {"rewards": Tensor[K, num_items] (each component centred to mean 0), "responsibilities":
+        Tensor[A, K], "prior": Tensor[K], "log_likelihood": Tensor[] (the observed-data log-likelihood)},
+        plus "weights": Tensor[K, F] with ``features``.
+    """
+    if num_components > num_annotators:
+        raise ValueError(f"{num_components} mixture components for {num_annotators} annotators: each component needs "
+                         f"annotators of its own; use at most {num_annotators}")
+    if restarts < 1 or iterations < 1:
+        raise ValueError(f"need restarts >= 1 and iterations >= 1, got {restarts} and {iterations}")
+    gen = torch.Generator().manual_seed(seed)
+    best = None
+    for _ in range(restarts):
+        gamma = (3 * torch.rand(num_annotators, num_components, generator=gen)).softmax(-1)
+        params = torch.zeros(num_components, num_items if features is None else features.shape[1])
+        for _ in range(iterations):
+            prior = gamma.mean(0).clamp(min=1e-6)
+            params = _m_step(params, features, chosen_items, rejected_items, gamma[annotator_index], m_steps, lr)
+            with torch.no_grad():
+                rewards = params if features is None else params @ features.T
+                loglik = _pair_log_likelihood(rewards, chosen_items, rejected_items)
+                gamma = mixture_responsibilities(loglik, annotator_index, num_annotators, prior.log())
+        with torch.no_grad():
+            totals = torch.zeros(num_annotators, num_components).index_add_(0, annotator_index, loglik)
+            observed = (totals + prior.log()).logsumexp(-1).sum()
+        if best is None or observed > best["log_likelihood"]:
+            centred = rewards - rewards.mean(-1, keepdim=True)
+            best = {"rewards": centred, "responsibilities": gamma, "prior": prior, "log_likelihood": observed}
+            if features is not None:
+                best["weights"] = params
+    return best
+
+
+def _pair_log_likelihood(rewards: Tensor, chosen: Tensor, rejected: Tensor) -> Tensor:
+    """[N, K]: log σ(r_k[chosen_i] − r_k[rejected_i])."""
+    return F.logsigmoid(rewards[:, chosen] - rewards[:, rejected]).T
+
+
+def _m_step(params: Tensor, features: Tensor | None, chosen: Tensor, rejected: Tensor, weights: Tensor, steps: int,
+            lr: float) -> Tensor:
+    params = params.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([params], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        rewards = params if features is None else params @ features.T
+        losses, _ = weighted_bradley_terry_loss(rewards[:, chosen].T, rewards[:, rejected].T, weights)
+        # A small L2 pull: a pair set with a perfectly separable order has no finite BT optimum.
+        (losses.sum() / len(chosen) + 1e-3 * params.square().mean()).backward()
+        opt.step()
+    return params.detach()
+
+
+def group_robust_dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    groups: Tensor,
+    group_weights: Tensor,
+    group_counts: Tensor,
+    *,
+    beta: float,
+) -> tuple[Tensor, Metrics]:
+    """Group-robust DPO (Ramesh et al. 2024, eq. 8 / Algorithm 1): Σ_g α_g · mean_{i ∈ g} ℓ_DPO(i).
+
+    Per row the loss is α_{g_i} · ℓ_DPO(i) · N / n_{g_i}, N = Σ_g n_g the rows of the global batch and
+    n_g those of group g, so that summing over the global batch and dividing by N (what the loop does)
+    gives Σ_g α_g · (mean DPO loss of group g). With one group (α = [1]) it is exactly DPO.
+
+    Args:
+        policy_*_logps, reference_*_logps: Tensor[B], as in ``dpo_loss``.
+        groups: LongTensor[B], each row's group 0..G-1.
+        group_weights: Tensor[G], α (≥ 0, summing to 1).
+        group_counts: Tensor[G], n_g: rows of each group in the whole global batch (not the micro-batch).
+
+    Returns:
+        losses Tensor[B]; the metrics of ``dpo_loss`` plus ``dpo_losses`` (the unweighted ℓ_DPO per row,
+        for the α update).
+    """
+    losses, metrics = dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                               reference_rejected_logps, beta=beta)
+    counts = group_counts.to(losses.dtype)
+    scale = group_weights.to(losses.dtype)[groups] * counts.sum() / counts[groups].clamp(min=1)
+    return scale * losses, {**metrics, "dpo_losses": losses.detach()}
+
+
+def group_robust_weights(group_weights: Tensor, group_losses: Tensor, *, step_size: float,
+                         present: Tensor | None = None) -> Tensor:
+    """The exponentiated-gradient step of GRPO's adversary: α_g ← α_g · exp(η · L_g), normalised.
+
+    Args:
+        group_weights: Tensor[G], α before the step.
+        group_losses: Tensor[G], L_g, the mean loss of each group on the current batch.
+        step_size: η ≥ 0 (0 keeps α).
+        present: BoolTensor[G], groups that have rows in the batch; absent groups keep their α_g
+            (before normalisation).
+    """
+    step = step_size * group_losses.to(group_weights.dtype)
+    if present is not None:
+        step = torch.where(present, step, torch.zeros_like(step))
+    # In log space: exp(η·L) overflows for large losses, and only the ratios matter.
+    log_w = group_weights.clamp(min=1e-30).log() + step
+    return torch.softmax(log_w, dim=0)
+
+
+def aggregate_rewards(rewards: Tensor, rule: str = "mean", weights: Tensor | None = None) -> Tensor:
+    """Several rewards of the same rows -> one reward per row.
+
+    Args:
+        rewards: Tensor[R, B], reward r of each row under each of R reward sources (e.g. one per group).
+        rule: 'mean' (utilitarian: Σ_r r / R), 'min' (egalitarian, MaxMin-RLHF eq. 6: the worst-off
+            group's reward; its gradient reaches only that group's reward), 'weighted' (Σ_r w_r · r).
+        weights: Tensor[R] for 'weighted' (need not sum to 1).
+
+    Returns:
+        Tensor[B].
+    """
+    if rule == "mean":
+        return rewards.mean(0)
+    if rule == "min":
+        return rewards.min(0).values
+    if rule == "weighted":
+        if weights is None or weights.shape != rewards.shape[:1]:
+            raise ValueError(f"rule 'weighted' needs one weight per reward ({rewards.shape[0]}), got "
+                             f"{None if weights is None else tuple(weights.shape)}")
+        return (weights.to(rewards.dtype)[:, None] * rewards).sum(0)
+    raise ValueError(f"unknown aggregation {rule!r}; expected one of {', '.join(AGGREGATIONS)}")

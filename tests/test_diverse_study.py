@@ -1,0 +1,44 @@
+"""The diverse-preferences study end to end through the CLI on a tiny model (configs/studies/diverse_quick.yaml)."""
+
+import html
+import json
+
+from preftune.eval.report import format_number
+from tests.conftest import cli
+
+
+def test_quick_study_runs_and_its_report_shows_its_results(tmp_path):
+    out = tmp_path / "study"
+    # One arm (80/20) keeps the test short; the config's second arm runs the same code.
+    proc = cli("study", "configs/studies/diverse_quick.yaml", f"output_dir={out}", "mixes=[0.8]",
+               env={"PREFTUNE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mix80 reward-pooled" in proc.stdout and f"report: {out / 'report.html'}" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    arm = results["arms"]["mix80"]
+    assert arm["pairs"]["A"] > arm["pairs"]["B"] > 0  # 5 of 6 annotators in A
+    assert set(arm["reward_models"]) == {"pooled", "conditioned"}
+    assert all(set(acc) == {"A", "B"} and all(0 <= v <= 1 for v in acc.values()) for acc in arm["reward_models"].values())
+    assert set(arm["policies"]) == {"dpo", "grdpo", "dpo_conditioned", "rloo_min"}
+    for per_group in arm["policies"].values():
+        assert set(per_group) == {"A", "B"} and all(isinstance(v["kl"], float) for v in per_group.values())
+    assert arm["summary"]["minority"] == "B" and "minority_rm_accuracy_pooled" in arm["summary"]
+    em = json.loads((out / "mix80" / "em_components.json").read_text())
+    assert em == arm["em"] and len(em["annotators"]) == 6 and 0 <= em["assignment_accuracy"] <= 1
+    assert (out / "mix80" / "grdpo" / "model" / "group_weights.json").is_file()
+    page = (out / "report.html").read_text()
+    for name, m in results["models"].items():  # every (arm, method, group) row: its numbers are results.json's
+        row = page.split(f'<tr data-model="{html.escape(name)}">')[1].split("</tr>")[0]
+        for key in ("reward_mean", "kl", "reward_se"):
+            assert f'data-key="{key}">{html.escape(format_number(m[key]))}</td>' in row, (name, key)
+    assert html.escape(json.dumps(results["arms"], indent=2, ensure_ascii=False)) in page
+    assert page.count('src="data:image/png;base64,') == 4  # reward vs KL for A and B, EM components, RM accuracy
+    assert sum(1 for name in results["models"] if name.endswith("@B")) == 4
+
+
+def test_study_config_errors_are_one_line():
+    proc = cli("study", "configs/studies/diverse_quick.yaml", "policy_methods=[dpo,ppo]")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "study.policy_methods: unknown method 'ppo'. Valid: dpo, grdpo, dpo_conditioned, rloo_mean, rloo_min" in proc.stderr
+    proc = cli("study", "configs/studies/diverse_quick.yaml", "mixes=[1.0]")
+    assert proc.returncode == 2 and "study.mixes: each share must lie strictly between 0 and 1, got 1.0" in proc.stderr
