@@ -137,6 +137,14 @@ class Algorithm(nn.Module):
         n = batch["input_ids"].shape[0] if "seq_lengths" not in batch else batch["seq_lengths"].numel()
         return n // 2 if self.needs.data_kind == "pairs" else n
 
+    def extra_state(self) -> dict:
+        """What the algorithm carries from step to step besides trainable weights (saved in every
+        checkpoint, per process, so that a resumed run continues exactly). Default: nothing."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
     def chance_loss(self) -> float | None:
         """The loss of a model that has learnt nothing at all (a uniform prediction), if the algorithm
         has one; a run whose loss sits there for train.dead_run_steps steps gets a warning."""

@@ -11,7 +11,8 @@ the group weights α are logged in metrics.jsonl as ``group_weight/G``
 (and each group's DPO loss as ``group_loss/G``) and saved with the model (``group_weights.json``).
 One deviation from the paper's Algorithm 1: α is updated at the start of a step from the group
 losses of the previous step (measured during its forward), which saves a second forward pass.
-The weights are not part of a checkpoint: ``--resume`` restarts them from uniform.
+The weights (and the group losses gathered since their last update) are part of every checkpoint, so
+``--resume`` continues exactly.
 """
 
 from __future__ import annotations
@@ -110,6 +111,13 @@ class GroupRobustDPO(PairwiseAlgorithm):
             metrics[f"group_loss/{name}"] = (sums[i], rows[i])
             metrics[f"group_weight/{name}"] = (self.group_weights[i].detach().float(), one)
         return loss, metrics
+
+    def extra_state(self) -> dict:
+        return {"group_weights": self.group_weights.detach().cpu().clone(), "loss_sums": self._loss_sums.detach().cpu().clone()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.group_weights.copy_(state["group_weights"])
+        self._loss_sums.copy_(state["loss_sums"])
 
     def save(self, out_dir: Path) -> None:
         super().save(out_dir)

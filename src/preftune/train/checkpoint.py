@@ -5,6 +5,7 @@ Layout of ``OUTPUT_DIR/checkpoints/step-000123/``:
     optimizer.pt, scheduler.pt
     rng_state_<rank>.pt     python / numpy / torch (and CUDA) generators of each process
     source_state_<rank>.pt  each process's batch-source position (and rollout buffer, online)
+    algorithm_state_<rank>.pt  what the algorithm keeps between steps, if anything (e.g. grdpo's group weights)
     trainer_state.json      step, world size ("sharding": "fsdp2" when written by a sharded run)
     manifest.json           size and sha256 of every file above, written last
 
@@ -103,8 +104,10 @@ def save_checkpoint(
     accelerator: Any,
     keep_last: int,
     source_state: Any = None,
+    algorithm_state: dict | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (collective: every process must call it)."""
+    """Write a checkpoint atomically (collective: every process must call it). ``algorithm_state``:
+    what the algorithm keeps between steps besides its weights (``Algorithm.extra_state``), per process."""
     root = checkpoints_dir(output_dir)
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp"
@@ -124,6 +127,8 @@ def save_checkpoint(
     torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     if source_state is not None:
         torch.save(source_state, tmp / f"source_state_{accelerator.process_index}.pt")
+    if algorithm_state:
+        torch.save(algorithm_state, tmp / f"algorithm_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if main:
         manifest = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
@@ -208,4 +213,6 @@ def load_checkpoint(
     _set_rng_state(torch.load(rng_file, weights_only=False))
     source_file = path / f"source_state_{accelerator.process_index}.pt"
     state["source"] = torch.load(source_file, weights_only=False)
+    algorithm_file = path / f"algorithm_state_{accelerator.process_index}.pt"
+    state["algorithm"] = torch.load(algorithm_file, weights_only=False) if algorithm_file.is_file() else {}
     return state

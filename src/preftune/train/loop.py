@@ -194,6 +194,7 @@ def _start(run: RunConfig) -> _Session:
         state = load_checkpoint(resume_path, module=inner, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator)
         step = int(state["step"])
         source.load_state_dict(state["source"])
+        inner.load_extra_state(state["algorithm"])
         follow_learning_rate(optimizer, scheduler, t.learning_rate)
         if accelerator.is_main_process:
             log.info("resumed from %s at step %d", resume_path, step)
@@ -287,6 +288,7 @@ def _maybe_evaluate_and_save(s: _Session) -> dict:
             s.run.output_dir, step, module=s.inner, optimizer=s.optimizer, scheduler=s.scheduler,
             trainer_state={"world_size": s.accelerator.num_processes},
             accelerator=s.accelerator, keep_last=t.save_total_limit, source_state=s.source.state_dict(),
+            algorithm_state=s.inner.extra_state(),
         )
     return ev
 
