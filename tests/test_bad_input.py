@@ -103,15 +103,13 @@ def test_unusable_output_dir_fails_before_any_model_loads(tmp_path, monkeypatch,
         train(run)
 
 
-def test_unloadable_reference_names_its_key(tmp_path, monkeypatch):
+def test_unloadable_reference_names_its_key(tmp_path):
     from preftune.models.loading import ModelLoadError
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Not a hub id either, so it fails at once, without network retries.
     with pytest.raises(ModelLoadError) as err:
-        train(_run(tmp_path, "dpo", "builtin:tiny_pairs", "dpo.reference=no-such-model"))
-    msg = str(err.value)
-    assert msg.startswith("dpo.reference: could not load model 'no-such-model'")
-    assert "HF_HUB_OFFLINE" not in msg  # already set: no advice to set it
+        train(_run(tmp_path, "dpo", "builtin:tiny_pairs", "dpo.reference=no such model"))
+    assert str(err.value).startswith("dpo.reference: could not load model 'no such model'")
 
 
 def test_offline_advice_only_when_not_offline(monkeypatch):

@@ -139,6 +139,16 @@ def test_kto_reads_pairs_and_unpaired(tmp_path, pairs_file):
 PAIR_ALGORITHMS = [name for name, cls in ALGORITHMS.items() if cls.needs.data_kind in ("pairs", "unpaired") and name != "mdpo"]
 
 
+def test_first_losses_are_declared():
+    """The closed-form first losses the CLI test checks come from the algorithms (ln 2, 1, 1/(2τ)²)."""
+    import math
+
+    declared = {name: ALGORITHMS[name].first_loss(load_run_config(ROOT / "configs" / f"{name}.yaml").algo) for name in PAIR_ALGORITHMS}
+    assert declared["dpo"] == declared["cdpo"] == declared["robust_dpo"] == declared["dpop"] == declared["grdpo"] == math.log(2)
+    assert declared["hinge"] == 1.0 and declared["ipo"] == pytest.approx((1 / 0.2) ** 2)
+    assert declared["rpo"] is None  # ln 2 + α·NLL(y_w): depends on the data
+
+
 @pytest.mark.parametrize("algorithm", PAIR_ALGORITHMS)
 def test_example_config_through_cli(tmp_path, pairs_file, algorithm):
     """Each algorithm's example config, through the CLI: the closed-form first loss where there is one,
@@ -152,10 +162,12 @@ def test_example_config_through_cli(tmp_path, pairs_file, algorithm):
     train_ms = [m for m in ms if "loss" in m]
     first, final = train_ms[0], [m for m in ms if "eval/loss" in m][-1]
     assert len(train_ms) == 24 and final["step"] == 24
-    if ALGORITHMS[algorithm].needs.reference_model:
-        assert first["loss"] == pytest.approx({"dpo": 0.693147, "grdpo": 0.693147, "cdpo": 0.693147, "robust_dpo": 0.693147, "hinge": 1.0,
-                                               "ipo": (1 / 0.2) ** 2, "kto": 0.5}[algorithm], abs=1e-3)
-    if algorithm == "kto":  # unpaired: no pairwise accuracy; the loss falls from σ(0)-based 0.5
+    cls = ALGORITHMS[algorithm]
+    expected = cls.first_loss(load_run_config(ROOT / "configs" / f"{algorithm}.yaml").algo)  # declared by the algorithm
+    if expected is not None:
+        assert first["loss"] == pytest.approx(expected, abs=1e-3)
+    if algorithm == "kto":  # unpaired: no pairwise accuracy; the loss falls from σ(0)-based 0.5 (balanced pairs: λ_D = λ_U = 1)
+        assert first["loss"] == pytest.approx(0.5, abs=1e-3)
         assert final["eval/loss"] < first["loss"] - 0.1
     elif algorithm == "reward":
         assert final["eval/accuracy"] >= 0.9 and final["eval/margin"] > 1.0

@@ -145,6 +145,12 @@ class Algorithm(nn.Module):
     def load_extra_state(self, state: dict) -> None:
         """Restore what :meth:`extra_state` returned."""
 
+    @classmethod
+    def first_loss(cls, config: Any) -> float | None:
+        """The loss at the first step in closed form, when the algorithm has one that depends on its
+        settings alone (e.g. ln 2 for DPO, whose policy starts equal to its reference); tests read it."""
+        return None
+
     def chance_loss(self) -> float | None:
         """The loss of a model that has learnt nothing at all (a uniform prediction), if the algorithm
         has one; a run whose loss sits there for train.dead_run_steps steps gets a warning."""

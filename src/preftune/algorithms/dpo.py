@@ -8,6 +8,8 @@ al. 2024), RPO (Pang et al. 2024), DPO-Positive (Pal et al. 2024) and the unlike
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from preftune.algorithms.base import Needs
@@ -84,6 +86,10 @@ class DPO(PairwiseAlgorithm):
     name = "dpo"
     Config = DPOConfig
 
+    @classmethod
+    def first_loss(cls, config):
+        return math.log(2)  # σ(0): policy = reference
+
     def loss(self, batch, out, pc, pr, rc, rr):
         return L.dpo_loss(pc, pr, rc, rr, beta=self.config.beta)
 
@@ -94,6 +100,10 @@ class CDPO(PairwiseAlgorithm):
     name = "cdpo"
     Config = SmoothedDPOConfig
 
+    @classmethod
+    def first_loss(cls, config):
+        return math.log(2)  # σ(0): policy = reference
+
     def loss(self, batch, out, pc, pr, rc, rr):
         return L.cdpo_loss(pc, pr, rc, rr, beta=self.config.beta, label_smoothing=self.config.label_smoothing)
 
@@ -103,6 +113,10 @@ class RobustDPO(PairwiseAlgorithm):
 
     name = "robust_dpo"
     Config = SmoothedDPOConfig
+
+    @classmethod
+    def first_loss(cls, config):
+        return math.log(2)  # σ(0): policy = reference
 
     def loss(self, batch, out, pc, pr, rc, rr):
         return L.robust_dpo_loss(pc, pr, rc, rr, beta=self.config.beta, label_smoothing=self.config.label_smoothing)
@@ -115,6 +129,10 @@ class IPO(PairwiseAlgorithm):
     Config = IPOConfig
     needs = Needs(data_kind="pairs", loss_unit="row", reference_model=True, length_averaged=True)
 
+    @classmethod
+    def first_loss(cls, config):
+        return (1 / (2 * config.tau)) ** 2  # (h − 1/(2τ))² at h = 0
+
     def loss(self, batch, out, pc, pr, rc, rr):
         return L.ipo_loss(pc, pr, rc, rr, tau=self.config.tau)
 
@@ -124,6 +142,10 @@ class Hinge(PairwiseAlgorithm):
 
     name = "hinge"
     Config = DPOConfig
+
+    @classmethod
+    def first_loss(cls, config):
+        return 1.0  # relu(1 − β·0)
 
     def loss(self, batch, out, pc, pr, rc, rr):
         return L.hinge_loss(pc, pr, rc, rr, beta=self.config.beta)
@@ -211,6 +233,10 @@ class DPOP(PairwiseAlgorithm):
 
     name = "dpop"
     Config = DPOPConfig
+
+    @classmethod
+    def first_loss(cls, config):
+        return math.log(2)  # σ(0): policy = reference
 
     def loss(self, batch, out, pc, pr, rc, rr):
         return L.dpop_loss(pc, pr, rc, rr, beta=self.config.beta, lam=self.config.lam)

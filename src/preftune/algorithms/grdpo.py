@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,10 @@ class GroupRobustDPO(PairwiseAlgorithm):
         super().__init__(config, policy, tokenizer, run)
         self.group_names: list[str] = []
         self._counts = None  # rows of each group in the current global batch
+
+    @classmethod
+    def first_loss(cls, config):
+        return math.log(2)  # every group's DPO loss is ln 2 when policy = reference
 
     def group_index(self, records: list, source: str) -> dict:
         from preftune.data.groups import check_held_out_groups, group_index, group_names
