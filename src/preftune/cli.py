@@ -221,6 +221,18 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_collect(sub) -> None:
+    from preftune.collect.settings import ACTIONS as COLLECT_ACTIONS
+    from preftune.collect.settings import CollectConfig
+
+    k = sub.add_parser("collect", help="Preference collection for a team: a project, invite links, the web app, status, export.",
+                       epilog=_field_help(CollectConfig, "Settings (key=value):"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    k.add_argument("action", choices=COLLECT_ACTIONS)
+    k.add_argument("project", help="The project folder (holds collect.db, or collect.json naming a PostgreSQL database).")
+    k.add_argument("rest", nargs="*", help="create: the samples file; invite: annotator names; then key=value settings")
+    k.set_defaults(func=cmd_collect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from preftune import __version__
     from preftune.generate_config import GenerateConfig
@@ -261,16 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     settings_command("label", "Rank sampled completions in a local web UI, or with a judge; writes labels JSONL.", LabelConfig,
                      "input=samples.jsonl output=labels.jsonl judge=vader", cmd_label)
 
-    from preftune.collect.settings import ACTIONS as COLLECT_ACTIONS
-    from preftune.collect.settings import CollectConfig
-
-    k = sub.add_parser("collect", help="Preference collection for a team: a project, invite links, the web app, status, export.",
-                       epilog=_field_help(CollectConfig, "Settings (key=value):"), formatter_class=argparse.RawDescriptionHelpFormatter)
-    k.add_argument("action", choices=COLLECT_ACTIONS)
-    k.add_argument("project", help="The project folder (holds collect.db, or collect.json naming a PostgreSQL database).")
-    k.add_argument("rest", nargs="*", help="create: the samples file; invite: annotator names; then key=value settings")
-    k.set_defaults(func=cmd_collect)
-
+    _add_collect(sub)
     x = sub.add_parser("export", help="Turn a training checkpoint into a model folder (full weights or LoRA adapter).")
     x.add_argument("checkpoint", help="A checkpoint folder, OUTPUT_DIR/checkpoints/step-N.")
     x.add_argument("--output", help="Where to write the model (default: OUTPUT_DIR/exports/step-N).")

@@ -180,16 +180,13 @@ class TrainConfig:
     )
 
     def validate(self, path: str) -> None:
-        for name in ("micro_batch_size", "grad_accum_steps", "num_epochs", "logging_steps", "save_total_limit", "eval_batch_size"):
+        at_least_one = ("micro_batch_size", "grad_accum_steps", "num_epochs", "logging_steps", "save_total_limit", "eval_batch_size")
+        for name in at_least_one + ("nonfinite_max_skips",):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{path}.{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"{path}.max_steps: must be >= 1 or null, got {self.max_steps}")
-        if self.nonfinite_max_skips < 1:
-            raise ConfigError(f"{path}.nonfinite_max_skips: must be >= 1, got {self.nonfinite_max_skips}")
-        for name in ("save_steps", "warmup_steps", "eval_steps", "dead_run_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{path}.{name}: must be >= 0, got {getattr(self, name)}")
+        check_range(path, self, non_negative=("save_steps", "warmup_steps", "eval_steps", "dead_run_steps"))
         self._validate_optimizer(path)
         bad = [r for r in self.report_to if r not in ("tensorboard", "wandb")]
         if bad:
@@ -201,12 +198,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ConfigError(f"{path}.{name}: must be a finite number, got {value}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"{path}.learning_rate: must be > 0, got {self.learning_rate}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"{path}.weight_decay: must be >= 0, got {self.weight_decay}")
-        if self.adam_eps <= 0:
-            raise ConfigError(f"{path}.adam_eps: must be > 0, got {self.adam_eps}")
+        check_range(path, self, positive=("learning_rate", "adam_eps"), non_negative=("weight_decay",))
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{path}.{name}: must lie in [0, 1), got {getattr(self, name)}")
@@ -448,8 +440,7 @@ def _top_level_key_error(key: str, valid: list[str], algo_config: type, name: st
         return unknown_key_error("", key, valid)
     nested = [k for k, *_ in describe(RunConfig)] + [f"{name}.{k}" for k, *_ in describe(algo_config)]
     leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(nested)}
-    close = difflib.get_close_matches(key, list(leaves), n=1)
-    hint = f" Did you mean '{leaves[close[0]]}'?" if close else ""
+    hint = "".join(f" Did you mean '{leaves[c]}'?" for c in difflib.get_close_matches(key, list(leaves), n=1))
     return ConfigError(f"unknown key '{key}'.{hint} Valid keys: {', '.join(valid)}")
 
 

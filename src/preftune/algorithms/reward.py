@@ -24,10 +24,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -35,7 +34,8 @@ import torch
 
 from preftune.algorithms.base import Algorithm, Metrics, Needs
 from preftune.config import ConfigError, doc
-from preftune.data.records import DataError, PairRecord, RankingRecord, type_name
+from preftune.data.records import DataError, PairRecord, RankingRecord
+from preftune.data.reward_pairs import load_reward_pairs
 from preftune.rewards.evaluation import json_ready
 
 log = logging.getLogger("preftune.algorithms")
@@ -134,13 +134,6 @@ class RewardConfig:
                 raise ConfigError(f"{path}.gold_reward: {err}") from None
 
 
-@dataclass(frozen=True)
-class MarginPair(PairRecord):
-    """A preference pair with a margin m ≥ the chosen reward must win by (``reward.margin_column``)."""
-
-    margin: float = 0.0
-
-
 class RewardModelAlgorithm(Algorithm):
     name = "reward"
     Config = RewardConfig
@@ -219,7 +212,7 @@ class RewardModelAlgorithm(Algorithm):
             if not pairs:
                 raise DataError("no strictly ordered pair in any ranking (all completions tied)", source=str(source))
             return pairs
-        pairs = load_pairs(source, split, config)
+        pairs = load_reward_pairs(source, split, margin_column=config.margin_column, identical=config.identical_pairs)
         if config.loss == "plackett_luce":
             return [RankingRecord(p.prompt, [p.chosen, p.rejected], [[0], [1]], row=p.row, annotator=p.annotator, group=p.group) for p in pairs]
         return pairs
@@ -459,49 +452,6 @@ class RewardModelAlgorithm(Algorithm):
 def member_seed(seed: int, member: int) -> int:
     """Seed of ensemble member ``member`` (member 0 = the run's seed)."""
     return seed + 1_000_003 * member
-
-
-def load_pairs(source: str, split: str, config: RewardConfig) -> list[PairRecord]:
-    """Pair rows -> PairRecords (MarginPairs with ``margin_column``); identical pairs dropped or refused."""
-    from preftune.data.loaders import read_rows
-    from preftune.data.validate import CONVERTERS, Where
-
-    records, identical = [], []
-    for row_no, row in read_rows(source, split):
-        where = Where(str(source), row_no)
-        rec = CONVERTERS["pairs"](row, where)
-        margin = _margin(row, config.margin_column, where, str(source)) if config.margin_column else None
-        if rec.chosen == rec.rejected:
-            if config.identical_pairs == "error":
-                raise where.error(
-                    "'chosen' and 'rejected' are identical, so the pair carries no preference "
-                    "(reward.identical_pairs=drop skips such pairs)", "rejected",
-                )  # fmt: skip
-            identical.append(row_no)
-            continue
-        records.append(rec if margin is None else MarginPair(**{f.name: getattr(rec, f.name) for f in fields(rec)}, margin=margin))
-    if identical:
-        shown = ", ".join(map(str, identical[:10])) + (", ..." if len(identical) > 10 else "")
-        log.warning("%s: dropped %d pair(s) whose chosen and rejected are identical (rows %s)", source, len(identical), shown)
-    if not records:
-        raise DataError(f"no pairs left after dropping {len(identical)} identical pair(s)", source=str(source))
-    return records
-
-
-def _margin(row: dict, column: str, where, source: str) -> float:
-    value = row.get(column)
-    if value is None:
-        raise where.error("missing field; reward.margin_column names it, expected a number (the pair's margin)", column)
-    if isinstance(value, str) and source.lower().endswith((".csv", ".tsv")):
-        try:
-            value = float(value)  # CSV cells are text
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise where.error(f"expected a number (the pair's margin), got {type_name(value)} {value!r}", column)
-    if not math.isfinite(value):
-        raise where.error(f"the margin must be finite, got {value}", column)
-    return float(value)
 
 
 def _survivors(records: list, examples: list[dict], tokenize) -> list:
