@@ -13,6 +13,24 @@ from preftune.collect.project import CollectConfig, create, open_store
 from tests.conftest import write_jsonl
 
 
+def postgres_url() -> str:
+    """PREFTUNE_TEST_POSTGRES_URL with an empty schema; skipped without one, but a failure under CI=true
+    (.ci/run starts the server with scripts/ci_postgres.sh)."""
+    import pytest
+
+    from preftune.collect.store import Store, md
+
+    url = os.environ.get("PREFTUNE_TEST_POSTGRES_URL", "")
+    if not url:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI=true but PREFTUNE_TEST_POSTGRES_URL is not set: .ci/run must start PostgreSQL (scripts/ci_postgres.sh)")
+        pytest.skip("PREFTUNE_TEST_POSTGRES_URL not set (export PREFTUNE_TEST_POSTGRES_URL=$(bash scripts/ci_postgres.sh))")
+    store = Store(url)
+    md.drop_all(store.engine)  # a clean schema for every test
+    store.close()
+    return url
+
+
 def make_project(tmp_path, names=("alice", "bob", "carol"), n=4, k=2, overlap=3, mode="rank", texts=None, db=""):
     rows = [{"prompt": f"Prompt {p}: say something kind.", "completions": (texts or {}).get(p, [f"completion {p}.{s}" for s in range(k)])}
             for p in range(n)]

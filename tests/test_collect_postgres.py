@@ -2,28 +2,17 @@
 .ci/run exports PREFTUNE_TEST_POSTGRES_URL). In CI a missing URL is a failure, not a skip."""
 
 import asyncio
-import os
 
 import pytest
 
 from preftune.collect.project import CollectConfig, open_store, status
-from preftune.collect.store import Store, md
-from tests.collect_helpers import ThreadServer, assign, item_ids, login, make_project, rank_next
+from tests.collect_helpers import ThreadServer, assign, item_ids, login, make_project, postgres_url, rank_next
 from tests.test_collect_load import _fire
-
-URL = os.environ.get("PREFTUNE_TEST_POSTGRES_URL", "")
 
 
 @pytest.fixture
 def pg_url():
-    if not URL:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI=true but PREFTUNE_TEST_POSTGRES_URL is not set: .ci/run must start PostgreSQL (scripts/ci_postgres.sh)")
-        pytest.skip("PREFTUNE_TEST_POSTGRES_URL not set (export PREFTUNE_TEST_POSTGRES_URL=$(bash scripts/ci_postgres.sh))")
-    store = Store(URL)
-    md.drop_all(store.engine)  # a clean schema for every test
-    store.close()
-    return URL
+    return postgres_url()
 
 
 def test_postgres_team_project_over_http(tmp_path, pg_url):

@@ -6,6 +6,12 @@ token; the token itself is never stored), ``assignments`` (which item was handed
 ``labels``, which is append-only: a changed answer or an undo is a new row and the latest row of an
 (item, annotator) counts. Every write commits before the call returns, so an HTTP 2xx means the
 label is on disk.
+
+Several server processes may share one database: handing out an item (check the counts, then
+insert the assignment) and answering one run in a transaction that holds a database-level lock
+(:meth:`Store.exclusive`: SQLite's one writer taken up front with ``BEGIN IMMEDIATE``, a PostgreSQL
+transaction-level advisory lock), so no item goes beyond ``overlap`` or to one annotator twice; the
+assignments' primary key (item, annotator) backs the second rule.
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ import json
 import secrets
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine,
-                        event, func, insert, select)
+                        event, func, insert, select, text)
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 md = MetaData()
@@ -61,6 +68,7 @@ labels_t = Table(
 )
 ANSWERS = ("rank", "thumbs", "both_bad")  # kinds that are an answer (skip and undo are not)
 LEASE_S = 1800.0  # an item handed out and not answered for this long is offered to someone else
+LOCK_ASSIGN, LOCK_ANSWER = 0x70726601, 0x70726602  # PostgreSQL advisory lock namespaces (any int4, unique to preftune)
 
 
 class StoreError(ValueError):
@@ -94,11 +102,16 @@ def _engine(url: str):
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _):  # WAL: readers never block the writer; FULL: a commit survives power loss
+        dbapi_conn.isolation_level = None  # the driver's own BEGIN comes only before a write; ours come below
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn):  # a transaction from its first read; IMMEDIATE takes the write lock at once (Store.exclusive)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("immediate") else "BEGIN")
 
     return engine
 
@@ -112,6 +125,18 @@ class Store:
             md.create_all(self.engine)
         except OperationalError as err:
             raise StoreError(f"cannot open the database {url.split('@')[-1]}: {err.orig}") from None
+
+    @contextmanager
+    def exclusive(self, namespace: int, key: int = 0):
+        """A write transaction holding the database-wide lock (namespace, key) until it commits, so a
+        check-then-insert is atomic across server processes: SQLite ``BEGIN IMMEDIATE`` (the one
+        writer; other processes wait up to busy_timeout), PostgreSQL ``pg_advisory_xact_lock``."""
+        with self.engine.connect() as c:
+            c.execution_options(immediate=True)
+            with c.begin():
+                if c.dialect.name == "postgresql":
+                    c.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"), {"ns": namespace, "key": key})
+                yield c
 
     # -- project -----------------------------------------------------------------------------------
     def get_meta(self) -> dict:
@@ -190,7 +215,7 @@ class Store:
         """The item this annotator should label next (handed out to them), or None: their open
         assignment if any, else the unlabelled-by-them item with the fewest answers so far whose
         answers + open assignments are below ``overlap`` (gold items go to everyone)."""
-        with self._assign, self.engine.begin() as c:
+        with self._assign, self.exclusive(LOCK_ASSIGN) as c:
             states = self._states(c)
             now = time.time()
             assigned = c.execute(select(assignments_t)).mappings().all()
@@ -226,7 +251,7 @@ class Store:
 
     def assign(self, annotator_id: int, item_ids: list[str]) -> None:
         """Hand ``item_ids`` to an annotator outright (a judge labels every item; overlap is for people)."""
-        with self.engine.begin() as c:
+        with self.exclusive(LOCK_ASSIGN) as c:
             have = set(c.execute(select(assignments_t.c.item_id).where(assignments_t.c.annotator_id == annotator_id)).scalars())
             new = [{"item_id": i, "annotator_id": annotator_id, "assigned_at": time.time()} for i in item_ids if i not in have]
             if new:
@@ -237,7 +262,7 @@ class Store:
         """Append an answer (``kind`` in ANSWERS or 'skip'); refuses unassigned items and a second
         answer unless ``revise``. Committed before it returns the new row's id."""
         item = self.item(item_id)
-        with self.engine.begin() as c:
+        with self.exclusive(LOCK_ANSWER, annotator_id) as c:  # one answer at a time per annotator, in any process
             if c.execute(select(assignments_t.c.item_id).where(assignments_t.c.item_id == item["id"],
                                                                assignments_t.c.annotator_id == annotator_id)).first() is None:
                 raise StoreError(f"item {item['id']} was not given to you", 403)
@@ -256,7 +281,7 @@ class Store:
     def undo(self, annotator_id: int, item_id: str | None = None) -> str | None:
         """Take back the annotator's latest answer or skip (of ``item_id``, or their most recent one):
         an 'undo' row is appended and the item is theirs to answer again. Returns its id, or None."""
-        with self.engine.begin() as c:
+        with self.exclusive(LOCK_ANSWER, annotator_id) as c:
             states = [r for r in self._states(c, annotator_id).values() if r["kind"] != "undo"]
             if item_id is not None:
                 states = [r for r in states if r["item_id"] == item_id]
