@@ -49,13 +49,13 @@ def make_project(tmp_path, names=("alice", "bob", "carol"), n=4, k=2, overlap=3,
 class ThreadServer:
     """The app under uvicorn in a thread of this process, on a free port."""
 
-    def __init__(self, project, db="", body_timeout=20.0):
+    def __init__(self, project, db="", body_timeout=20.0, **app_options):
         import uvicorn
 
         from preftune.collect.app import make_app
 
         self.store = open_store(project, CollectConfig(db=db))
-        app = make_app(self.store, allowed_hosts=["127.0.0.1", "localhost"], body_timeout=body_timeout)
+        app = make_app(self.store, allowed_hosts=["127.0.0.1", "localhost"], body_timeout=body_timeout, **app_options)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", backlog=4096, timeout_keep_alive=75))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -72,7 +72,7 @@ class ThreadServer:
 
 def serve_subprocess(project, port=0):
     """`preftune collect serve` in a subprocess; returns (process, base url)."""
-    code = f"from preftune.collect.commands import run_collect; run_collect('serve', {str(project)!r}, ['port={port}'])"
+    code = f"from preftune.cli import main; main(['collect', 'serve', {str(project)!r}, 'port={port}'])"
     proc = subprocess.Popen([sys.executable, "-c", code],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     line = proc.stdout.readline()

@@ -1,19 +1,24 @@
 """Collecting preferences: samples -> labels (web UI or judge) -> training data."""
 
 import json
-import threading
-import urllib.error
-import urllib.request
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
+import httpx
 import pytest
 
+from preftune.commands.label import LabelConfig
+from preftune.config import ConfigError, from_dict
 from preftune.data.loaders import load_records, rankings_to_pairs
 from preftune.data.records import DataError
-from preftune.label import LabelConfig, build_session
 from preftune.label.items import load_items
-from preftune.label.server import make_server
 from preftune.label.session import LabelError, LabelSession, ranking_from_scores
 from preftune.label.store import LabelStore
+from tests.collect_helpers import login
 from tests.conftest import ROOT, cli, write_jsonl
 
 JUDGE = f"{ROOT / 'tests' / 'rl_reward.py'}:low_ids"
@@ -83,7 +88,7 @@ def test_labels_are_training_data_and_resume(tmp_path):
 def test_bad_labels_are_refused_and_undo(tmp_path):
     s = session_for(tmp_path)
     key = s.next_item()["key"]
-    for ranking, words in (([0, 1], "does not place completion\\(s\\) 2"), ([0, 1, 1, 2], "more than once"), ([[0, 1, 2]], "every completion is tied"),
+    for ranking, words in (([0, 1], "does not place completion\\(s\\) 2"), ([0, 1, 1, 2], "more than once"),
                            ([0, 1, 7], "names completion 7"), ("0,1,2", "expected a non-empty list")):
         with pytest.raises(LabelError, match=words):
             s.rank(key, ranking)
@@ -97,6 +102,9 @@ def test_bad_labels_are_refused_and_undo(tmp_path):
     assert s.undo() == key and s.next_item()["key"] == key  # back, and the file no longer has it
     assert not (tmp_path / "labels.jsonl").read_text().strip()
     assert s.undo() is None
+    assert s.rank(key, [[0, 1, 2]]) == [[0, 1, 2]]  # all tied is a label too: a ranking of one group, no pairs
+    (record,) = load_records(str(tmp_path / "labels.jsonl"), "rankings")
+    assert record.ranking == [[0, 1, 2]] and rankings_to_pairs([record]) == []
 
 
 def test_a_write_cut_short_is_set_aside_and_a_corrupt_line_is_an_error(tmp_path):
@@ -126,55 +134,104 @@ def test_judge_thumbs_mode_writes_kto_rows(tmp_path):
     assert all(r["label"] == (r["scores"][i % 2] > 0.3) for i, r in enumerate(rows))
 
 
-def _request(url, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            raw, status = r.read(), r.status
-    except urllib.error.HTTPError as err:
-        raw, status = err.read(), err.code
-    return status, raw
+def label_subprocess(*args):
+    """`preftune label ARGS port=0` in a subprocess: (process, base url, logged-in client)."""
+    proc = subprocess.Popen([sys.executable, "-m", "preftune", "label", *args, "port=0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"preftune label did not start: {proc.stderr.read()}")
+    link = re.search(r"open (http://\S+) ", line).group(1)
+    base, token = link.split("/login?token=")
+    return proc, base, login(base, token)
 
 
-def test_web_ui_round_trip(tmp_path):
-    s = session_for(tmp_path, prompts=2, k=2)
-    server = make_server(s, "127.0.0.1", 0, exit_when_done=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{server.server_port}"
+def file_rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_web_ui_ties_undo_kill_and_restart(tmp_path):
+    """Every acknowledged label is in the file before the reply (a SIGKILL loses none); a tie of two is
+    a label; undo works on the last item and after a restart."""
+    samples = flat_samples(tmp_path / "s.jsonl", prompts=3, k=2)
+    out = tmp_path / "labels.jsonl"
+    proc, base, client = label_subprocess(f"input={samples}", f"output={out}")
     try:
-        status, page = _request(base + "/")
-        assert status == 200 and b"<html" in page and b"/api/label" in page
-        status, raw = _request(base + "/api/next")
-        item = json.loads(raw)
-        assert status == 200 and item["mode"] == "rank" and len(item["completions"]) == 2
-        status, raw = _request(base + "/api/label", {"key": item["key"], "ranking": [[0, 1]]})
-        assert status == 400 and "tied" in json.loads(raw)["error"]
-        status, raw = _request(base + "/api/label", {"key": item["key"], "ranking": [[1], [0]]})
-        nxt = json.loads(raw)
-        assert status == 200 and nxt["done"] == 1 and nxt["key"] != item["key"] and nxt["can_undo"]
-        status, raw = _request(base + "/api/undo", {})
-        assert status == 200 and json.loads(raw)["key"] == item["key"]
-        _request(base + "/api/label", {"key": item["key"], "ranking": [[1], [0]]})
-        status, raw = _request(base + "/api/label", {"key": nxt["key"], "skip": True})
-        assert status == 200 and json.loads(raw)["finished"] is True
-        thread.join(timeout=10)
-        assert not thread.is_alive()  # exit_when_done
+        assert httpx.get(base + "/").status_code == 401  # the page needs the printed link
+        page = client.get("/")
+        assert page.status_code == 200 and "preftune label: s.jsonl" in page.text and "textContent" in page.text
+        item = client.get("/api/next").json()
+        assert item["mode"] == "rank" and len(item["completions"]) == 2 and item["progress"]["items"] == 3
+        tie = client.post("/api/label", json={"item": item["item"], "ranking": [[0, 1]]})  # a tie between the two
+        assert tie.status_code == 200
+        (row,) = file_rows(out)
+        assert row["ranking"] == [[0, 1]] and row["item"] == item["item"] and row["annotator"] == "local" and "labelled_at" in row
+        second = client.get("/api/next").json()
+        assert client.post("/api/label", json={"item": second["item"], "ranking": [[1], [0]]}).status_code == 200
+        assert client.post("/api/undo", json={}).json() == {"undone": second["item"]}
+        assert [r["item"] for r in file_rows(out)] == [item["item"]]  # the undone label left the file too
+        assert client.get("/api/next").json()["item"] == second["item"]
+        assert client.post("/api/label", json={"item": second["item"], "ranking": [[1], [0]]}).status_code == 200
+        last = client.get("/api/next").json()
+        assert client.post("/api/label", json={"item": last["item"], "skip": True}).status_code == 200
+        assert client.get("/api/next").json()["item"] is None  # all done, and the server is still up:
+        assert client.post("/api/undo", json={}).json() == {"undone": last["item"]}  # undo on the last item
+        assert client.post("/api/label", json={"item": last["item"], "skip": True}).status_code == 200
+        assert [r["item"] for r in file_rows(Path(str(out) + ".skipped.jsonl"))] == [last["item"]]
     finally:
-        server.shutdown() if thread.is_alive() else None
-        server.server_close()
-    (record,) = load_records(str(tmp_path / "labels.jsonl"), "rankings")
-    assert record.ranking == [[1], [0]]
+        proc.kill()  # SIGKILL: no chance to write anything more
+        proc.wait()
+    records = load_records(str(out), "rankings")
+    assert [r.ranking for r in records] == [[[0, 1]], [[1], [0]]]
+    assert len(rankings_to_pairs(records)) == 1  # the tie gives no pair, the ranking one
+    proc, base, client = label_subprocess(f"input={samples}", f"output={out}")  # a restart
+    try:
+        assert client.get("/api/next").json()["item"] is None
+        assert client.post("/api/undo", json={}).json() == {"undone": last["item"]}  # undo survives the restart
+        assert client.get("/api/next").json()["item"] == last["item"]
+        assert not file_rows(Path(str(out) + ".skipped.jsonl"))
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        stdout, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and f"labels in {out}: 2 of 3 items done" in stdout
+
+
+def test_labels_of_an_earlier_version_are_imported_and_kept(tmp_path):
+    """A labels file written before the web UI had a database (or by judge=) is taken over: its labels
+    count, nothing is asked again, rows of other items stay as they are."""
+    from preftune.collect.local import LocalLabels
+
+    s = session_for(tmp_path, prompts=3, k=3)
+    s.rank(s.next_item()["key"], [2, [0, 1]])
+    s.skip(s.next_item()["key"])
+    out = tmp_path / "labels.jsonl"
+    other = {"prompt": "elsewhere", "completions": ["a", "b"], "ranking": [[1], [0]], "item": "0123456789abcdef"}
+    out.write_text(out.read_text() + json.dumps(other))  # a hand-added row, without a final newline
+    before = file_rows(out)
+    local = LocalLabels(str(tmp_path / "s.jsonl"), out)
+    try:
+        assert local.imported == 2 and local.progress() == {"done": 2, "total": 3}
+        assert local.store.next_item(local.store.annotator_id("local"), 1)["prompt"] == "Review 2:"
+        after = file_rows(out)
+        assert after[0] == other and [(r["item"], r["ranking"], r["annotator"]) for r in after[1:]] == [
+            (before[0]["item"], [[2], [0, 1]], "ann")]
+        assert [r["item"] for r in file_rows(Path(str(out) + ".skipped.jsonl"))] == [s.history[1]]
+    finally:
+        local.close()
+    again = LocalLabels(str(tmp_path / "s.jsonl"), out)  # reopened: nothing imported twice
+    try:
+        assert again.imported == 0 and again.progress()["done"] == 2 and file_rows(out) == after
+    finally:
+        again.close()
 
 
 def test_output_must_differ_from_input(tmp_path):
-    from preftune.config import ConfigError, from_dict
+    from preftune.commands.label import label
 
     samples = flat_samples(tmp_path / "s.jsonl")
     cfg = from_dict(LabelConfig, {"input": str(samples), "output": str(samples)}, "label")
     with pytest.raises(ConfigError, match="must differ"):
-        build_session(cfg)
+        label(cfg)
 
 
 def test_cli_judge_then_train_dpo_on_the_labels(tmp_path):

@@ -28,13 +28,7 @@ from preftune.config import (
     load_run_config,
     read_yaml,
 )
-
-
-def _field_help(cls: type, title: str) -> str:
-    lines = [title]
-    for key, tp, default, help_text in describe(cls):
-        lines.append(f"  {key} ({tp}, default {default!r})\n      {help_text}")
-    return "\n".join(lines)
+from preftune.config import field_help as _field_help
 
 
 def _train_help() -> str:
@@ -103,26 +97,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"results in {path.parent / 'results.json'}")
     print(f"report written to {path}")
     return 0
-
-
-def cmd_label(args: argparse.Namespace) -> int:
-    from preftune.label import LabelConfig, run_label
-
-    cfg = _settings(LabelConfig, args, "label")
-
-    def ready(url: str) -> None:
-        print(f"labelling {cfg.input} -> {cfg.output}: open {url} (Ctrl-C stops; every label is saved as it is given)", flush=True)
-
-    result = run_label(cfg, on_ready=ready)
-    extra = "".join(f", {k.replace('_', ' ')}: {v}" for k, v in result.items() if k not in ("output", "done", "total"))
-    print(f"labels in {result['output']}: {result['done']} of {result['total']} items done{extra}")
-    return 0
-
-
-def cmd_collect(args: argparse.Namespace) -> int:
-    from preftune.collect.commands import run_collect
-
-    return run_collect(args.action, args.project, list(args.rest))
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -195,7 +169,7 @@ def config_markdown() -> str:
     from preftune.eval_config import EvalConfig
 
     parts += ["", "## `preftune eval`", "", table(EvalConfig)]
-    from preftune.label import LabelConfig
+    from preftune.commands.label import LabelConfig
 
     parts += ["", "## `preftune label`", "", table(LabelConfig)]
     from preftune.collect.settings import CollectConfig
@@ -221,18 +195,6 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_collect(sub) -> None:
-    from preftune.collect.settings import ACTIONS as COLLECT_ACTIONS
-    from preftune.collect.settings import CollectConfig
-
-    k = sub.add_parser("collect", help="Preference collection for a team: a project, invite links, the web app, status, export.",
-                       epilog=_field_help(CollectConfig, "Settings (key=value):"), formatter_class=argparse.RawDescriptionHelpFormatter)
-    k.add_argument("action", choices=COLLECT_ACTIONS)
-    k.add_argument("project", help="The project folder (holds collect.db, or collect.json naming a PostgreSQL database).")
-    k.add_argument("rest", nargs="*", help="create: the samples file; invite: annotator names; then key=value settings")
-    k.set_defaults(func=cmd_collect)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from preftune import __version__
     from preftune.generate_config import GenerateConfig
@@ -250,7 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     from preftune.eval_config import EvalConfig
     from preftune.experiments.sentiment import StudyConfig
-    from preftune.label import LabelConfig
     from preftune.score_cmd import ScoreConfig
 
     def settings_command(name: str, text: str, cls: type, example: str, func) -> None:
@@ -270,10 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                      StudyConfig, "output_dir=runs/demo2", cmd_study)
     settings_command("study", "The sentiment-control study with any mix of jobs (configs/studies/sentiment.yaml: the full one).",
                      StudyConfig, "output_dir=runs/study", cmd_study)
-    settings_command("label", "Rank sampled completions in a local web UI, or with a judge; writes labels JSONL.", LabelConfig,
-                     "input=samples.jsonl output=labels.jsonl judge=vader", cmd_label)
+    from preftune.commands import collect, label
 
-    _add_collect(sub)
+    label.register(sub)
+    collect.register(sub)
     x = sub.add_parser("export", help="Turn a training checkpoint into a model folder (full weights or LoRA adapter).")
     x.add_argument("checkpoint", help="A checkpoint folder, OUTPUT_DIR/checkpoints/step-N.")
     x.add_argument("--output", help="Where to write the model (default: OUTPUT_DIR/exports/step-N).")

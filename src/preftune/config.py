@@ -471,6 +471,14 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
     return rows
 
 
+def field_help(cls: type, title: str) -> str:
+    """Every field of ``cls`` with its type, default and help, under ``title`` (a command's ``--help`` epilog)."""
+    lines = [title]
+    for key, tp, default, help_text in describe(cls):
+        lines.append(f"  {key} ({tp}, default {default!r})\n      {help_text}")
+    return "\n".join(lines)
+
+
 def commented_yaml(cls: type, values: Any = None, indent: int = 0) -> str:
     """A YAML text of `values` (or the defaults) with every key's help as a comment above it."""
     values = values if values is not None else cls()

@@ -12,7 +12,8 @@
 Every route but /login needs the session cookie (401 without); every POST needs the page's CSRF
 token in ``X-CSRF-Token`` and, when the browser sends one, a same-origin ``Origin``. Request bodies
 are limited (a missing, malformed or negative Content-Length included) and must arrive within
-``body_timeout`` seconds.
+``body_timeout`` seconds. :func:`serve` runs it under uvicorn (``preftune collect serve`` and
+``preftune label``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import logging
 import hmac
 import json
 import random
-from typing import Any
+import socket
+from typing import Any, Callable
 
 from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
@@ -97,8 +99,9 @@ def _error(status: int, message: str) -> JSONResponse:
 class Routes:
     """The handlers, sharing the store and the project's settings."""
 
-    def __init__(self, store: Store, title: str):
-        self.store, self.title = store, title
+    def __init__(self, store: Store, title: str, on_change: Callable[[], None] | None = None, shuffle: bool = True, seed: int = 0):
+        self.store, self.title, self.on_change = store, title, on_change
+        self.shuffle, self.seed = shuffle, seed
         self.meta = store.get_meta()
         self.secret = self.meta["csrf_secret"].encode()
         self.mode, self.overlap = self.meta["mode"], int(self.meta["overlap"])
@@ -133,6 +136,11 @@ class Routes:
             raise HTTPException(400, "expected a JSON object")
         return data
 
+    async def changed(self) -> None:
+        """After a label or an undo is committed, before the reply (``preftune label`` rewrites its labels file)."""
+        if self.on_change is not None:
+            await run_in_threadpool(self.on_change)
+
     def progress(self, annotator: dict) -> dict:
         return self.store.progress(annotator["id"], self.overlap)
 
@@ -141,7 +149,8 @@ class Routes:
         if item is None:
             return {**out, "item": None}
         order = list(range(item["k"]))
-        random.Random(f"{annotator['id']}:{item['id']}").shuffle(order)  # per annotator: position hints at nothing
+        if self.shuffle:  # per annotator: position hints at nothing
+            random.Random(f"{self.seed}:{annotator['id']}:{item['id']}" if self.seed else f"{annotator['id']}:{item['id']}").shuffle(order)
         return {**out, "item": item["id"], "key": item["id"], "prompt": _text(item["prompt"]),
                 "submission": f"{item['id']}-{random.getrandbits(64):x}",
                 "completions": [{"id": i, "text": _text(item["completions"][i])} for i in order]}
@@ -179,6 +188,7 @@ class Routes:
             raise HTTPException(400, "submission: expected an id of at most 64 characters")
         label_id = await run_in_threadpool(lambda: self.store.submit(annotator["id"], data.get("item"), kind, answer, comment=comment,
                                                                 submission=submission, revise=data.get("revise") is True))
+        await self.changed()
         return JSONResponse({"saved": label_id, "item": data["item"], "kind": kind})
 
     async def undo(self, request: Request):
@@ -190,6 +200,7 @@ class Routes:
         undone = await run_in_threadpool(self.store.undo, annotator["id"], target)
         if undone is None:
             raise HTTPException(409, "nothing of yours to undo" + (f" for item {target}" if target else ""))
+        await self.changed()
         return JSONResponse({"undone": undone})
 
     async def history(self, request: Request):
@@ -228,8 +239,9 @@ class Routes:
 
 
 def make_app(store: Store, *, max_body: int = 64 * 1024, body_timeout: float = 20.0, allowed_hosts: list[str] | None = None,
-             title: str = "preftune collect") -> Starlette:
-    r = Routes(store, title)
+             title: str = "preftune collect", on_change: Callable[[], None] | None = None, shuffle: bool = True,
+             seed: int = 0) -> Starlette:
+    r = Routes(store, title, on_change, shuffle, seed)
     routes = [Route("/login", r.login), Route("/guidelines", r.guidelines), Route("/", r.index), Route("/api/next", r.next_item),
               Route("/api/label", r.label, methods=["POST"]), Route("/api/undo", r.undo, methods=["POST"]),
               Route("/api/history", r.history), Route("/admin", r.admin_page), Route("/api/admin/status", r.admin_status)]
@@ -238,6 +250,40 @@ def make_app(store: Store, *, max_body: int = 64 * 1024, body_timeout: float = 2
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts))
     return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: r.http_error, StoreError: r.store_error,
                                                                                 OperationalError: r.db_error})
+
+
+def serve(store: Store, host: str, port: int, *, max_body: int = 64 * 1024, on_ready: Callable[[int], None] | None = None,
+          **app_options: Any) -> None:
+    """Serve the app (``app_options``: of :func:`make_app`) on ``host:port`` (0 = a free port, passed
+    to ``on_ready``) until Ctrl-C / SIGTERM.
+    On a loopback address the ``Host`` header must name it (a DNS-rebinding page gets 400); any other
+    address is refused while the project has no accounts."""
+    import uvicorn
+
+    from preftune.collect.settings import LOOPBACK
+    from preftune.config import ConfigError
+
+    loopback = host in LOOPBACK
+    if not loopback and not store.annotators():
+        raise ConfigError(f"collect.host: refusing to listen on {host} with no accounts; invite annotators first "
+                          "(`preftune collect invite PROJECT NAME`)")
+    allowed = list(LOOPBACK) + ["[::1]"] if loopback else None
+    app = make_app(store, max_body=max_body, allowed_hosts=allowed, **app_options)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        raise ConfigError(f"port: cannot listen on {host}:{port} ({err.strerror}); choose another port") from None
+    # keep-alive 75 s (nginx's default): with 5 s, a browser reusing a connection just as the server
+    # dropped it lost the POST (seen under load as "server closed the connection" on ~1% of submissions)
+    config = uvicorn.Config(app, backlog=4096, log_level="warning", timeout_keep_alive=75, timeout_graceful_shutdown=3)
+    if on_ready is not None:
+        on_ready(sock.getsockname()[1])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn stops gracefully on Ctrl-C, then raises it again
+        pass
 
 
 def _text(value: Any) -> str:

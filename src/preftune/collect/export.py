@@ -4,12 +4,16 @@
 * pairs: ``{"prompt", "chosen", "rejected"}``;
 * unpaired: ``{"prompt", "completion", "label"}`` (KTO).
 
-Per-annotator rows keep an ``annotator`` field; consensus rows carry ``agreement`` (pairwise, among
-the item's annotators) and ``annotators`` (how many). Extra keys are ignored by the data loaders.
+Per-annotator rows keep an ``annotator`` field and ``labelled_at``; consensus rows carry
+``agreement`` (pairwise, among the item's annotators) and ``annotators`` (how many). Extra keys are
+ignored by the data loaders. A tie is a label: a ranking whose completions are all tied (a tie of
+two, or "both bad", marked ``both_bad``) is a rankings row of one group, which gives no pairs.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from preftune.collect.agreement import item_agreement, pair_signs
@@ -40,21 +44,26 @@ def _strict_pairs(ranking) -> list[tuple[int, int]]:
     return [(i, j) if s > 0 else (j, i) for (i, j), s in pair_signs(ranking).items() if s != 0]
 
 
+def labelled_at(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(timestamp))
+
+
 def annotator_rows(store: Store, fmt: str) -> list[dict]:
     items, names = store.items(), store.annotators()
     rows = []
     for r in store.current():
         item = items[r["item_id"]]
-        base = {"item": item["id"], "annotator": names[r["annotator_id"]], **({"comment": r["comment"]} if r["comment"] else {})}
         ranking = as_ranking(r, item["k"])
         if ranking is None:  # a skip
             continue
+        base = {"item": item["id"], "annotator": names[r["annotator_id"]], "labelled_at": labelled_at(r["created_at"]),
+                **({"both_bad": True} if r["kind"] == "both_bad" else {}), **({"comment": r["comment"]} if r["comment"] else {})}
         if fmt == "unpaired":
             rows += [{"prompt": item["prompt"], "completion": c, "label": v, **base}
                      for c, v in zip(item["completions"], thumbs_of(r, item["k"]) or [])]
-        elif len(ranking) >= 2 and fmt == "rankings":
+        elif fmt == "rankings":
             rows.append({"prompt": item["prompt"], "completions": item["completions"], "ranking": ranking, **base})
-        elif len(ranking) >= 2:
+        else:
             rows += _pairs(base, item, _strict_pairs(ranking))
     return rows
 
@@ -80,24 +89,32 @@ def consensus_rows(store: Store, fmt: str, method: str, min_agreement: float = 0
                 if label is not None:
                     rows.append({"prompt": item["prompt"], "completion": c, "label": label, **base})
         elif fmt == "rankings":
-            if len(result["ranking"]) >= 2:
-                rows.append({"prompt": item["prompt"], "completions": item["completions"], "ranking": result["ranking"], **base})
+            rows.append({"prompt": item["prompt"], "completions": item["completions"], "ranking": result["ranking"], **base})
         else:
             winners = majority_pairs(rankings, item["k"]) if method == "majority" else _strict_pairs(result["ranking"])
             rows += _pairs(base, item, winners)
     return rows
 
 
-def write_rows(rows: list[dict], output: str) -> str:
-    """``.jsonl`` / ``.parquet`` file, or a ``datasets.save_to_disk`` folder for any other name."""
+def write_jsonl(rows: list[dict], out: Path) -> None:
+    """One JSON line per row, replacing ``out`` atomically (a reader sees the old file or the new one)."""
     import json
 
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(out)
+
+
+def write_rows(rows: list[dict], output: str) -> str:
+    """``.jsonl`` / ``.parquet`` file, or a ``datasets.save_to_disk`` folder for any other name."""
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".jsonl":
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(out)
+        write_jsonl(rows, out)
     elif out.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq

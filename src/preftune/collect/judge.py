@@ -156,3 +156,26 @@ def label_session(session, model: str, guidelines: str = "") -> dict:
     asked = sum(r["asked"] for r in results)
     counts["position_consistency"] = round(sum(r["consistent"] for r in results) / asked, 3) if asked else None
     return counts
+
+
+def judge_project(store, spec: str) -> dict:
+    """``preftune collect judge``: the LLM ``spec`` joins the project as annotator 'judge:SPEC' and
+    answers every item it has not answered yet. Returns {"answered", "asked", "position_consistency"}."""
+    from preftune.config import ConfigError
+
+    model = parse_spec(spec)
+    if model is None:
+        raise ConfigError(f"collect.judge: expected 'llm' or 'llm:MODEL', got {spec!r}")
+    meta = store.get_meta()
+    if meta["mode"] != "rank":
+        raise ConfigError("collect.judge: an LLM judge ranks; this project collects thumbs")
+    who = store.annotator_id(f"judge:{spec}", create=True)
+    done = {r["item_id"] for r in store.current(who)}
+    todo = [it for i, it in store.items().items() if i not in done]
+    store.assign(who, [it["id"] for it in todo])
+    results = LLMJudge(model, meta.get("guidelines", "")).judge([(it["prompt"], it["completions"]) for it in todo])
+    for it, r in zip(todo, results):
+        store.submit(who, it["id"], "rank", r["ranking"])
+    asked = sum(r["asked"] for r in results)
+    return {"answered": len(todo), "asked": asked,
+            "position_consistency": sum(r["consistent"] for r in results) / asked if asked else None}

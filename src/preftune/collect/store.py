@@ -187,6 +187,15 @@ class Store:
             raise StoreError(f"annotator {name!r} already exists") from None
         return token
 
+    def login_token(self, name: str) -> str:
+        """A new login token for annotator ``name`` (made if new); their earlier token stops working."""
+        if self.annotator_id(name) is None:
+            return self.add_annotator(name)
+        token = secrets.token_urlsafe(24)
+        with self.engine.begin() as c:
+            c.execute(annotators_t.update().where(annotators_t.c.name == name).values(token_hash=hash_token(token)))
+        return token
+
     def annotators(self) -> dict[int, str]:
         with self.engine.connect() as c:
             return dict(c.execute(select(annotators_t.c.id, annotators_t.c.name).order_by(annotators_t.c.id)).all())
@@ -310,6 +319,11 @@ class Store:
             n_items = c.execute(select(func.count()).select_from(items_t)).scalar()
         return {"answered": sum(r["annotator_id"] == annotator_id for r in rows),
                 "complete": sum(v >= overlap for v in per_item.values()), "items": n_items}
+
+    def items_with_labels(self) -> set[str]:
+        """Items with any label row (an answer, a skip or an undo) by anyone."""
+        with self.engine.connect() as c:
+            return set(c.execute(select(labels_t.c.item_id).distinct()).scalars())
 
     def count_rows(self) -> int:
         with self.engine.connect() as c:

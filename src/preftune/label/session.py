@@ -1,7 +1,8 @@
 """A labelling session: which items are left, what a label must look like, and where it goes.
 
-The web UI (``label/server.py``) and the automatic judge both go through :class:`LabelSession`, so a
-human's labels and a judge's are the same rows in the same file.
+``preftune label judge=...`` and the sentiment study's gold-reward labelling go through
+:class:`LabelSession`; a person labels in the collection web app (``preftune.collect.local`` writes
+the same rows to the same file).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class LabelSession:
         return {"item": item.key, "annotator": self.annotator, "labelled_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def rank(self, key: Any, ranking: Any, **extra: Any) -> list[list[int]]:
-        """Record ``ranking`` (best first; tie groups as lists, e.g. ``[[2], [0, 1]]``) for item ``key``."""
+        """Record ``ranking`` (best first; tie groups as lists, e.g. ``[[2], [0, 1]]``; ``[[0, 1]]``: a tie) for item ``key``."""
         item = self._item(key)
         if self.mode != "rank":
             raise LabelError("this session collects thumbs up/down, not rankings")
@@ -91,8 +92,6 @@ class LabelSession:
             groups = check_ranking(ranking, len(item.completions), Where("label", None))
         except DataError as err:
             raise LabelError(f"ranking: {err.message}") from None
-        if len(groups) < 2:
-            raise LabelError("ranking: every completion is tied, which says nothing; skip the item instead")
         row = {"prompt": item.prompt, "completions": item.completions, "ranking": groups, **self._meta(item), **extra}
         self.store.append([row])
         self.history.append(key)
