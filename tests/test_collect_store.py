@@ -125,3 +125,10 @@ def test_ties_and_both_bad_in_exports(tmp_path):
     with pytest.raises(Exception, match="no labels"):  # neither gives a pair
         export(store, CollectConfig(output=str(tmp_path / "p.jsonl"), format="pairs"))
     assert status(store)["agreement"]["pairwise_agreement"] is None  # one annotator per item: nothing to compare
+    for rows_kind in ("annotators", "consensus"):  # as rankings, a tie is a row of one group: stored, read back, no pairs
+        out = tmp_path / f"r-{rows_kind}.jsonl"
+        export(store, CollectConfig(output=str(out), format="rankings", rows=rows_kind))
+        records = load_records(str(out), "rankings")
+        assert [r.ranking for r in records] == [[[0, 1]], [[0, 1]]]
+        raw = [json.loads(x) for x in out.read_text().splitlines()]
+        assert [r.get("both_bad", False) for r in raw] == [False, rows_kind == "annotators"]
