@@ -202,7 +202,7 @@ def test_labels_of_an_earlier_version_are_imported_and_kept(tmp_path):
     from preftune.collect.local import LocalLabels
 
     s = session_for(tmp_path, prompts=3, k=3)
-    s.rank(s.next_item()["key"], [2, [0, 1]])
+    s.rank(s.next_item()["key"], [2, [0, 1]], scores=[0.1, 0.1, 0.9])  # e.g. a judge's row
     s.skip(s.next_item()["key"])
     out = tmp_path / "labels.jsonl"
     other = {"prompt": "elsewhere", "completions": ["a", "b"], "ranking": [[1], [0]], "item": "0123456789abcdef"}
@@ -213,8 +213,8 @@ def test_labels_of_an_earlier_version_are_imported_and_kept(tmp_path):
         assert local.imported == 2 and local.progress() == {"done": 2, "total": 3}
         assert local.store.next_item(local.store.annotator_id("local"), 1)["prompt"] == "Review 2:"
         after = file_rows(out)
-        assert after[0] == other and [(r["item"], r["ranking"], r["annotator"]) for r in after[1:]] == [
-            (before[0]["item"], [[2], [0, 1]], "ann")]
+        assert after == [other, before[0]]  # the same rows, the scores kept
+        assert local.store.current()[0]["answer"] == [[2], [0, 1]] and local.store.annotators()[local.store.current()[0]["annotator_id"]] == "ann"
         assert [r["item"] for r in file_rows(Path(str(out) + ".skipped.jsonl"))] == [s.history[1]]
     finally:
         local.close()

@@ -11,11 +11,13 @@ The database is the record; the files are rewritten from it (atomically) after e
 before the reply. Labels already in ``output`` for items the project has no label of -- a labels
 file from an earlier version, or a judge's (``judge=``) -- are imported, under their own annotator
 (skips under this one), so nothing already labelled is asked again or lost. Rows of items outside
-the project are kept as they are.
+the project are kept as they are, and so is the row of a label that has not changed since (with
+what else it carries, e.g. a judge's scores).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -104,7 +106,8 @@ class LocalLabels:
             ours = annotator_rows(self.store, "rankings" if self.mode == "rank" else "unpaired")
             skipped = [{"item": r["item_id"], "annotator": names[r["annotator_id"]], "labelled_at": labelled_at(r["created_at"])}
                        for r in self.store.current() if r["kind"] == "skip"]
-            rows = [r for r in labels if not self._ours(r)] + ours
+            kept = {_label_key(r): r for r in labels if self._ours(r)}  # an unchanged label keeps its row: a judge's scores, ...
+            rows = [r for r in labels if not self._ours(r)] + [kept.get(_label_key(r), r) for r in ours]
             kept_skips = [r for r in skips if r["item"] not in self.items] + skipped
             if rows or self.output.exists():
                 write_jsonl(rows, self.output)
@@ -117,3 +120,11 @@ class LocalLabels:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _label_key(row: dict) -> tuple:
+    """What a labels-file row says: the same key = the same label, whatever else the row carries."""
+    if "ranking" in row:
+        groups = tuple(tuple(sorted(g if isinstance(g, list) else [g])) for g in row["ranking"])
+        return row["item"], row.get("annotator"), groups
+    return row["item"], row.get("annotator"), json.dumps(row["completion"], sort_keys=True), bool(row["label"])
