@@ -143,26 +143,27 @@ def test_people_label_stage_waits_for_the_store_and_goes_on(tmp_path):
 
     out = tmp_path / "p"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "preftune", "pipeline", str(ROOT / "configs/pipelines/tiny_human.yaml"),
-                             f"output_dir={out}"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    project = out / "round-1/label/project"
-    try:
-        deadline = time.time() + 300
-        while not (project / "collect.db").is_file() or not Store(db_url(project)).items():
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.time() < deadline
-            time.sleep(0.5)
-        time.sleep(1.0)
-        assert proc.poll() is None  # waiting for people
-        store = Store(db_url(project))
-        alice = store.annotator_id("alice", create=True)
-        while (item := store.next_item(alice, overlap=1)) is not None:
-            store.submit(alice, item["id"], "rank", [[1], [0]])
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, stderr[-3000:]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "preftune", "pipeline", str(ROOT / "configs/pipelines/tiny_human.yaml"),
+                                 f"output_dir={out}"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            shown = []
+            while not any("items labelled" in line for line in shown):  # the project is made; the pipeline waits
+                line = proc.stdout.readline()
+                assert line, (tmp_path / "stderr.txt").read_text()[-3000:]
+                shown.append(line)
+            assert any("preftune collect serve" in line for line in shown)
+            time.sleep(1.0)
+            assert proc.poll() is None  # still waiting for people
+            store = Store(db_url(out / "round-1/label/project"))
+            alice = store.annotator_id("alice", create=True)
+            while (item := store.next_item(alice, overlap=1)) is not None:
+                store.submit(alice, item["id"], "rank", [[1], [0]])
+            stdout = "".join(shown) + proc.communicate(timeout=300)[0]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
     assert "round-1/label: 0 of 3 items labelled" in stdout and "round-1/label: 3 of 3 items labelled" in stdout
     labels = [json.loads(line) for line in (out / "round-1/label/labels.jsonl").read_text().splitlines()]
     assert len(labels) == 3 and all(r["ranking"] == [[1], [0]] for r in labels)
