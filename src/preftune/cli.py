@@ -18,6 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
+from preftune.commands import pipeline
 from preftune.config import (
     ConfigError,
     RunConfig,
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     label.register(sub)
     collect.register(sub)
+    pipeline.register(sub)
     x = sub.add_parser("export", help="Turn a training checkpoint into a model folder (full weights or LoRA adapter).")
     x.add_argument("checkpoint", help="A checkpoint folder, OUTPUT_DIR/checkpoints/step-N.")
     x.add_argument("--output", help="Where to write the model (default: OUTPUT_DIR/exports/step-N).")
