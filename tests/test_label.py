@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from preftune.commands.label import LabelConfig
+from preftune.collect.shortcut import LabelConfig
 from preftune.config import ConfigError, from_dict
 from preftune.data.loaders import load_records, rankings_to_pairs
 from preftune.data.records import DataError
@@ -226,7 +226,7 @@ def test_labels_of_an_earlier_version_are_imported_and_kept(tmp_path):
 
 
 def test_output_must_differ_from_input(tmp_path):
-    from preftune.commands.label import label
+    from preftune.collect.shortcut import label
 
     samples = flat_samples(tmp_path / "s.jsonl")
     cfg = from_dict(LabelConfig, {"input": str(samples), "output": str(samples)}, "label")

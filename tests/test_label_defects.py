@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 
 from preftune.collect.local import LocalLabels
-from preftune.commands.label import LabelConfig
+from preftune.collect.shortcut import LabelConfig
 from preftune.config import ConfigError, from_dict
 from preftune.label.store import LabelStore
 from tests.collect_helpers import ThreadServer, login

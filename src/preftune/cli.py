@@ -170,7 +170,7 @@ def config_markdown() -> str:
     from preftune.eval_config import EvalConfig
 
     parts += ["", "## `preftune eval`", "", table(EvalConfig)]
-    from preftune.commands.label import LabelConfig
+    from preftune.collect.shortcut import LabelConfig
 
     parts += ["", "## `preftune label`", "", table(LabelConfig)]
     from preftune.collect.settings import CollectConfig

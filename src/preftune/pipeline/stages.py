@@ -1,6 +1,6 @@
 """Generate, label and evaluate stages, built from the commands' own functions: the generate
 command's sampler (:func:`preftune.generate.generate_completions`), ``preftune label``'s
-:func:`~preftune.label.run_label` (any judge) and ``preftune eval``'s :func:`~preftune.eval_config.run_eval`.
+:func:`~preftune.collect.shortcut.label` (any judge) and ``preftune eval``'s :func:`~preftune.eval_config.run_eval`.
 
 Each writes into its own folder: ``samples.jsonl`` (generate: one row per completion, prompt-major,
 saved chunk by chunk in ``samples.partial.jsonl`` so a killed stage continues after its last saved
@@ -102,7 +102,7 @@ def _sample_chunks(ctx, stage: Stage, policy: str, chunks: list, first: int, par
 
 
 def label_config(stage: Stage, samples: str, output: str, seed: int):
-    from preftune.label import LabelConfig
+    from preftune.collect.shortcut import LabelConfig
 
     s = stage.settings
     return from_dict(LabelConfig, {"input": samples, "output": output, "mode": s.mode, "judge": s.judge,
@@ -129,7 +129,7 @@ def run_label(ctx, stage: Stage, folder: Path, started: dict) -> dict:
         from preftune.pipeline.people import label_by_people
 
         return label_by_people(ctx, stage, folder, samples, started["started_at"])
-    from preftune.label import run_label as label
+    from preftune.collect.shortcut import label
     from preftune.label.store import LabelStore
 
     result = label(label_config(stage, str(samples), str(output), ctx.cfg.seed))
