@@ -102,7 +102,7 @@ COMPARISONS = [
 
 def trl_order(n_rows: int, batch: int, seed: int) -> list[int]:
     """Row indices in the order preftune's OfflineSource visits them (global batch = ``batch``)."""
-    from preftune.train.source import OfflineSource
+    from preftune.data.source import OfflineSource
 
     source = OfflineSource(
         [{"i": i} for i in range(n_rows)], lambda rows: [r["i"] for r in rows],

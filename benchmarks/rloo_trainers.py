@@ -114,7 +114,7 @@ def patch_generate(probe: Probe) -> None:
 def _child_preftune(spec: dict, v: dict, probe: Probe) -> None:
     import preftune.rollout.rewards as rewards_module
     from preftune.algorithms.online import OnlineAlgorithm
-    from preftune.config import load_run_config
+    from preftune.run_config import load_run_config
     from preftune.train import loop
     from preftune.train.metrics import MetricsLog
 

@@ -5,7 +5,8 @@ import yaml
 
 from preftune.algorithms import ALGORITHMS
 from preftune.cli import config_markdown
-from preftune.config import ConfigError, RunConfig, commented_yaml, load_run_config
+from preftune.config import ConfigError, RunConfig, commented_yaml
+from preftune.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -35,7 +35,7 @@ def test_sampler_logps_match_a_forward(tiny):
 
 
 def test_rloo_rollout_same_with_and_without_reuse(tmp_path):
-    from preftune.config import load_run_config
+    from preftune.run_config import load_run_config
     from preftune.train.loop import build_algorithm
     from tests.conftest import ROOT, write_jsonl
 

@@ -18,16 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
-from preftune.config import (
-    ConfigError,
-    RunConfig,
-    apply_overrides,
-    commented_yaml,
-    describe,
-    from_dict,
-    load_run_config,
-    read_yaml,
-)
+from preftune.config import ConfigError, RunConfig, apply_overrides, commented_yaml, describe, from_dict, read_yaml
+from preftune.run_config import load_run_config
 
 
 def _field_help(cls: type, title: str) -> str:
@@ -47,16 +39,12 @@ def _train_help() -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from preftune.train.loop import train
+    from preftune.train.ensemble import train_members
 
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("train.resume_from=latest")
-    run = load_run_config(args.config, overrides)
-    from preftune.algorithms import ALGORITHMS
-
-    for member in ALGORITHMS[run.algorithm].member_runs(run):  # one run, or e.g. each ensemble member
-        result = train(member)
+    for result in train_members(load_run_config(args.config, overrides)):  # one run, or e.g. each ensemble member
         print(f"model saved to {result.model_dir}")
         print(f"metrics in {result.metrics_path}")
         if result.last_metrics:

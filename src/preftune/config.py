@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
@@ -272,6 +272,11 @@ def _coerce(value: Any, tp: Any, path: str, help_text: str) -> Any:
             fail()
         (inner,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, inner, f"{path}[{i}]", help_text) for i, v in enumerate(value)]
+    return _coerce_scalar(value, tp, path, fail)
+
+
+def _coerce_scalar(value: Any, tp: Any, path: str, fail: Callable[[], typing.NoReturn]) -> Any:
+    """``value`` as the scalar type ``tp`` (bool, int, float, str), or ``fail()``."""
     if tp is bool:
         if not isinstance(value, bool):
             fail()
@@ -402,53 +407,22 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a run config (file and/or overrides) into a validated RunConfig with `algo` attached."""
-    from preftune.algorithms import ALGORITHMS  # late import: algorithms import config
-
-    data = read_yaml(path) if path else {}
-    data = apply_overrides(data, list(overrides or []))
-    name = data.get("algorithm", RunConfig.algorithm)
-    if name not in ALGORITHMS:
-        raise ConfigError(f"algorithm: unknown '{name}'. Valid: {', '.join(ALGORITHMS)}")
-    algo_cls = ALGORITHMS[name]
-    section = data.pop(name, None) or {}
-    for other in ALGORITHMS:
-        if other != name and other in data:
-            hint = ""
-            if other in {f.name for f in _public_fields(algo_cls.Config)}:
-                hint = f"; '{other}' is a setting of '{name}': write it as {name}.{other} (a '{name}:' section)"
-            raise ConfigError(f"section '{other}' given but algorithm is '{name}'{hint}")
-    try:
-        run = from_dict(RunConfig, data)
-    except ConfigError as exc:
-        if str(exc).startswith("unknown key '") and "." not in str(exc).split("'")[1]:
-            valid = [f.name for f in _public_fields(RunConfig)] + [name]
-            key = str(exc).split("'")[1]
-            raise _top_level_key_error(key, valid, algo_cls.Config, name) from None
-        raise
-    if not isinstance(section, dict):
-        raise ConfigError(f"{name}: expected a mapping of the algorithm's settings")
-    run.algo = from_dict(algo_cls.Config, section, name)
-    return run
-
-
-def _top_level_key_error(key: str, valid: list[str], algo_config: type, name: str) -> ConfigError:
-    """An unknown top-level key: suggest a close top-level key, else a close nested one
-    ('learnin_rate' -> 'train.learning_rate')."""
-    if difflib.get_close_matches(key, valid, n=1):
-        return unknown_key_error("", key, valid)
-    nested = [k for k, *_ in describe(RunConfig)] + [f"{name}.{k}" for k, *_ in describe(algo_config)]
-    leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(nested)}
-    hint = "".join(f" Did you mean '{leaves[c]}'?" for c in difflib.get_close_matches(key, list(leaves), n=1))
-    return ConfigError(f"unknown key '{key}'.{hint} Valid keys: {', '.join(valid)}")
-
-
 def run_config_to_dict(run: RunConfig) -> dict:
     data = to_dict(run)
     algo = data.pop("algo")
     data[run.algorithm] = algo if algo is not None else {}
     return data
+
+
+def __getattr__(name: str) -> Any:
+    # ``preftune.config.load_run_config`` moved above the algorithms (preftune/run_config.py: it reads
+    # the algorithm table, which imports this module). Kept reachable here, lazily, for callers not
+    # yet moved; import it from preftune.run_config.
+    if name == "load_run_config":
+        import importlib
+
+        return importlib.import_module("preftune.run_config").load_run_config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,6 +134,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     from preftune.eval import REFERENCE, bar_plot, best_of_n_curve, evaluate, frontier_plot, overoptimization_plot, write_report
     from preftune.generate import write_jsonl
     from preftune.models.loading import load_model
+    from preftune.train.export import resolve_model
     from preftune.rollout.rewards import resolve_reward
 
     entries = model_entries(cfg)
@@ -144,7 +145,7 @@ def run_eval(cfg: EvalConfig) -> Path:
         proxy = resolve_reward(cfg.proxy_reward) if cfg.proxy_reward else None
     except ValueError as err:  # a bad 'module:function' spec: one clear line, not a traceback
         raise ConfigError(f"eval.reward / eval.proxy_reward: {err}") from None
-    model, tokenizer = load_model(cfg.reference)  # loaded once: evaluation and best-of-n share it
+    model, tokenizer = load_model(resolve_model(cfg.reference))  # loaded once: evaluation and best-of-n share it
     reference = (model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer)
     sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
                     batch_size=cfg.batch_size, text_as_chat=cfg.text_as_chat)

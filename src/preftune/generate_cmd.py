@@ -14,11 +14,12 @@ def run_generate(cfg: GenerateConfig) -> Path:
     from preftune.data.loaders import load_records
     from preftune.generate import generate_completions, write_jsonl
     from preftune.models.loading import load_model
+    from preftune.train.export import resolve_model
 
     records = load_records(cfg.prompts, "prompts", split=cfg.split)
     if cfg.max_rows is not None:
         records = records[: cfg.max_rows]
-    model, tokenizer = load_model(cfg.model, seed=cfg.seed)
+    model, tokenizer = load_model(resolve_model(cfg.model), seed=cfg.seed)  # a checkpoint: its export
     prompts = [r.prompt for r in records for _ in range(cfg.num_samples)]
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else contextlib.nullcontext()
     with autocast:

@@ -60,8 +60,13 @@ class Algorithm(nn.Module):
     @classmethod
     def member_runs(cls, run: Any) -> list:
         """The independent runs one config asks for, each trained by the loop in turn (e.g. the
-        members of a reward-model ensemble). Default: the run itself."""
+        members of a reward-model ensemble; see preftune/train/ensemble.py). Default: the run itself."""
         return [run]
+
+    @classmethod
+    def is_trained(cls, output_dir: Path) -> bool:
+        """Whether a member run in ``output_dir`` has saved its final model (skipped on resume)."""
+        return (output_dir / "model").is_dir()
 
     # -- data -----------------------------------------------------------------------------------
     @classmethod
@@ -78,7 +83,7 @@ class Algorithm(nn.Module):
 
     def make_source(self, examples: list[dict], accelerator: Any):
         """The batch source the loop draws optimizer steps from (offline: the tokenized dataset)."""
-        from preftune.train.source import OfflineSource
+        from preftune.data.source import OfflineSource
 
         t = self.run.train
         return OfflineSource(

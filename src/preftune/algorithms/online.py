@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
@@ -23,6 +21,9 @@ import torch
 
 from preftune.algorithms.base import Algorithm, Needs
 from preftune.config import ConfigError, doc
+from preftune.models.fsdp import full_weights
+from preftune.rollout.health import rollout_health, warn_nonfinite_rewards
+from preftune.rollout.sampling import generate_completions
 from preftune.rollout.source import RolloutSource, pad_token_fields, row_sums
 
 log = logging.getLogger("preftune.rl")
@@ -154,7 +155,7 @@ class OnlineAlgorithm(Algorithm):
         finished = torch.tensor([s["finished"] for s in samples], dtype=torch.bool)
         rows = [{"prompt": p["prompt"], "prompt_ids": s["prompt_ids"], "completion_ids": s["completion_ids"] or [self.tokenizer.eos_token_id],
                  "completion": s["completion"], "reward_score": float(r)} for p, s, r in zip(repeated, samples, raw_scores.tolist())]
-        _warn_nonfinite_rewards(rows, c.reward)
+        warn_nonfinite_rewards(rows, c.reward)
         tis = getattr(c, "tis_cap", None) is not None
         forward = self._score_rows(rows, accelerator, sampled=samples if self._from_sampler() and not tis else None)
         kl = forward["kl"]  # [N, T] per-token estimate, 0 off the response
@@ -209,18 +210,13 @@ class OnlineAlgorithm(Algorithm):
         return repeated, samples, raw, scores, {}
 
     def _generate(self, repeated: list[dict], *, seed: int, accelerator) -> list[dict]:
-        from preftune.generate import generate_completions
-        from preftune.rollout.sampling import sample_rollout
-
         c = self.config
         start = time.perf_counter()
-        sample = sample_rollout if self._from_sampler() else partial(generate_completions, return_token_ids=True)
-        from preftune.models.fsdp import full_weights
-
         with accelerator.autocast(), full_weights(self.policy):  # sharded: decode on gathered weights
-            samples = sample(
+            samples = generate_completions(
                 self.policy, self.tokenizer, [p["prompt_ids"] for p in repeated], max_new_tokens=c.max_new_tokens,
                 temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, batch_size=c.generation_batch_size, seed=seed,
+                return_token_ids=True, return_logps=self._from_sampler(),
             )
         self._gen_seconds = getattr(self, "_gen_seconds", 0.0) + time.perf_counter() - start
         self._gen_samples = getattr(self, "_gen_samples", 0) + len(samples)
@@ -352,29 +348,3 @@ class OnlineAlgorithm(Algorithm):
 
 def masked_row_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, 0.0).sum(-1)
-
-
-
-def rollout_health(raw_scores: torch.Tensor, scores: torch.Tensor, rows: list[dict], group_size: int) -> dict[str, torch.Tensor]:
-    """Per-row / per-group flags the loop's guard reads: rewards (as the reward source gave them) and
-    advantages that are not finite, and (with several samples per prompt) the groups whose rewards
-    after shaping are all equal (their group-relative advantages are 0)."""
-    from preftune.rollout.advantages import zero_variance_groups
-    from preftune.train.guard import NONFINITE_METRICS, ZERO_VARIANCE_METRIC
-
-    def finite(value) -> bool:
-        return all(math.isfinite(v) for v in (value if isinstance(value, list) else [value]))
-
-    bad_adv = [not all(finite(r[k]) for k in ("advantage", "advantages") if k in r) for r in rows]
-    out = {NONFINITE_METRICS[0]: (~torch.isfinite(raw_scores)).float(), NONFINITE_METRICS[1]: torch.tensor(bad_adv, dtype=torch.float32)}
-    if group_size > 1 and scores.numel() % group_size == 0:
-        out[ZERO_VARIANCE_METRIC] = zero_variance_groups(scores, group_size).float()
-    return out
-
-
-def _warn_nonfinite_rewards(rows: list[dict], spec: str) -> None:
-    for row in rows:
-        if not math.isfinite(row["reward_score"]):
-            log.error("reward %r returned %s for prompt %r, completion %r (the step will not be applied)",
-                      spec, row["reward_score"], row["prompt"], row["completion"])
-            return

@@ -94,7 +94,7 @@ class PPO(OnlineAlgorithm):
         source = super().make_source(examples, accelerator)
         if self._ptx_examples:
             from preftune.data.collate import collate_completions
-            from preftune.train.source import OfflineSource
+            from preftune.data.source import OfflineSource
 
             t = self.run.train
             pad = self.tokenizer.pad_token_id

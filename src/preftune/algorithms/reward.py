@@ -143,11 +143,11 @@ class RewardModelAlgorithm(Algorithm):
         if config.ensemble_size > 1 and Path(run.output_dir).name != f"member-{config.member}":
             raise ConfigError(
                 "reward.ensemble_size > 1: each member trains in OUTPUT_DIR/member-i; run `preftune train`, or "
-                "from Python `for r in RewardModelAlgorithm.member_runs(run): train(r)`"
+                "from Python `preftune.train.ensemble.train_members(run)`"
             )
         if config.groups == "per_group" and config.group is None:
             raise ConfigError("reward.groups=per_group: each group trains in OUTPUT_DIR/group-G; run `preftune train`, or "
-                              "from Python `for r in RewardModelAlgorithm.member_runs(run): train(r)`")
+                              "from Python `preftune.train.ensemble.train_members(run)`")
         super().__init__(config, policy, tokenizer, run)
         self._data: dict[str, tuple[list, list[dict]]] = {}  # source -> (records, examples), aligned
 
@@ -172,25 +172,19 @@ class RewardModelAlgorithm(Algorithm):
             from preftune.algorithms.reward_groups import group_member_runs
 
             return group_member_runs(cls, run)
-        n = run.algo.ensemble_size
-        if n == 1:
+        if run.algo.ensemble_size == 1:
             return [run]
-        from preftune.train.checkpoint import list_checkpoints
-
-        if run.train.resume_from not in (None, "latest"):
-            raise ConfigError("train.resume_from: an ensemble resumes with 'latest' (each member from its own newest checkpoint)")
         runs = []
-        for i in range(n):
+        for i in range(run.algo.ensemble_size):
             member = copy.deepcopy(run)
             member.output_dir = str(Path(run.output_dir) / f"member-{i}")
             member.algo.member = i
-            if run.train.resume_from == "latest" and not list_checkpoints(Path(member.output_dir)):
-                if (Path(member.output_dir) / "model" / "reward_config.json").is_file():
-                    log.info("%s: already trained (and no checkpoint to continue from); skipped", member.output_dir)
-                    continue
-                member.train.resume_from = None  # --resume: members not started yet start fresh
             runs.append(member)
         return runs
+
+    @classmethod
+    def is_trained(cls, output_dir: Path) -> bool:
+        return (output_dir / "model" / "reward_config.json").is_file()
 
     # -- data ------------------------------------------------------------------------------------
     @classmethod
@@ -284,7 +278,7 @@ class RewardModelAlgorithm(Algorithm):
     def _member_order(self, records: list, examples: list[dict]) -> tuple[list, list[dict]]:
         """Member i > 0: a seeded permutation of the training rows that keeps the held-out rows in place,
         so every member holds out the same rows (the loop's split depends only on train.seed and the count)."""
-        from preftune.train.evaluate import split_eval
+        from preftune.data.source import split_eval
 
         d = self.run.data
         positions = list(range(len(examples)))
@@ -401,7 +395,7 @@ class RewardModelAlgorithm(Algorithm):
     def _report_pairs(self) -> tuple[list[PairRecord], str]:
         """Held-out pairs (rankings become all their ordered pairs), else the first training rows."""
         from preftune.data.convert import rankings_to_pairs
-        from preftune.train.evaluate import split_eval
+        from preftune.data.source import split_eval
 
         d = self.run.data
         records, split = [], "held-out"

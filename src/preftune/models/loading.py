@@ -134,17 +134,11 @@ def load_model(
         loaded = _load_folder(convert_gguf(path), seed, False, model_class, None, model_kwargs)
         return _record_source(loaded, str(path.resolve()))
     if path.is_dir():
-        from preftune.train.checkpoint import CheckpointError, is_checkpoint
-
-        if is_checkpoint(path):  # a training checkpoint: exported once to OUTPUT_DIR/exports/, then loaded
-            from preftune.train.export import export_checkpoint
-
-            try:
-                exported = export_checkpoint(path)
-            except CheckpointError as err:
-                raise ModelLoadError(str(err)) from None
-            return load_model(str(exported), dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
-                              model_class=model_class, **model_kwargs)
+        if (path / "trainable.safetensors").is_file() and (path / "manifest.json").is_file():  # train/checkpoint.py
+            raise ModelLoadError(
+                f"{path} is a training checkpoint, not a model folder: export it first (`preftune export {path}`, "
+                "or preftune.train.export.resolve_model), or pass it to a command (eval, generate, score), which does"
+            )
         if (path / "adapter_config.json").is_file():
             return _load_adapter(path, dtype, seed, trust_remote_code, model_class, model_kwargs)
         return _load_folder(path, seed, trust_remote_code, model_class, None, model_kwargs)

@@ -23,14 +23,10 @@ from typing import Any, Callable
 
 import torch
 
+from preftune.rollout.health import NONFINITE_METRICS, ZERO_VARIANCE_METRIC
 from preftune.train.metrics import json_safe
 
 log = logging.getLogger("preftune.train")
-
-NONFINITE_METRICS = ("nonfinite/rewards", "nonfinite/advantages")
-"""Fractions an online source reports (rows of the rollout whose reward / advantage is NaN or inf)."""
-ZERO_VARIANCE_METRIC = "zero_variance_groups"
-"""Fraction of a rollout's prompt groups whose rewards are all equal (no learning signal)."""
 
 
 class NonFiniteError(RuntimeError):

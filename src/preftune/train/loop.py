@@ -40,7 +40,8 @@ from preftune.train.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from preftune.train.evaluate import evaluate, split_eval
+from preftune.data.source import split_eval
+from preftune.train.evaluate import evaluate
 from preftune.train.guard import StepGuard, step_rows
 from preftune.train.metrics import MetricsLog
 from preftune.train.optim import build_optimizer, build_scheduler
