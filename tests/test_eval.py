@@ -12,7 +12,7 @@ import torch
 from preftune.config import ConfigError, from_dict
 from preftune.eval import (best_of_n_kl, distinct_n, format_number, frontier_plot, mean_repeated_ngram_fraction,
                            pareto_front, repeated_ngram_fraction, sequence_kl, wilson_interval, win_rate, write_report)
-from preftune.eval_config import EvalConfig, model_entries
+from preftune.commands.eval import EvalConfig, model_entries
 from tests.conftest import cli, write_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -22,9 +22,7 @@ reward plus per-member accuracy and spread.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from preftune.algorithms.base import Algorithm, Metrics, Needs
 from preftune.config import ConfigError, doc
 from preftune.data.records import DataError, PairRecord, RankingRecord
 from preftune.data.reward_pairs import load_reward_pairs
+from preftune.models.cache import write_json
 from preftune.rewards.evaluation import json_ready
 
 log = logging.getLogger("preftune.algorithms")
@@ -372,7 +371,7 @@ class RewardModelAlgorithm(Algorithm):
         spec.offset = report["rewards"].get("mean", 0.0)
         spec.save(out_dir)
         out = Path(self.run.output_dir)
-        _write_json(out / REPORT_FILE, report)
+        write_json(out / REPORT_FILE, json_ready(report), default=str)
         log.info("reward model: %s accuracy %.4f on %d pairs; report in %s", split.split(" ")[0], report["accuracy"], report["pairs"], out / REPORT_FILE)
         if self.config.ensemble_size > 1:
             self._save_ensemble(out.parent, pairs, split)
@@ -382,13 +381,13 @@ class RewardModelAlgorithm(Algorithm):
 
         n = self.config.ensemble_size
         members = [f"member-{i}/model" for i in range(n)]
-        _write_json(root / ENSEMBLE_FILE, {"members": members, "combine": self.config.combine, "k": self.config.combine_k})
+        write_json(root / ENSEMBLE_FILE, json_ready({"members": members, "combine": self.config.combine, "k": self.config.combine_k}), default=str)
         if not all((root / m / SPEC_FILE).is_file() for m in members):
             return  # the last member to finish writes the ensemble's report
         device = next(self.policy.parameters()).device
         ensemble = RewardModel.load(root, device=device, batch_size=self.run.train.eval_batch_size)
         report = self._report(ensemble, pairs, split)
-        _write_json(root / REPORT_FILE, report)
+        write_json(root / REPORT_FILE, json_ready(report), default=str)
         log.info("ensemble of %d: accuracy %.4f (members %s); report in %s", n, report["accuracy"],
                  [round(a, 4) for a in report["ensemble"]["member_accuracy"]], root / REPORT_FILE)  # fmt: skip
 
@@ -458,10 +457,3 @@ def _survivors(records: list, examples: list[dict], tokenize) -> list:
 def _mean(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values = values.detach().float()
     return values.sum(), torch.tensor(float(values.numel()), device=values.device)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(json_ready(data), indent=2, default=str) + "\n")
-    os.replace(tmp, path)

@@ -5,7 +5,7 @@
 
 ``metrics.py`` pure statistics (KL estimator, win rate + Wilson interval, distinct-n, best-of-n KL,
 Pareto front); ``evaluate.py`` sampling and scoring; ``plots.py`` PNGs; ``report.py`` results.json and
-report.html. ``preftune eval`` (``run_eval`` in ``preftune.eval_config``) puts them together.
+report.html. ``preftune eval`` (``run_eval`` in ``preftune.commands.eval``) puts them together.
 """
 
 from preftune.eval.evaluate import REFERENCE, best_of_n_curve, describe_model, evaluate

@@ -11,14 +11,13 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from preftune.models.cache import cache_dir
+from preftune.models.cache import atomic_path, cache_dir
 
 log = logging.getLogger("preftune.reference")
 
@@ -67,10 +66,8 @@ def load_cached(key: str, n: int) -> dict[str, torch.Tensor] | None:
 
 def save_cached(key: str, values: dict[str, torch.Tensor]) -> Path:
     path = cache_path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in values.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in values.items()}, str(tmp))
     return path
 
 

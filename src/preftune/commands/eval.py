@@ -1,16 +1,34 @@
-"""Settings of `preftune eval` (models against a reference on a prompts file -> report.html), and the
-command itself (:func:`run_eval`).
+"""`preftune eval`: models against a reference on a prompts file -> results.json + report.html; its
+settings (:class:`EvalConfig`) and the command itself (:func:`run_eval`).
 
     preftune eval models=[dpo=runs/dpo/model,rloo=runs/rloo/model] prompts=builtin:movie_review_prompts max_rows=64
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from preftune.config import ConfigError, doc
+import torch
+
+from preftune.commands.base import add_settings_command, settings
+from preftune.config import ConfigError, doc, to_dict
+from preftune.data.loaders import load_records
+from preftune.eval import (
+    REFERENCE,
+    bar_plot,
+    best_of_n_curve,
+    evaluate,
+    frontier_plot,
+    overoptimization_plot,
+    write_report,
+)
+from preftune.generate import write_jsonl
+from preftune.models.loading import load_model
+from preftune.rollout.rewards import resolve_reward
+from preftune.train.export import resolve_model
 
 _MODEL_KEYS = ("name", "path", "algorithm")
 
@@ -127,16 +145,6 @@ def _default_name(spec: str) -> str:
 
 def run_eval(cfg: EvalConfig) -> Path:
     """Evaluate, write results.json, completions.jsonl, the plots and report.html; return the report's path."""
-    import torch
-
-    from preftune.config import to_dict
-    from preftune.data.loaders import load_records
-    from preftune.eval import REFERENCE, bar_plot, best_of_n_curve, evaluate, frontier_plot, overoptimization_plot, write_report
-    from preftune.generate import write_jsonl
-    from preftune.models.loading import load_model
-    from preftune.train.export import resolve_model
-    from preftune.rollout.rewards import resolve_reward
-
     entries = model_entries(cfg)
     records = load_records(cfg.prompts, "prompts", split=cfg.split)
     prompts = [r.prompt for r in records[: cfg.max_rows]]  # [:None] = all
@@ -182,3 +190,15 @@ def run_eval(cfg: EvalConfig) -> Path:
         plots["overoptimization"] = overoptimization_plot(curve["kl"], curve["gold_mean"], curve["proxy_mean"],
                                                           ns=curve["n"], points=extra)
     return write_report(results, out, title=cfg.title, configs={"eval": to_dict(cfg)}, plots=plots)
+
+
+def register(sub) -> None:
+    add_settings_command(sub, "eval", "Compare models with a reference: reward, KL, win rate, ...; writes report.html.", EvalConfig,
+                         "models=[dpo=runs/dpo/model] max_rows=64", run)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = run_eval(settings(EvalConfig, args, "eval"))
+    print(f"results in {path.parent / 'results.json'}")
+    print(f"report written to {path}")
+    return 0
