@@ -21,10 +21,12 @@ import torch
 
 from preftune.algorithms.base import Algorithm, Needs
 from preftune.config import ConfigError, doc
+from preftune.losses.metrics import row_metrics
 from preftune.models.fsdp import full_weights
+from preftune.models.reference import reference_model
 from preftune.rollout.health import rollout_health, warn_nonfinite_rewards
 from preftune.rollout.sampling import generate_completions
-from preftune.rollout.source import RolloutSource, pad_token_fields, row_sums
+from preftune.rollout.source import RolloutSource, pad_token_fields
 
 log = logging.getLogger("preftune.rl")
 
@@ -109,13 +111,7 @@ class OnlineAlgorithm(Algorithm):
             self.kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         else:
             self.kl_ctl = FixedKLController(config.kl_coef)
-        self.reference_model = None
-        from preftune.models.lora import is_peft_model
-
-        if self.needs.reference_model and self.uses_reference() and not is_peft_model(policy):
-            import copy
-
-            self.reference_model = copy.deepcopy(policy).requires_grad_(False).eval()
+        self.reference_model = reference_model(policy, copy_policy=self.needs.reference_model and self.uses_reference())
 
     def uses_reference(self) -> bool:
         """Whether the reference policy is scored at all (GRPO with β = 0 keeps none: no KL to measure)."""
@@ -176,7 +172,7 @@ class OnlineAlgorithm(Algorithm):
         }
         if not self.uses_reference():
             del metrics["kl"], metrics["reward/with_kl"]
-        per_row = row_sums({k: v.detach().cpu() for k, v in metrics.items()}, accelerator.device)
+        per_row = row_metrics({k: v.detach().cpu() for k, v in metrics.items()}, accelerator.device)
         one = torch.tensor(1.0, device=accelerator.device)
         per_row["kl_coef"] = (torch.tensor(beta, device=accelerator.device), one)
         per_row["samples_per_s"] = (torch.tensor(self._gen_samples / max(self._gen_seconds, 1e-9), device=accelerator.device), one)

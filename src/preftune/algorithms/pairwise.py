@@ -10,15 +10,18 @@ log-probs and whether it has a reference at all — see algorithms/dpo.py.
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, Literal, Optional
 
 import torch
 
 from preftune.algorithms.base import Algorithm, Metrics, Needs
 from preftune.config import ConfigError, doc
+from preftune.losses.metrics import row_metrics
+from preftune.models.loading import load_model
+from preftune.models.reference import reference_model
 
 log = logging.getLogger("preftune.algorithms")
 
@@ -83,16 +86,14 @@ class WithReference(Algorithm):
         super().__init__(config, policy, tokenizer, run)
         self.reference_model = None
         if self.needs.reference_model:
-            if config.reference is not None:
-                from preftune.models.loading import ModelLoadError, load_model
+            load = partial(self.load_reference, config, run) if config.reference is not None else None
+            self.reference_model = reference_model(policy, load=load, copy_policy=not config.precompute_reference,
+                                                   what=f"{self.name}.reference")
 
-                try:
-                    ref, _ = load_model(config.reference, seed=run.train.seed)
-                except ModelLoadError as err:
-                    raise ModelLoadError(f"{self.name}.reference: {err}") from None
-                self.reference_model = _frozen(ref)
-            elif not config.precompute_reference and not _is_peft(policy):
-                self.reference_model = _frozen(copy.deepcopy(policy))
+    @classmethod
+    def load_reference(cls, config: Any, run: Any) -> torch.nn.Module:
+        """The model named by ``config.reference`` (a causal LM; mdpo loads its image-text model)."""
+        return load_model(config.reference, seed=run.train.seed)[0]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -262,19 +263,3 @@ _NAMES = {
 
 def _rename(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {_NAMES.get(k, k): v for k, v in metrics.items()}
-
-
-def row_metrics(per_row: dict[str, torch.Tensor]) -> Metrics:
-    """Per-row values -> (sum, count) so the loop averages them over the global batch."""
-    return {k: (v.detach().float().sum(), torch.tensor(float(v.numel()), device=v.device)) for k, v in per_row.items()}
-
-
-def _frozen(model: torch.nn.Module) -> torch.nn.Module:
-    model.requires_grad_(False)
-    return model.eval()
-
-
-def _is_peft(model) -> bool:
-    from preftune.models.lora import is_peft_model
-
-    return is_peft_model(model)

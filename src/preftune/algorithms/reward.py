@@ -34,6 +34,7 @@ from preftune.algorithms.base import Algorithm, Metrics, Needs
 from preftune.config import ConfigError, doc
 from preftune.data.records import DataError, PairRecord, RankingRecord
 from preftune.data.reward_pairs import load_reward_pairs
+from preftune.losses.metrics import row_metrics
 from preftune.models.cache import write_json
 from preftune.rewards.evaluation import json_ready
 
@@ -324,18 +325,14 @@ class RewardModelAlgorithm(Algorithm):
         b = rewards.shape[0] // 2
         chosen, rejected = rewards[:b], rewards[b:]
         losses, m = bradley_terry_loss(chosen, rejected, margin=batch.get("margin"))
-        metrics = {
-            "accuracy": _mean(m["accuracies"]),
-            "margin": _mean(m["margins"]),
-            "log_likelihood": _mean(m["log_likelihood"]),
-            "rewards/chosen": _mean(m["chosen_rewards"]),
-            "rewards/rejected": _mean(m["rejected_rewards"]),
-            "rewards/mean": _mean(rewards.detach()),
-        }
+        metrics = row_metrics({
+            "accuracy": m["accuracies"], "margin": m["margins"], "log_likelihood": m["log_likelihood"],
+            "rewards/chosen": m["chosen_rewards"], "rewards/rejected": m["rejected_rewards"], "rewards/mean": rewards,
+        })
         if self.config.centering_coef > 0:
             penalty = centering_penalty(torch.stack([chosen, rejected], -1), self.config.centering_coef)
             losses = losses + penalty
-            metrics["centering"] = _mean(penalty.detach())
+            metrics.update(row_metrics({"centering": penalty}))
         return losses.sum(), metrics
 
     def _ranking_loss(self, batch: dict[str, torch.Tensor], rewards: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
@@ -350,13 +347,12 @@ class RewardModelAlgorithm(Algorithm):
         metrics = {
             "accuracy": (m["correct_pairs"].sum(), pairs),
             "margin": (m["margin_sum"].sum(), pairs),
-            "log_likelihood": _mean(m["log_likelihood"]),
-            "rewards/mean": _mean(rewards.detach()),
+            **row_metrics({"log_likelihood": m["log_likelihood"], "rewards/mean": rewards}),
         }
         if self.config.centering_coef > 0:
             penalty = centering_penalty(table, self.config.centering_coef, mask=levels >= 0)
             losses = losses + penalty
-            metrics["centering"] = _mean(penalty.detach())
+            metrics.update(row_metrics({"centering": penalty}))
         return losses.sum(), metrics
 
     # -- output ----------------------------------------------------------------------------------
@@ -452,8 +448,3 @@ def _survivors(records: list, examples: list[dict], tokenize) -> list:
     if len(examples) == len(records):
         return list(records)
     return [rec for rec in records if tokenize([rec])[0]]
-
-
-def _mean(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    values = values.detach().float()
-    return values.sum(), torch.tensor(float(values.numel()), device=values.device)

@@ -8,6 +8,7 @@ dataset, tokenizer setting, truncation, model or dtype can never reuse a stale c
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -18,11 +19,38 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from preftune.models.cache import atomic_path, cache_dir
+from preftune.models.loading import ModelLoadError
+from preftune.models.lora import is_peft_model
 
 log = logging.getLogger("preftune.reference")
 
 CACHE_VERSION = 1
 
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with no trainable parameter, in eval mode (no dropout in π_ref)."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def reference_model(policy: torch.nn.Module, *, load: Callable[[], torch.nn.Module] | None = None,
+                    copy_policy: bool = True, what: str = "reference") -> torch.nn.Module | None:
+    """π_ref, set up the same way for every algorithm that has one.
+
+    ``load`` given (a named reference model): the model it loads, frozen; a load error names ``what``.
+    Else, with ``copy_policy``, a frozen copy of the initial policy, except under LoRA, whose
+    adapter-disabled policy is π_ref already (None). None as well without ``copy_policy`` (the
+    reference columns are precomputed once, from the policy before training).
+    """
+    if load is not None:
+        try:
+            return frozen(load())
+        except ModelLoadError as err:
+            raise ModelLoadError(f"{what}: {err}") from None
+    if copy_policy and not is_peft_model(policy):
+        return frozen(copy.deepcopy(policy))
+    return None
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """sha256 of the reference weights (LoRA adapter weights excluded: the reference is the base)."""

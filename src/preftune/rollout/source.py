@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
 
 import torch
 
@@ -136,8 +135,3 @@ def pad_token_fields(examples: list[dict], batch: dict, keys: tuple[str, ...]) -
             out[i, start : start + len(values)] = torch.tensor(values, dtype=torch.float32)
         batch[key] = out
     return batch
-
-
-def row_sums(per_row: dict[str, Any], device) -> dict:
-    """{name: Tensor[B]} -> {name: (sum, count)} metrics."""
-    return {k: (v.float().sum().to(device), torch.tensor(float(v.numel()), device=device)) for k, v in per_row.items()}
