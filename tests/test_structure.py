@@ -164,3 +164,41 @@ def test_no_function_over_the_limit():
 def test_the_allow_list_only_names_functions_still_over_the_limit():
     stale = LONG_FUNCTIONS_ALLOWED - set(_long_functions())
     assert not stale, f"now short enough, remove from LONG_FUNCTIONS_ALLOWED: {sorted(stale)}"
+
+
+def test_facts_about_an_algorithm_are_declared_on_it():
+    """Online or not is read from the algorithm (``Algorithm.online``), never from a hand-kept list."""
+    from preftune.algorithms import ALGORITHMS
+    from preftune.algorithms.online import OnlineAlgorithm
+
+    for name, cls in ALGORITHMS.items():
+        assert cls.online == issubclass(cls, OnlineAlgorithm), name
+        assert cls.online == (cls.needs.data_kind == "prompts"), name  # a rollout source samples from prompts
+
+
+def test_shared_settings_have_one_help_text():
+    """A setting several configs have (sampling, β, split) is declared through config.shared: one help text."""
+    import dataclasses
+    import typing
+
+    from preftune.algorithms import ALGORITHMS
+    from preftune.commands.config import COMMAND_SETTINGS
+    from preftune.config import SHARED_FIELDS, RunConfig
+
+    classes = [RunConfig, *(c.Config for c in ALGORITHMS.values()), *(cls for _, cls in COMMAND_SETTINGS)]
+    owned_elsewhere = {"LabelConfig", "CollectConfig", "StudyConfig", "DiverseStudyConfig"}  # moving to commands/
+    # β that scales a reward without a reference; training rows whose completions are wrapped too
+    other_meaning = {("ReferenceFreeConfig", "beta"), ("SimPOConfig", "beta"), ("DataConfig", "text_as_chat")}
+    seen = set()
+    todo = list(classes)
+    while todo:
+        c = todo.pop()
+        hints = typing.get_type_hints(c)
+        for f in dataclasses.fields(c):
+            if dataclasses.is_dataclass(hints[f.name]):
+                todo.append(hints[f.name])
+            if f.name in SHARED_FIELDS and c.__name__ not in owned_elsewhere and (c.__name__, f.name) not in other_meaning:
+                seen.add(f.name)
+                assert f.metadata["help"].startswith(SHARED_FIELDS[f.name][1]), \
+                    f"{c.__name__}.{f.name}: declare it with config.shared({f.name!r})"
+    assert {"split", "temperature", "top_p", "beta"} <= seen

@@ -32,6 +32,25 @@ def doc(default: Any = MISSING, help: str = "", *, factory: Any = MISSING) -> An
     return field(default=default, metadata=meta)
 
 
+SHARED_FIELDS: dict[str, tuple[Any, str]] = {
+    "split": ("train", "Split to read from a datasets directory or hub name."),
+    "max_new_tokens": (64, "Maximum tokens sampled per completion."),
+    "temperature": (1.0, "Sampling temperature (0 = greedy where allowed)."),
+    "top_p": (1.0, "Nucleus sampling: keep the smallest token set with this much probability (1 = off)."),
+    "top_k": (0, "Keep only the k most likely tokens (0 = off)."),
+    "text_as_chat": (False, "Wrap plain-text prompts as a user message and apply the chat template."),
+    "beta": (0.1, "β: strength of the KL leash to the reference (higher = stay closer)."),
+}
+"""Settings that several configs have, with the same meaning: (default, the one help text)."""
+
+
+def shared(name: str, default: Any = MISSING, *, note: str = "") -> Any:
+    """A field of :data:`SHARED_FIELDS` (its default unless ``default`` is given); ``note`` adds what is
+    particular to this config after the shared help text."""
+    base_default, help_text = SHARED_FIELDS[name]
+    return doc(base_default if default is MISSING else default, f"{help_text} {note}".strip())
+
+
 # ---------------------------------------------------------------------------------------------
 # Sections shared by every algorithm
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +98,7 @@ class DataConfig:
         "Training data: a .jsonl/.json/.parquet/.csv file, a directory saved by datasets, "
         "'builtin:NAME' for a dataset shipped with preftune, or a datasets hub name. Required.",
     )
-    split: str = doc("train", "Split to read from a datasets directory or hub name.")
+    split: str = shared("split")
     max_rows: Optional[int] = doc(None, "Use only the first N rows (smoke runs). null = all rows.")
     max_length: int = doc(1024, "Maximum tokens of prompt + completion.")
     max_prompt_length: Optional[int] = doc(

@@ -40,6 +40,9 @@ class Algorithm(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type]
     needs: ClassVar[Needs]
+    online: ClassVar[bool] = False
+    """Whether the batches are rollouts of the current policy (an online source) rather than a dataset;
+    read by the study and the tests instead of a hand-kept list."""
 
     def __init__(self, config: Any, policy: nn.Module, tokenizer: Any, run: Any):
         super().__init__()

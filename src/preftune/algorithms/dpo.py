@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from preftune.algorithms.base import Needs
 from preftune.algorithms.pairwise import PairsConfig, PairwiseAlgorithm, PairwiseConfig
-from preftune.config import ConfigError, check_range, doc
+from preftune.config import ConfigError, check_range, doc, shared
 from preftune.losses import preference as L
 
 NO_REFERENCE = Needs(data_kind="pairs", loss_unit="row", reference_model=False)
@@ -22,7 +22,7 @@ NO_REFERENCE = Needs(data_kind="pairs", loss_unit="row", reference_model=False)
 
 @dataclass
 class DPOConfig(PairwiseConfig):
-    beta: float = doc(0.1, "β: strength of the KL leash to the reference (higher = stay closer).")
+    beta: float = shared("beta")
 
     def validate(self, path: str) -> None:
         check_range(path, self, positive=("beta",))
@@ -30,7 +30,7 @@ class DPOConfig(PairwiseConfig):
 
 @dataclass
 class SmoothedDPOConfig(PairwiseConfig):
-    beta: float = doc(0.1, "β: strength of the KL leash to the reference (higher = stay closer).")
+    beta: float = shared("beta")
     label_smoothing: float = doc(0.1, "ε: assumed fraction of preference labels that are flipped, in [0, 0.5).")
 
     def validate(self, path: str) -> None:
@@ -201,7 +201,7 @@ class Unlikelihood(PairwiseAlgorithm):
 
 @dataclass
 class RPOConfig(PairwiseConfig):
-    beta: float = doc(0.1, "β: strength of the KL leash to the reference (higher = stay closer).")
+    beta: float = shared("beta")
     alpha: float = doc(1.0, "α: weight of the length-normalised NLL of the chosen response added to the DPO loss.")
 
     def validate(self, path: str) -> None:
@@ -210,7 +210,7 @@ class RPOConfig(PairwiseConfig):
 
 @dataclass
 class DPOPConfig(PairwiseConfig):
-    beta: float = doc(0.1, "β: strength of the KL leash to the reference (higher = stay closer).")
+    beta: float = shared("beta")
     lam: float = doc(50.0, "λ: weight of the penalty max(0, log π_ref(y_w) − log π_θ(y_w)) inside the sigmoid.")
 
     def validate(self, path: str) -> None:

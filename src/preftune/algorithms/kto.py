@@ -24,7 +24,7 @@ import torch
 
 from preftune.algorithms.base import Metrics, Needs
 from preftune.algorithms.pairwise import ReferenceConfig, WithReference
-from preftune.config import check_range, doc
+from preftune.config import check_range, doc, shared
 from preftune.losses.kto import kto_loss, kto_recommended_weights
 
 log = logging.getLogger("preftune.algorithms")
@@ -34,7 +34,7 @@ KL_PREFIX = "kl_"
 
 @dataclass
 class KTOConfig(ReferenceConfig):
-    beta: float = doc(0.1, "β: strength of the KL leash to the reference.")
+    beta: float = shared("beta")
     desirable_weight: Optional[float] = doc(
         None, "λ_D, weight of desirable rows. null = the paper's rule for imbalanced data (with undesirable_weight)."
     )

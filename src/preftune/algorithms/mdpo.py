@@ -28,7 +28,7 @@ from transformers import AutoModelForImageTextToText
 
 from preftune.algorithms.base import Metrics, Needs
 from preftune.algorithms.pairwise import REF_KEYS, ReferenceConfig, WithReference
-from preftune.config import ConfigError, doc
+from preftune.config import ConfigError, doc, shared
 from preftune.data.collate import collate_completions
 from preftune.data.images import IMAGE_PLACEHOLDER, corruption_box, load_image_pairs, open_image
 from preftune.data.records import DataError, PairRecord
@@ -60,7 +60,7 @@ _METRIC_NAMES = {
 
 @dataclass
 class MDPOConfig(ReferenceConfig):
-    beta: float = doc(0.1, "β: strength of the KL leash to the reference, shared by the three terms (0.1 in the paper).")
+    beta: float = shared("beta", note="Shared by the three terms (0.1 in the paper).")
     copo_weight: float = doc(
         1.0,
         "λ_c: weight of the conditional preference term (chosen answer with the image vs with the corrupted "

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal, Optional
 import torch
 
 from preftune.algorithms.base import Algorithm, Needs
-from preftune.config import ConfigError, doc
+from preftune.config import ConfigError, doc, shared
 from preftune.losses.metrics import row_metrics
 from preftune.models.fsdp import full_weights
 from preftune.models.reference import reference_model
@@ -42,10 +42,10 @@ class RolloutConfig:
         "for an ensemble.",
     )
     samples_per_prompt: int = doc(2, "Completions sampled per prompt in each rollout.")
-    max_new_tokens: int = doc(48, "Maximum tokens sampled per completion.")
-    temperature: float = doc(1.0, "Sampling temperature of rollouts.")
-    top_p: float = doc(1.0, "Nucleus sampling of rollouts (1 = off).")
-    top_k: int = doc(0, "Top-k sampling of rollouts (0 = off).")
+    max_new_tokens: int = shared("max_new_tokens", 48)
+    temperature: float = shared("temperature", note="Rollouts need > 0.")
+    top_p: float = shared("top_p")
+    top_k: int = shared("top_k")
     generation_batch_size: int = doc(16, "Sequences per generate call (KV cache on, left padding).")
     kl_coef: float = doc(0.05, "β: weight of the KL penalty to the reference policy (the initial value when adaptive).")
     kl_estimator: Literal["k1", "k2", "k3"] = doc(
@@ -92,6 +92,7 @@ class RolloutConfig:
 
 class OnlineAlgorithm(Algorithm):
     needs = Needs(data_kind="prompts", loss_unit="row", reference_model=True)
+    online = True
     token_fields: ClassVar[tuple[str, ...]] = TOKEN_FIELDS
     """Per-completion-token lists a rollout row carries into its training batch."""
 

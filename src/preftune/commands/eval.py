@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 import torch
 
 from preftune.commands.base import add_settings_command, settings
-from preftune.config import ConfigError, doc, to_dict
+from preftune.config import ConfigError, doc, shared, to_dict
 from preftune.data.loaders import load_records
 from preftune.eval import (
     REFERENCE,
@@ -49,7 +49,7 @@ class EvalConfig:
         "builtin:movie_review_prompts",
         "Prompts file (.jsonl/.json/.parquet/.csv with a `prompt` or `messages` column), 'builtin:NAME', or a dataset name.",
     )
-    split: str = doc("train", "Split to read from a datasets directory or hub name.")
+    split: str = shared("split")
     max_rows: Optional[int] = doc(None, "Use only the first N prompts. null = all.")
     reward: str = doc(
         "vader",
@@ -62,15 +62,13 @@ class EvalConfig:
         "optimised by the best-of-n curve. Required when best_of_n is set.",
     )
     num_samples: int = doc(1, "Completions per prompt and model.")
-    max_new_tokens: int = doc(64, "Maximum tokens per completion.")
-    temperature: float = doc(
-        1.0, "Sampling temperature (same for every model). Only 1.0 with top_p 1.0 samples the models' own "
-        "distributions, which the KL estimate assumes.",
-    )
-    top_p: float = doc(1.0, "Nucleus sampling (same for every model); < 1 biases the KL estimate like temperature.")
+    max_new_tokens: int = shared("max_new_tokens")
+    temperature: float = shared("temperature", note="The same for every model. Only 1.0 with top_p 1.0 samples the "
+                                "models' own distributions, which the KL estimate assumes.")
+    top_p: float = shared("top_p", note="The same for every model; < 1 biases the KL estimate like temperature.")
     seed: int = doc(0, "Sampling seed, the same for every model.")
     batch_size: int = doc(8, "Prompts per generate call and rows per log-prob forward pass.")
-    text_as_chat: bool = doc(False, "Wrap plain-text prompts as a user message and apply the chat template.")
+    text_as_chat: bool = shared("text_as_chat")
     tie_tolerance: float = doc(0.0, "Win rate: rewards differing by at most this much are a tie (ties count half).")
     num_examples: int = doc(3, "Sample outputs per model shown in the report.")
     best_of_n: list[int] = doc(

@@ -14,7 +14,7 @@ from typing import Literal, Optional
 import torch
 
 from preftune.commands.base import add_settings_command, settings
-from preftune.config import ConfigError, doc
+from preftune.config import ConfigError, doc, shared
 from preftune.data.loaders import load_records
 from preftune.generate import write_jsonl
 from preftune.models.loading import load_model
@@ -31,16 +31,16 @@ class GenerateConfig:
     )
     prompts: str = doc("", "Prompts file (.jsonl/.json/.parquet/.csv with a `prompt` or `messages` column), or a dataset name. Required.")
     output: str = doc("generations.jsonl", "Where to write one JSON object per prompt (prompt, completion, ...).")
-    split: str = doc("train", "Split to read from a datasets directory or hub name.")
+    split: str = shared("split")
     max_rows: Optional[int] = doc(None, "Use only the first N prompts. null = all.")
-    max_new_tokens: int = doc(64, "Maximum tokens to generate per prompt.")
-    temperature: float = doc(1.0, "Sampling temperature; 0 = greedy.")
-    top_p: float = doc(1.0, "Nucleus sampling: keep the smallest token set with this much probability.")
-    top_k: int = doc(0, "Keep only the k most likely tokens (0 = off).")
+    max_new_tokens: int = shared("max_new_tokens")
+    temperature: float = shared("temperature")
+    top_p: float = shared("top_p")
+    top_k: int = shared("top_k")
     num_samples: int = doc(1, "Completions per prompt (rows are written prompt-major).")
     batch_size: int = doc(8, "Prompts per generate call (left-padded, KV cache on).")
     seed: int = doc(0, "Sampling seed.")
-    text_as_chat: bool = doc(False, "Wrap plain-text prompts as a user message and apply the chat template.")
+    text_as_chat: bool = shared("text_as_chat")
     dtype: Literal["fp32", "bf16"] = doc("fp32", "Compute precision of the forward passes.")
 
     def validate(self, path: str) -> None:

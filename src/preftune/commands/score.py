@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from preftune.commands.base import add_settings_command, settings
-from preftune.config import ConfigError, doc
+from preftune.config import ConfigError, doc, shared
 from preftune.data.loaders import read_rows
 from preftune.data.validate import CONVERTERS, Where
 from preftune.rewards.base import FunctionReward
@@ -42,7 +42,7 @@ class ScoreConfig:
     )
     output: str = doc("scores.jsonl", "Where to write the input rows with their scores (JSONL).")
     report: Optional[str] = doc(None, "Where to write the summary JSON. null = OUTPUT with the suffix .report.json.")
-    split: str = doc("train", "Split to read from a datasets directory or hub name.")
+    split: str = shared("split")
     max_rows: Optional[int] = doc(None, "Score only the first N rows. null = all.")
     batch_size: int = doc(16, "Rows per forward pass (length-sorted, right-padded).")
     combine: Optional[Literal["mean", "mean_minus_std", "min"]] = doc(
