@@ -138,6 +138,12 @@ class Algorithm(nn.Module):
         return collate_completions(examples, pad)
 
     # -- loss -----------------------------------------------------------------------------------
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens a micro-batch holds (the throughput the loop logs): real tokens of the attention mask."""
+        if "attention_mask" in batch:
+            return int(batch["attention_mask"].sum())
+        return int(batch["input_ids"].numel())
+
     def count_units(self, batch: dict[str, torch.Tensor]) -> int:
         """Units (tokens or rows) in a micro-batch that its summed loss covers."""
         if self.needs.loss_unit == "token":

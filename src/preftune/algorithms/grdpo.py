@@ -92,14 +92,15 @@ class GroupRobustDPO(PairwiseAlgorithm):
         counts = counts.to(self.group_weights.device)
         self._counts = accelerator.reduce(counts, reduction="sum") if accelerator.num_processes > 1 else counts
 
-    def loss(self, batch, out, pc, pr, rc, rr):
+    def loss(self, batch, out, logps):
         from preftune.losses.diverse import group_robust_dpo_loss
 
         groups = batch["group"].long()
         g = len(self.group_names)
         counts = self._counts if self.training and self._counts is not None else torch.bincount(groups, minlength=g).float()
-        losses, m = group_robust_dpo_loss(pc, pr, rc, rr, groups, self.group_weights, counts.to(pc.device), beta=self.config.beta)
-        per_group = torch.zeros(2, g, device=pc.device, dtype=torch.float32)
+        device = logps.policy_chosen_logps.device
+        losses, m = group_robust_dpo_loss(*logps, groups, self.group_weights, counts.to(device), beta=self.config.beta)
+        per_group = torch.zeros(2, g, device=device, dtype=torch.float32)
         per_group[0].index_add_(0, groups, m.pop("dpo_losses").float())
         per_group[1].index_add_(0, groups, torch.ones_like(groups, dtype=torch.float32))
         if self.training:

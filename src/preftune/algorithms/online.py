@@ -21,6 +21,7 @@ import torch
 
 from preftune.algorithms.base import Algorithm, Needs
 from preftune.config import ConfigError, doc, shared
+from preftune.data.batches import RolloutBatch
 from preftune.losses.metrics import row_metrics
 from preftune.models.fsdp import full_weights
 from preftune.models.reference import reference_model
@@ -297,7 +298,7 @@ class OnlineAlgorithm(Algorithm):
 
         return collate_completions([{"prompt_ids": r["prompt_ids"], "completion_ids": r["completion_ids"]} for r in rows], self.tokenizer.pad_token_id)
 
-    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[dict]) -> RolloutBatch:
         batch = self._collate_ids(rows)
         batch = pad_token_fields(rows, batch, self.token_fields)
         for key in ("advantage", "score"):

@@ -19,6 +19,7 @@ import torch
 
 from preftune.algorithms.base import Algorithm, Metrics, Needs
 from preftune.config import ConfigError, doc
+from preftune.data.batches import PairBatch
 from preftune.losses.metrics import row_metrics
 from preftune.models.loading import load_model
 from preftune.models.reference import reference_model
@@ -67,6 +68,30 @@ class PairsConfig:
 @dataclass
 class PairwiseConfig(ReferenceConfig, PairsConfig):
     pass
+
+
+@dataclass
+class PairLogps:
+    """Sequence log-probs of a batch of B preference pairs, the four tensors of the DPO code (each
+    Tensor[B]; summed over the completion's tokens, or per token where the algorithm is length-averaged).
+    The reference pair is None without a reference model. Iterating gives the four in this order, so
+    ``dpo_loss(*logps, beta=...)`` reads like the paper."""
+
+    policy_chosen_logps: torch.Tensor
+    policy_rejected_logps: torch.Tensor
+    reference_chosen_logps: Optional[torch.Tensor] = None
+    reference_rejected_logps: Optional[torch.Tensor] = None
+
+    def __iter__(self):
+        return iter((self.policy_chosen_logps, self.policy_rejected_logps, self.reference_chosen_logps,
+                     self.reference_rejected_logps))
+
+    def per_token(self, chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor) -> "PairLogps":
+        """Every log-prob divided by its completion's length (tokens, >= 1)."""
+        ref = self.reference_chosen_logps is not None
+        return PairLogps(self.policy_chosen_logps / chosen_lengths, self.policy_rejected_logps / rejected_lengths,
+                         self.reference_chosen_logps / chosen_lengths if ref else None,
+                         self.reference_rejected_logps / rejected_lengths if ref else None)
 
 
 class WithReference(Algorithm):
@@ -220,6 +245,11 @@ class PairwiseAlgorithm(WithReference):
     def count_units(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["pair_lengths"].shape[0]) if "pair_lengths" in batch else super().count_units(batch)
 
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        if "pair_lengths" in batch:  # shared-prompt pair rows: prompt + chosen + rejected, 4-D attention mask
+            return int(batch["pair_lengths"].sum())
+        return super().count_tokens(batch)
+
     # -- loss ------------------------------------------------------------------------------------
     def score_reference(self, model, batch: dict) -> dict[str, torch.Tensor]:
         from preftune.models.logprobs import concatenated_logps
@@ -227,28 +257,27 @@ class PairwiseAlgorithm(WithReference):
         out = concatenated_logps(model, batch)
         return {REF_KEYS[0]: out["chosen_logps"], REF_KEYS[1]: out["rejected_logps"]}
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+    def forward(self, batch: PairBatch) -> tuple[torch.Tensor, Metrics]:
         from preftune.models.logprobs import concatenated_logps
 
         out = concatenated_logps(self.policy, batch)
         n_c, n_r = out["chosen_lengths"].clamp(min=1), out["rejected_lengths"].clamp(min=1)
-        pc, pr = out["chosen_logps"], out["rejected_logps"]
-        extra: dict[str, torch.Tensor] = {"logps/chosen": pc.detach(), "logps/rejected": pr.detach()}
-        rc = rr = None
+        logps = PairLogps(out["chosen_logps"], out["rejected_logps"])
+        extra: dict[str, torch.Tensor] = {"logps/chosen": logps.policy_chosen_logps.detach(),
+                                          "logps/rejected": logps.policy_rejected_logps.detach()}
         if self.needs.reference_model:
             ref = self.reference_columns(batch)
-            rc, rr = ref[REF_KEYS[0]], ref[REF_KEYS[1]]
-            extra["ref_logps/chosen"], extra["ref_logps/rejected"] = rc.detach(), rr.detach()
+            logps.reference_chosen_logps, logps.reference_rejected_logps = ref[REF_KEYS[0]], ref[REF_KEYS[1]]
+            extra["ref_logps/chosen"], extra["ref_logps/rejected"] = ref[REF_KEYS[0]].detach(), ref[REF_KEYS[1]].detach()
         if self.needs.length_averaged:
-            pc, pr = pc / n_c, pr / n_r
-            if rc is not None:
-                rc, rr = rc / n_c, rr / n_r
-        losses, metrics = self.loss(batch, out, pc, pr, rc, rr)
+            logps = logps.per_token(n_c, n_r)
+        losses, metrics = self.loss(batch, out, logps)
         extra["lengths/chosen"], extra["lengths/rejected"] = n_c.float(), n_r.float()
         return losses.sum(), row_metrics({**_rename(metrics), **extra})
 
-    def loss(self, batch: dict, out: dict, pc, pr, rc, rr) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-row losses [B] and per-row metrics from (policy, reference) chosen/rejected log-probs."""
+    def loss(self, batch: PairBatch, out: dict, logps: PairLogps) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-row losses [B] and per-row metrics from the pairs' policy (and reference) log-probs.
+        ``out``: the forward's other outputs (``chosen_lengths``, ...), ``batch``: the pair batch."""
         raise NotImplementedError
 
 

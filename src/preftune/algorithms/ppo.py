@@ -17,8 +17,9 @@ from torch import nn
 from preftune.algorithms.base import Needs
 from preftune.algorithms.online import OnlineAlgorithm, RolloutConfig
 from preftune.config import ConfigError, doc
+from preftune.data.batches import PTX_PREFIX
 
-PTX = "ptx_"
+PTX = PTX_PREFIX
 
 
 @dataclass

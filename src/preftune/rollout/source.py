@@ -16,6 +16,8 @@ import random
 
 import torch
 
+from preftune.data.batches import PTX_PREFIX
+
 
 class RolloutSource:
     def __init__(self, algo, prompts: list[dict], accelerator, *, rows_per_prompt: int, minibatches: int, epochs: int):
@@ -59,7 +61,7 @@ class RolloutSource:
         batches = [self.algo.collate(rows[k : k + self.micro]) for k in range(0, len(rows), self.micro)]
         if self.companion is not None:
             for batch, extra in zip(batches, self.companion.next_step()):
-                batch.update({"ptx_" + k: v for k, v in extra.items()})
+                batch.update({PTX_PREFIX + k: v for k, v in extra.items()})
         return batches
 
     def last_step_rows(self) -> list[dict]:

@@ -76,14 +76,6 @@ def _check_output_dir(run: RunConfig, accelerator: Accelerator) -> Path | None:
     return None
 
 
-def _count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    if "pair_lengths" in batch:  # shared-prompt pair rows: prompt + chosen + rejected, 4-D attention mask
-        return int(batch["pair_lengths"].sum())
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
-
-
 def build_module(run: RunConfig, *, gradient_checkpointing: bool = False):
     """The algorithm module of ``run``: its policy (a causal LM, or e.g. a reward model's classifier)
     with LoRA applied, plus whatever heads the algorithm adds. Checkpoints name weights after it."""
@@ -334,7 +326,7 @@ def _run_step(algo, micro_batches: list[dict], accelerator: Accelerator, source_
     tokens = 0
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device) for k, v in batch.items()}
-        tokens += _count_tokens(batch)
+        tokens += inner.count_tokens(batch)
         last = i == len(micro_batches) - 1
         if last:
             sync = contextlib.nullcontext()
