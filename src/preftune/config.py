@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import textwrap
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -438,7 +439,7 @@ def __getattr__(name: str) -> Any:
     # the algorithm table, which imports this module). Kept reachable here, lazily, for callers not
     # yet moved; import it from preftune.run_config.
     if name == "load_run_config":
-        import importlib
+        import importlib  # here: a cycle, see above
 
         return importlib.import_module("preftune.run_config").load_run_config
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -488,6 +489,4 @@ def commented_yaml(cls: type, values: Any = None, indent: int = 0) -> str:
 
 
 def _wrap(text: str, width: int) -> list[str]:
-    import textwrap
-
     return textwrap.wrap(text, width=max(width, 40)) if text else []

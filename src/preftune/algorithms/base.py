@@ -20,6 +20,12 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from preftune.data.collate import collate_completions, collate_pairs
+from preftune.data.loaders import load_records
+from preftune.data.source import OfflineSource
+from preftune.data.tokenize import tokenize_pairs, tokenize_sft
+from preftune.models.loading import load_model, save_model
+
 Metrics = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """metric name -> (sum over the micro-batch, count). The loop reports sum / count over the global batch."""
 
@@ -56,8 +62,6 @@ class Algorithm(nn.Module):
     def load_policy(cls, config: Any, run: Any) -> tuple[nn.Module, Any]:
         """Load the trained model and its tokenizer, before LoRA is applied (a causal LM by default;
         a reward model loads a one-label sequence classifier)."""
-        from preftune.models.loading import load_model
-
         return load_model(run.model.name, dtype=run.model.dtype, seed=run.train.seed)
 
     @classmethod
@@ -75,8 +79,6 @@ class Algorithm(nn.Module):
     @classmethod
     def load_records(cls, config: Any, source: str, split: str) -> list:
         """Read and validate the training records (of kind ``needs.data_kind``), before any model loads."""
-        from preftune.data.loaders import load_records
-
         return load_records(source, cls.needs.data_kind, split=split)
 
     def prepare_examples(self, examples: list[dict], accelerator: Any) -> list[dict]:
@@ -86,8 +88,6 @@ class Algorithm(nn.Module):
 
     def make_source(self, examples: list[dict], accelerator: Any):
         """The batch source the loop draws optimizer steps from (offline: the tokenized dataset)."""
-        from preftune.data.source import OfflineSource
-
         t = self.run.train
         return OfflineSource(
             examples,
@@ -102,8 +102,6 @@ class Algorithm(nn.Module):
 
     def tokenize(self, records: list, source: str) -> tuple[list[dict], Any]:
         """Records -> tokenized examples (+ a truncation report)."""
-        from preftune.data.tokenize import tokenize_pairs, tokenize_sft
-
         d = self.run.data
         kwargs = dict(
             max_length=d.max_length,
@@ -130,8 +128,6 @@ class Algorithm(nn.Module):
         return n + len(example["completion_ids"])
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        from preftune.data.collate import collate_completions, collate_pairs
-
         pad = self.tokenizer.pad_token_id
         if self.needs.data_kind == "pairs":
             return collate_pairs(examples, pad)
@@ -181,6 +177,4 @@ class Algorithm(nn.Module):
     # -- output ---------------------------------------------------------------------------------
     def save(self, out_dir: Path) -> None:
         """Save the trained model so transformers (or peft, for adapters) loads it directly."""
-        from preftune.models.loading import save_model
-
         save_model(self.policy, self.tokenizer, out_dir, merge=self.run.model.lora.merge_on_save)

@@ -9,7 +9,6 @@ al. 2024), RPO (Pang et al. 2024), DPO-Positive (Pal et al. 2024) and the unlike
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 from preftune.algorithms.base import Needs

@@ -23,7 +23,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-
 from transformers import AutoModelForImageTextToText
 
 from preftune.algorithms.base import Metrics, Needs

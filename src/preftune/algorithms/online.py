@@ -22,10 +22,16 @@ import torch
 from preftune.algorithms.base import Algorithm, Needs
 from preftune.config import ConfigError, doc, shared
 from preftune.data.batches import RolloutBatch
+from preftune.data.collate import collate_completions
+from preftune.losses.grpo import truncated_importance_weights
 from preftune.losses.metrics import row_metrics
 from preftune.models.fsdp import full_weights
+from preftune.models.logprobs import _scored, policy_forward
+from preftune.models.lora import reference_context
 from preftune.models.reference import reference_model
 from preftune.rollout.health import rollout_health, warn_nonfinite_rewards
+from preftune.rollout.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from preftune.rollout.rewards import check_reward_spec, resolve_reward
 from preftune.rollout.sampling import generate_completions
 from preftune.rollout.source import RolloutSource, pad_token_fields
 
@@ -83,7 +89,6 @@ class RolloutConfig:
                 "not hold the policy near the reference; use k3 (GRPO's choice: gradient of KL(π_ref‖π)) or k2 "
                 "(gradient of KL(π‖π_ref)), or keep the KL in the reward"
             )
-        from preftune.rollout.rewards import check_reward_spec
 
         try:
             check_reward_spec(self.reward)  # fail before any model loads, not after
@@ -105,8 +110,6 @@ class OnlineAlgorithm(Algorithm):
                 m.p = 0.0
             if dropouts:
                 log.info("disabled %d dropout layer(s) of the policy (%s.disable_dropout)", len(dropouts), self.name)
-        from preftune.rollout.kl import AdaptiveKLController, FixedKLController
-        from preftune.rollout.rewards import resolve_reward
 
         self.reward_fn = resolve_reward(config.reward, allow_nonfinite=True)  # the loop's guard judges NaN/inf
         if config.kl_target is not None:
@@ -236,8 +239,6 @@ class OnlineAlgorithm(Algorithm):
     def _attach_sampler_logps(self, rows: list[dict], samples: list[dict], forward: dict, device) -> dict:
         """TIS: keep the sampler's per-token log-probs in each row; return the mismatch metrics
         (π_old/π_sampler, its truncated fraction, KL(π_sampler‖π_old)) as token means."""
-        from preftune.losses.grpo import truncated_importance_weights
-
         for row, s in zip(rows, samples):
             same = len(s["logps"]) == len(row["old_logps"])  # a replaced empty completion has none: weight 1
             row["sampler_logps"] = list(s["logps"]) if same else list(row["old_logps"])
@@ -254,10 +255,6 @@ class OnlineAlgorithm(Algorithm):
 
         ``sampled``: the sampler's per-token ``logps`` / ``entropy`` (``sample_rollout``), used as the
         old policy's instead of a policy forward (no ``hidden`` then: PPO's value head needs the forward)."""
-        from preftune.models.logprobs import _scored, policy_forward
-        from preftune.models.lora import reference_context
-        from preftune.rollout.kl import kl_estimate
-
         batch = {k: v.to(accelerator.device) for k, v in self._collate_ids(rows).items()}
         with accelerator.autocast():
             out = policy_forward(self.policy, batch, with_entropy=True) if sampled is None else None
@@ -294,8 +291,6 @@ class OnlineAlgorithm(Algorithm):
         return out.masked_scatter(mask, torch.tensor(flat, dtype=torch.float32, device=mask.device))
 
     def _collate_ids(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        from preftune.data.collate import collate_completions
-
         return collate_completions([{"prompt_ids": r["prompt_ids"], "completion_ids": r["completion_ids"]} for r in rows], self.tokenizer.pad_token_id)
 
     def collate(self, rows: list[dict]) -> RolloutBatch:
@@ -337,8 +332,6 @@ class OnlineAlgorithm(Algorithm):
     # -- loss helpers ----------------------------------------------------------------------------
     def kl_loss_term(self, logps: torch.Tensor, batch: dict) -> torch.Tensor:
         """β·KL per token as a loss term [B, T] (only when kl_in_reward is false)."""
-        from preftune.rollout.kl import kl_estimate
-
         if self.config.kl_in_reward:
             return torch.zeros_like(logps)
         return self.kl_ctl.value * kl_estimate(logps, batch["ref_logps"], self.config.kl_estimator)

@@ -20,8 +20,14 @@ import torch
 from preftune.algorithms.base import Algorithm, Metrics, Needs
 from preftune.config import ConfigError, doc
 from preftune.data.batches import PairBatch
+from preftune.data.collate import collate_pairs, collate_shared_pairs
+from preftune.data.groups import condition_on_group, group_names
+from preftune.data.loaders import load_records, rankings_to_pairs, read_rows
 from preftune.losses.metrics import row_metrics
+from preftune.models import reference as refmod
 from preftune.models.loading import load_model
+from preftune.models.logprobs import concatenated_logps, shared_prompt_unsupported
+from preftune.models.lora import reference_context
 from preftune.models.reference import reference_model
 
 log = logging.getLogger("preftune.algorithms")
@@ -138,7 +144,6 @@ class WithReference(Algorithm):
     def prepare_examples(self, examples: list[dict], accelerator) -> list[dict]:
         if not (self.needs.reference_model and self.config.precompute_reference):
             return examples
-        from preftune.models import reference as refmod
 
         ref_module = self.reference_model if self.reference_model is not None else self.policy
         key = refmod.cache_key(
@@ -170,8 +175,6 @@ class WithReference(Algorithm):
         return refmod.attach(examples, columns)
 
     def _live_reference(self, batch: dict) -> dict[str, torch.Tensor]:
-        from preftune.models.lora import reference_context
-
         with torch.no_grad():
             if self.reference_model is not None:
                 return self.score_reference(self.reference_model, batch)
@@ -197,8 +200,6 @@ class PairwiseAlgorithm(WithReference):
     def _choose_layout(self) -> str:
         """'shared' or 'padded', from ``config.pair_layout`` and what the policy (and a separate
         reference model) support; raises ConfigError when 'shared' is asked of a model without it."""
-        from preftune.models.logprobs import shared_prompt_unsupported
-
         if self.config.pair_layout == "padded":
             return "padded"
         models = [self.policy] + ([self.reference_model] if self.reference_model is not None else [])
@@ -217,23 +218,17 @@ class PairwiseAlgorithm(WithReference):
     # -- data ------------------------------------------------------------------------------------
     @classmethod
     def load_records(cls, config: Any, source: str, split: str) -> list:
-        from preftune.data.loaders import load_records, rankings_to_pairs, read_rows
-
         first = next(iter(read_rows(source, split=split)), (0, {}))[1]
         if "ranking" in first:
             records = rankings_to_pairs(load_records(source, "rankings", split=split), mode=config.rankings_to_pairs)
         else:
             records = load_records(source, "pairs", split=split)
         if getattr(config, "condition_on_group", False):
-            from preftune.data.groups import condition_on_group, group_names
-
             group_names(records, str(source))  # every row has a group, and there are at least two
             records = condition_on_group(records, str(source))
         return records
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        from preftune.data.collate import collate_pairs, collate_shared_pairs
-
         collate = collate_shared_pairs if self.pair_layout == "shared" else collate_pairs
         return collate(examples, self.tokenizer.pad_token_id)
 
@@ -252,14 +247,10 @@ class PairwiseAlgorithm(WithReference):
 
     # -- loss ------------------------------------------------------------------------------------
     def score_reference(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        from preftune.models.logprobs import concatenated_logps
-
         out = concatenated_logps(model, batch)
         return {REF_KEYS[0]: out["chosen_logps"], REF_KEYS[1]: out["rejected_logps"]}
 
     def forward(self, batch: PairBatch) -> tuple[torch.Tensor, Metrics]:
-        from preftune.models.logprobs import concatenated_logps
-
         out = concatenated_logps(self.policy, batch)
         n_c, n_r = out["chosen_lengths"].clamp(min=1), out["rejected_lengths"].clamp(min=1)
         logps = PairLogps(out["chosen_logps"], out["rejected_logps"])

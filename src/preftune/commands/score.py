@@ -22,9 +22,9 @@ from preftune.commands.base import add_settings_command, settings
 from preftune.config import ConfigError, doc, shared
 from preftune.data.loaders import read_rows
 from preftune.data.validate import CONVERTERS, Where
+from preftune.models.cache import write_json, write_jsonl
 from preftune.rewards.base import FunctionReward
 from preftune.rewards.evaluation import json_ready, pair_report, score_report
-from preftune.models.cache import write_json, write_jsonl
 from preftune.rewards.model import RewardModel, combine_scores
 
 

@@ -164,7 +164,7 @@ def _read_csv(path: Path, source: str, delimiter: str) -> Iterator[tuple[int, di
 
 
 def _read_parquet(path: Path, source: str) -> Iterator[tuple[int, dict]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # here: only Parquet files need it, and it is slow to import
 
     try:
         batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
@@ -192,7 +192,7 @@ def _rows_of_dataset(ds: Any, source: str, split: str) -> Iterator[tuple[int, di
 
 
 def _read_saved_dataset(path: Path, source: str, split: str) -> Iterator[tuple[int, dict]]:
-    import datasets
+    import datasets  # here: only datasets folders / hub names need it, and it is slow to import
 
     try:
         ds = datasets.load_from_disk(str(path))
@@ -203,7 +203,7 @@ def _read_saved_dataset(path: Path, source: str, split: str) -> Iterator[tuple[i
 
 
 def _read_hub(name: str, split: str) -> Iterator[tuple[int, dict]]:
-    import datasets
+    import datasets  # here: only datasets folders / hub names need it, and it is slow to import
 
     try:
         ds = datasets.load_dataset(name, split=split)

@@ -25,11 +25,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
-from preftune.eval.metrics import (best_of_n_kl, distinct_n, mean_and_se, mean_repeated_ngram_fraction,
-                                   sequence_kl, win_rate)
+from preftune.data.collate import collate_completions
+from preftune.eval.metrics import (
+    best_of_n_kl,
+    distinct_n,
+    mean_and_se,
+    mean_repeated_ngram_fraction,
+    sequence_kl,
+    win_rate,
+)
 from preftune.models.loading import load_model
+from preftune.models.logprobs import per_token_logps, sequence_logps
+from preftune.rollout.rewards import resolve_reward
 from preftune.rollout.sampling import generate_completions
 from preftune.train.export import resolve_model
 
@@ -264,8 +274,6 @@ def describe_model(spec: ModelSpec) -> dict:
         candidates.append(path.parent.parent / "config.yaml")
     for config in candidates:
         if path.is_dir() and config.is_file():
-            import yaml
-
             try:
                 data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
             except yaml.YAMLError:
@@ -289,7 +297,6 @@ def describe_model(spec: ModelSpec) -> dict:
 def _reward(spec):
     if callable(spec):
         return spec
-    from preftune.rollout.rewards import resolve_reward
 
     return resolve_reward(spec)
 
@@ -341,9 +348,6 @@ def _sample(model, tokenizer, prompts, sampling: dict, progress: bool, desc: str
 
 def _sequence_logps(model, tokenizer, rows: list[dict], batch_size: int, progress: bool, desc: str) -> list[float]:
     """log π(completion | prompt) of each row's exact token ids, summed over the completion's tokens."""
-    from preftune.data.collate import collate_completions
-    from preftune.models.logprobs import per_token_logps, sequence_logps
-
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(rows)), key=lambda i: -(len(rows[i]["prompt_ids"]) + len(rows[i]["completion_ids"])))
     out = [0.0] * len(rows)

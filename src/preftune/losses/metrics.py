@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+
 def row_metrics(per_row: dict[str, torch.Tensor], device: torch.device | str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{name: Tensor[B]}`` -> ``{name: (sum, count)}`` (detached, fp32; on ``device``, default the values')."""
     out = {}

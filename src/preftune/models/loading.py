@@ -25,19 +25,18 @@ runs forward passes under autocast while the optimizer updates fp32 master weigh
 
 from __future__ import annotations
 
-import os
-
 import copy
 import hashlib
 import importlib.util
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .cache import atomic_dir, cache_dir
 from .encoders import encoder_folder
@@ -269,8 +268,6 @@ def _load_folder(folder, seed, trust_remote_code, model_class, max_length, model
 def _load_processing_class(folder, model_class, trust_remote_code):
     """The folder's tokenizer, or for an image-text-to-text model its processor."""
     if is_image_text_class(model_class):
-        from transformers import AutoProcessor
-
         return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
 

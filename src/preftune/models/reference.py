@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from preftune.models.cache import atomic_path, cache_dir
 from preftune.models.loading import ModelLoadError
@@ -112,8 +113,6 @@ def precompute(
     """Run `compute` (rows -> {name: Tensor[rows]}) over all examples in batches; each process
     takes every world_size-th batch and the shards are gathered, so every process ends up with the
     full [N] columns. Rows are batched by length to cut padding."""
-    from tqdm.auto import tqdm
-
     order = sorted(range(len(examples)), key=lambda i: length_of(examples[i])) if length_of else list(range(len(examples)))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     mine = batches[rank::world_size]
@@ -124,7 +123,7 @@ def precompute(
             for j, i in enumerate(idx):
                 local[i] = {k: float(v[j]) for k, v in out.items()}
     if world_size > 1:
-        import torch.distributed as dist
+        import torch.distributed as dist  # here: only multi-process runs need it
 
         gathered: list = [None] * world_size
         dist.all_gather_object(gathered, local)

@@ -26,12 +26,15 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from preftune.algorithms import ALGORITHMS
 from preftune.config import ConfigError, RunConfig, run_config_to_dict
 from preftune.data.records import DataError
+from preftune.data.source import split_eval
+from preftune.models.lora import apply_lora, enable_gradient_checkpointing
 from preftune.train import sharding
 from preftune.train.checkpoint import (
     checkpoints_dir,
@@ -40,7 +43,6 @@ from preftune.train.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from preftune.data.source import split_eval
 from preftune.train.evaluate import evaluate
 from preftune.train.guard import StepGuard, step_rows
 from preftune.train.metrics import MetricsLog
@@ -79,7 +81,6 @@ def _check_output_dir(run: RunConfig, accelerator: Accelerator) -> Path | None:
 def build_module(run: RunConfig, *, gradient_checkpointing: bool = False):
     """The algorithm module of ``run``: its policy (a causal LM, or e.g. a reward model's classifier)
     with LoRA applied, plus whatever heads the algorithm adds. Checkpoints name weights after it."""
-    from preftune.models.lora import apply_lora, enable_gradient_checkpointing
 
     algo_cls = ALGORITHMS[run.algorithm]
     model, tokenizer = algo_cls.load_policy(run.algo, run)
@@ -140,8 +141,6 @@ def _make_accelerator(run: RunConfig) -> Accelerator:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # A second run in one process (tests, studies) may change mixed precision; Accelerate keeps a
         # process-wide singleton, so drop it when there is no process group to keep.
-        from accelerate.state import AcceleratorState
-
         AcceleratorState._reset_state(reset_partial_state=True)
     # cpu=True without CUDA: that is how Accelerate recognises a multi-process CPU (gloo) launch.
     return Accelerator(
