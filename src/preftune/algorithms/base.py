@@ -46,6 +46,8 @@ class Algorithm(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type]
     needs: ClassVar[Needs]
+    export_unsupported: ClassVar[str] = ""
+    """Why a checkpoint of this algorithm cannot become a model folder (``preftune export``); "" = it can."""
     online: ClassVar[bool] = False
     """Whether the batches are rollouts of the current policy (an online source) rather than a dataset;
     read by the study and the tests instead of a hand-kept list."""

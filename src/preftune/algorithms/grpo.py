@@ -110,6 +110,9 @@ class ClippedPolicyGradient(OnlineAlgorithm):
 
     needs = Needs(data_kind="prompts", loss_unit="token", reference_model=True)
 
+    def tis_cap(self):
+        return self.config.tis_cap
+
     def __init__(self, config, policy, tokenizer, run):
         if getattr(config, "dynamic_sampling", False) and run.train.sharding != "none":
             # Refills are decided per process, but a sharded decode gathers weights collectively.

@@ -10,7 +10,6 @@ and how a batch becomes a loss.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -26,13 +25,13 @@ from preftune.data.collate import collate_completions
 from preftune.losses.grpo import truncated_importance_weights
 from preftune.losses.metrics import row_metrics
 from preftune.models.fsdp import full_weights
-from preftune.models.logprobs import _scored, policy_forward
-from preftune.models.lora import reference_context
 from preftune.models.reference import reference_model
+from preftune.rewards.spec import check_reward_spec, resolve_reward
 from preftune.rollout.health import rollout_health, warn_nonfinite_rewards
 from preftune.rollout.kl import AdaptiveKLController, FixedKLController, kl_estimate
-from preftune.rollout.rewards import check_reward_spec, resolve_reward
+from preftune.rollout.samples import log_samples
 from preftune.rollout.sampling import generate_completions
+from preftune.rollout.scoring import REFERENCE_ADAPTER_OFF, scatter_tokens, score_tokens
 from preftune.rollout.source import RolloutSource, pad_token_fields
 
 log = logging.getLogger("preftune.rl")
@@ -157,7 +156,7 @@ class OnlineAlgorithm(Algorithm):
         rows = [{"prompt": p["prompt"], "prompt_ids": s["prompt_ids"], "completion_ids": s["completion_ids"] or [self.tokenizer.eos_token_id],
                  "completion": s["completion"], "reward_score": float(r)} for p, s, r in zip(repeated, samples, raw_scores.tolist())]
         warn_nonfinite_rewards(rows, c.reward)
-        tis = getattr(c, "tis_cap", None) is not None
+        tis = self.tis_cap() is not None
         forward = self._score_rows(rows, accelerator, sampled=samples if self._from_sampler() and not tis else None)
         kl = forward["kl"]  # [N, T] per-token estimate, 0 off the response
         mask = forward["mask"]
@@ -190,15 +189,22 @@ class OnlineAlgorithm(Algorithm):
     def _from_sampler(self) -> bool:
         """Whether rollouts are drawn by ``sample_rollout``, which keeps the sampler's per-token log-probs.
 
-        Algorithms whose config has reuse_sampler_logps (RLOO) may take the old-policy log-probs and
+        Algorithms that reuse sampler log-probs (RLOO, :meth:`reuse_sampler_logps`) may take the old-policy log-probs and
         entropies from the sampler's own logits (preftune/rollout/sampling.py): one forward fewer. fp32
         only: under bf16/fp16 autocast the incremental decode and a full forward round differently, which
         would bias the KL to the reference (computed by a full forward) by that rounding. With TIS
         (``tis_cap``) the sampler's log-probs are always kept, and the old policy's recomputed.
         """
-        c = self.config
-        reuse = bool(getattr(c, "reuse_sampler_logps", False)) and self.run.model.dtype == "fp32"
-        return reuse or getattr(c, "tis_cap", None) is not None
+        reuse = self.reuse_sampler_logps() and self.run.model.dtype == "fp32"
+        return reuse or self.tis_cap() is not None
+
+    def reuse_sampler_logps(self) -> bool:
+        """Whether the old policy's log-probs may be the sampler's own (RLOO's ``reuse_sampler_logps``)."""
+        return False
+
+    def tis_cap(self) -> Optional[float]:
+        """The truncated-importance-sampling cap of the clipped family (``tis_cap``); None = no TIS."""
+        return None
 
     def sample_groups(self, prompts: list[dict], *, seed: int, accelerator) -> tuple[list[dict], list[dict], torch.Tensor, torch.Tensor, dict]:
         """Sample ``samples_per_prompt`` completions per prompt and score them.
@@ -243,52 +249,25 @@ class OnlineAlgorithm(Algorithm):
             same = len(s["logps"]) == len(row["old_logps"])  # a replaced empty completion has none: weight 1
             row["sampler_logps"] = list(s["logps"]) if same else list(row["old_logps"])
         mask = forward["mask"]
-        sampler = self._scatter_tokens(mask, [r["sampler_logps"] for r in rows])
-        _, m = truncated_importance_weights(forward["logps"], sampler, mask, cap=self.config.tis_cap)
+        sampler = scatter_tokens(mask, [r["sampler_logps"] for r in rows])
+        _, m = truncated_importance_weights(forward["logps"], sampler, mask, cap=self.tis_cap())
         n = torch.tensor(float(mask.sum()), device=device)
         return {f"tis/{k}": (v.sum().to(device), n) for k, v in m.items()}
 
     @torch.no_grad()
     def _score_rows(self, rows: list[dict], accelerator, sampled: Optional[list[dict]] = None) -> dict[str, torch.Tensor]:
         """Old-policy and reference log-probs, entropy and KL for every rollout row, [N, T] padded
-        like a training batch of all rows; also writes per-token lists into the rows.
-
-        ``sampled``: the sampler's per-token ``logps`` / ``entropy`` (``sample_rollout``), used as the
-        old policy's instead of a policy forward (no ``hidden`` then: PPO's value head needs the forward)."""
+        like a training batch of all rows (:func:`preftune.rollout.scoring.score_tokens`); also
+        writes the per-token lists ``old_logps`` / ``ref_logps`` into the rows."""
         batch = {k: v.to(accelerator.device) for k, v in self._collate_ids(rows).items()}
-        with accelerator.autocast():
-            out = policy_forward(self.policy, batch, with_entropy=True) if sampled is None else None
-            if not self.uses_reference():
-                ref_out = None
-            elif self.reference_model is not None:
-                ref_out = policy_forward(self.reference_model, batch)
-            else:
-                with reference_context(self.policy):
-                    ref_out = policy_forward(self.policy, batch)
-        mask = _scored(batch["completion_mask"])
-        if sampled is None:
-            logps, entropy, hidden = out["logps"], out["entropy"], out["hidden"]
-        else:
-            logps, entropy = (self._scatter_tokens(mask, [s[key] for s in sampled]) for key in ("logps", "entropy"))
-            hidden = None
-        ref = logps if ref_out is None else ref_out["logps"]  # no reference (β = 0): KL 0, nothing scored
-        kl = kl_estimate(logps, ref, self.config.kl_estimator, mask)
+        reference = self.reference_model if self.reference_model is not None else REFERENCE_ADAPTER_OFF
+        out = score_tokens(self.policy, reference if self.uses_reference() else None, batch,
+                           kl_estimator=self.config.kl_estimator, sampled=sampled, autocast=accelerator.autocast)
         for i, row in enumerate(rows):
-            m = mask[i]
-            row["old_logps"] = logps[i][m].tolist()
-            row["ref_logps"] = ref[i][m].tolist()
-        return {"logps": logps.cpu(), "ref_logps": ref.cpu(), "mask": mask.cpu(), "kl": kl.cpu(),
-                "entropy": entropy.cpu(), "hidden": hidden, "batch": batch}
-
-    @staticmethod
-    def _scatter_tokens(mask: torch.Tensor, values: list[list[float]]) -> torch.Tensor:
-        """Per-row lists of per-completion-token values -> [N, T] at the scored positions of ``mask``."""
-        counts = mask.sum(-1).tolist()
-        flat: list[float] = []
-        for n, v in zip(counts, values):
-            flat += (list(v) + [0.0] * n)[:n]  # a row whose completion was replaced by EOS keeps 0 there
-        out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        return out.masked_scatter(mask, torch.tensor(flat, dtype=torch.float32, device=mask.device))
+            m = out["mask"][i]
+            row["old_logps"] = out["logps"][i][m].tolist()
+            row["ref_logps"] = out["ref_logps"][i][m].tolist()
+        return out
 
     def _collate_ids(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         return collate_completions([{"prompt_ids": r["prompt_ids"], "completion_ids": r["completion_ids"]} for r in rows], self.tokenizer.pad_token_id)
@@ -321,13 +300,8 @@ class OnlineAlgorithm(Algorithm):
 
     def _log_samples(self, rows: list[dict], scores: torch.Tensor, rollout: int, accelerator) -> None:
         every = self.config.log_samples_steps
-        if not every or rollout % every or not accelerator.is_main_process:
-            return
-        path = Path(self.run.output_dir) / "samples.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            for row, score in zip(rows, scores.tolist()):
-                f.write(json.dumps({"rollout": rollout, "prompt": row["prompt"], "completion": row["completion"], "score": score}, ensure_ascii=False) + "\n")
+        if every and rollout % every == 0 and accelerator.is_main_process:
+            log_samples(Path(self.run.output_dir) / "samples.jsonl", rows, scores, rollout)
 
     # -- loss helpers ----------------------------------------------------------------------------
     def kl_loss_term(self, logps: torch.Tensor, batch: dict) -> torch.Tensor:

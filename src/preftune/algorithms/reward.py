@@ -141,6 +141,8 @@ class RewardModelAlgorithm(Algorithm):
     name = "reward"
     Config = RewardConfig
     needs = Needs(data_kind="pairs", loss_unit="row")  # rankings too; a row = one pair or one ranking
+    export_unsupported = ("reward-model checkpoints is not supported (the reward model's scoring settings come "
+                          "from its training data)")
 
     def __init__(self, config: RewardConfig, policy, tokenizer, run):
         if config.ensemble_size > 1 and Path(run.output_dir).name != f"member-{config.member}":

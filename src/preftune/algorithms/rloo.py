@@ -56,6 +56,9 @@ class RLOO(OnlineAlgorithm):
     name = "rloo"
     Config = RLOOConfig
 
+    def reuse_sampler_logps(self) -> bool:
+        return self.config.reuse_sampler_logps
+
     def advantages(self, rows, *, scores, rewards, forward, global_rewards, accelerator):
         k = self.config.samples_per_prompt
         if self.config.advantage == "rloo":

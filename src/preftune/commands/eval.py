@@ -27,7 +27,7 @@ from preftune.eval import (
 )
 from preftune.generate import write_jsonl
 from preftune.models.loading import load_model
-from preftune.rollout.rewards import resolve_reward
+from preftune.rewards.spec import resolve_reward
 from preftune.train.export import resolve_model
 
 _MODEL_KEYS = ("name", "path", "algorithm")

@@ -39,7 +39,7 @@ from preftune.eval.metrics import (
 )
 from preftune.models.loading import load_model
 from preftune.models.logprobs import per_token_logps, sequence_logps
-from preftune.rollout.rewards import resolve_reward
+from preftune.rewards.spec import resolve_reward
 from preftune.rollout.sampling import generate_completions
 from preftune.train.export import resolve_model
 

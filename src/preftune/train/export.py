@@ -22,6 +22,7 @@ import json
 import logging
 from pathlib import Path
 
+from preftune.algorithms import ALGORITHMS
 from preftune.models.loading import ModelLoadError, save_model
 from preftune.run_config import load_run_config
 from preftune.train.checkpoint import CheckpointError, is_checkpoint, load_trainable, verify_checkpoint
@@ -78,11 +79,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
     if not config.is_file():
         raise CheckpointError(f"{checkpoint}: the run's config {config} is missing, so the model cannot be rebuilt")
     run = load_run_config(str(config), [])
-    if run.algorithm == "reward":
-        raise CheckpointError(
-            f"{checkpoint}: exporting reward-model checkpoints is not supported (the reward model's scoring "
-            f"settings come from its training data); use the final model in {checkpoint.parent.parent / 'model'}"
-        )
+    reason = ALGORITHMS[run.algorithm].export_unsupported
+    if reason:
+        raise CheckpointError(f"{checkpoint}: exporting {reason}; use the final model in {checkpoint.parent.parent / 'model'}")
     algo = build_module(run)
     load_trainable(checkpoint, algo)
     save_model(algo.policy, algo.tokenizer, out, merge=run.model.lora.merge_on_save)
