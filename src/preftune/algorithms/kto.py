@@ -26,7 +26,7 @@ from preftune.algorithms.base import Metrics, Needs
 from preftune.algorithms.pairwise import ReferenceConfig, WithReference
 from preftune.config import check_range, doc, shared
 from preftune.data.collate import collate_completions
-from preftune.data.loaders import load_records, pairs_to_unpaired, read_rows
+from preftune.data.loaders import load_records, pairs_to_unpaired, sniff_kind
 from preftune.data.records import DataError
 from preftune.losses.kto import kto_loss, kto_recommended_weights
 from preftune.models.logprobs import per_token_logps, sequence_logps
@@ -67,13 +67,11 @@ class KTO(WithReference):
     # -- data ------------------------------------------------------------------------------------
     @classmethod
     def load_records(cls, config: Any, source: str, split: str) -> list:
-        first = next(iter(read_rows(source, split=split)), (0, {}))[1]
-        if "chosen" in first and "label" not in first:
+        if sniff_kind(source, split) == "pairs":
             return pairs_to_unpaired(load_records(source, "pairs", split=split))
         records = load_records(source, "unpaired", split=split)
         labels = {r.label for r in records}
         if len(labels) == 1 and len(records) > 1:  # (a single row is refused at tokenization)
-
             (label,) = labels
             kind, other = ("desirable", "false") if label else ("undesirable", "true")
             raise DataError(f"all {len(records)} rows are labelled {str(label).lower()} ({kind}); KTO weighs desirable "

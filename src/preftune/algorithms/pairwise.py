@@ -22,7 +22,7 @@ from preftune.config import ConfigError, doc
 from preftune.data.batches import PairBatch
 from preftune.data.collate import collate_pairs, collate_shared_pairs
 from preftune.data.groups import condition_on_group, group_names
-from preftune.data.loaders import load_records, rankings_to_pairs, read_rows
+from preftune.data.loaders import load_records, rankings_to_pairs, sniff_kind
 from preftune.losses.metrics import row_metrics
 from preftune.models import reference as refmod
 from preftune.models.loading import load_model
@@ -218,8 +218,7 @@ class PairwiseAlgorithm(WithReference):
     # -- data ------------------------------------------------------------------------------------
     @classmethod
     def load_records(cls, config: Any, source: str, split: str) -> list:
-        first = next(iter(read_rows(source, split=split)), (0, {}))[1]
-        if "ranking" in first:
+        if sniff_kind(source, split) == "rankings":
             records = rankings_to_pairs(load_records(source, "rankings", split=split), mode=config.rankings_to_pairs)
         else:
             records = load_records(source, "pairs", split=split)

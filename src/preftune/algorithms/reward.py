@@ -30,7 +30,7 @@ from preftune.algorithms.reward_groups import apply_groups, check_eval_groups
 from preftune.algorithms.reward_report import REPORT_FILE, report_pairs, reward_report
 from preftune.config import ConfigError, doc
 from preftune.data.collate import collate_completions, collate_pairs
-from preftune.data.loaders import load_records, rankings_to_pairs, read_rows
+from preftune.data.loaders import load_records, rankings_to_pairs, sniff_kind
 from preftune.data.records import DataError, PairRecord, RankingRecord, SFTRecord
 from preftune.data.reward_pairs import load_reward_pairs
 from preftune.data.source import split_eval
@@ -182,8 +182,7 @@ class RewardModelAlgorithm(Algorithm):
 
     @classmethod
     def _read_records(cls, config: RewardConfig, source: str, split: str) -> list:
-        first = next(iter(read_rows(source, split=split)), (0, {}))[1]
-        if first.get("ranking") is not None:
+        if sniff_kind(source, split) == "rankings":
             rankings = load_records(source, "rankings", split=split)
             if config.loss == "plackett_luce":
                 return rankings

@@ -20,7 +20,7 @@ from typing import Literal, Optional, Union
 
 from preftune.commands.base import add_settings_command, settings
 from preftune.config import ConfigError, doc, shared
-from preftune.data.loaders import read_rows
+from preftune.data.loaders import read_rows, row_kind
 from preftune.data.validate import CONVERTERS, Where
 from preftune.models.cache import write_json, write_jsonl
 from preftune.rewards.base import FunctionReward
@@ -71,7 +71,7 @@ def read_score_rows(source: str, split: str, max_rows: int | None) -> tuple[str,
     rows, records, kind = [], [], None
     for row_no, row in read_rows(source, split):
         if kind is None:
-            kind = "pairs" if row.get("chosen") is not None or row.get("rejected") is not None else "completions"
+            kind = "pairs" if row_kind(row) == "pairs" else "completions"
         records.append(CONVERTERS["pairs" if kind == "pairs" else "sft"](row, Where(str(source), row_no)))
         rows.append(row)
         if max_rows is not None and len(rows) >= max_rows:

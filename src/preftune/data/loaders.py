@@ -252,6 +252,23 @@ def _dispatch(source: str, split: str) -> Iterator[tuple[int, dict]]:
     return _read_hub(source, split)
 
 
+def row_kind(row: dict) -> str:
+    """The record kind a raw row's keys say it is: 'rankings' (a ``ranking``), 'unpaired' (a ``label``),
+    'pairs' (``chosen`` / ``rejected``), else 'sft' (a completion, messages or text)."""
+    if row.get("ranking") is not None:
+        return "rankings"
+    if "label" in row:
+        return "unpaired"
+    if row.get("chosen") is not None or row.get("rejected") is not None:
+        return "pairs"
+    return "sft"
+
+
+def sniff_kind(source: str, split: str = "train") -> str:
+    """The kind of a data source, read from its first row (:func:`row_kind`; 'sft' when empty)."""
+    return row_kind(next(iter(read_rows(source, split=split)), (0, {}))[1])
+
+
 def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, dict]]:
     """Yield ``(row_number, row_dict)`` from ``source``; row numbers are 1-based.
 
