@@ -136,7 +136,7 @@ def load_model(
         if (path / "trainable.safetensors").is_file() and (path / "manifest.json").is_file():  # train/checkpoint.py
             raise ModelLoadError(
                 f"{path} is a training checkpoint, not a model folder: export it first (`preftune export {path}`, "
-                "or preftune.train.export.resolve_model), or pass it to a command (eval, generate, score), which does"
+                "or preftune.train.export.resolve_model), or pass it to `preftune eval` or `preftune generate`, which do"
             )
         if (path / "adapter_config.json").is_file():
             return _load_adapter(path, dtype, seed, trust_remote_code, model_class, model_kwargs)
