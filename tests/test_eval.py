@@ -119,7 +119,7 @@ def test_distinct_and_repeated_ngrams():
 
 def test_sampled_sequence_logps_match_a_plain_forward():
     from preftune.eval.evaluate import _sequence_logps
-    from preftune.generate import generate_completions
+    from preftune.rollout.sampling import generate_completions
     from preftune.models.loading import load_model
 
     model, tok = load_model("tiny-random-llama", seed=3)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from preftune.data.collate import collate_completions
-from preftune.generate import generate_completions
+from preftune.rollout.sampling import generate_completions
 from preftune.models.loading import load_model
 from preftune.models.logprobs import policy_forward
 from preftune.rollout.sampling import sample_rollout

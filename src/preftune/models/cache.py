@@ -99,6 +99,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; give it a normal file's permissions
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
