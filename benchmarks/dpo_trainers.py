@@ -35,10 +35,10 @@ def pair_batch_tokens(batch) -> tuple[int, int]:
 
 def train_preftune(spec: dict, probe: Probe) -> None:
     from preftune.algorithms import ALGORITHMS
-    from preftune.config import load_run_config
+    from preftune.run_config import load_run_config
     from preftune.train import loop
     from preftune.train.metrics import MetricsLog
-    from preftune.train.source import OfflineSource
+    from preftune.data.source import OfflineSource
 
     v = spec["settings"]
     probe.mark("imported")

@@ -102,7 +102,7 @@ COMPARISONS = [
 
 def trl_order(n_rows: int, batch: int, seed: int) -> list[int]:
     """Row indices in the order preftune's OfflineSource visits them (global batch = ``batch``)."""
-    from preftune.train.source import OfflineSource
+    from preftune.data.source import OfflineSource
 
     source = OfflineSource(
         [{"i": i} for i in range(n_rows)], lambda rows: [r["i"] for r in rows],
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nmodel {args.model}; {args.batch} pairs/step; {args.warmup} warm-up + {args.steps} timed steps; "
           f"{args.threads} threads; tok/s = prompt+chosen+rejected tokens per wall-second of timed steps\n")
-    harness.print_table(results, args.max_others)
+    harness.print_table(results, harness.dpo_columns(args.max_others))
     if any(r.get("noisy") or (r.get("precompute_others_cpu_share") or 0) > args.max_others for r in results.values()):
         print(f"* other processes used more than {args.max_others:.0%} of the CPUs during these timed steps "
               "(variant) or reference precompute (precomp s)")

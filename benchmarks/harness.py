@@ -222,24 +222,32 @@ def fmt(x, spec="{:.2f}"):
     return "-" if x is None else spec.format(x)
 
 
-def print_table(results: dict[str, dict], max_others: float = 0.10) -> None:
-    head = (f"{'variant':<24}{'s/step':>8}{'tok/s':>8}{'fwd tok/s':>10}{'cpu tok/s':>10}"
-            f"{'peak GB':>9}{'+load GB':>9}{'precomp s':>10}{'loss@1':>9}{'others':>8}")
+def print_table(results: dict[str, dict], columns: list[tuple], name_width: int = 24) -> None:
+    """One row per variant (``*`` marks a noisy measurement). ``columns``: (header, width, value of a result
+    row -> text); a header starting with two spaces is printed left-aligned after two spaces (a free tail)."""
+    head = f"{'variant':<{name_width}}" + "".join(h if h.startswith("  ") else f"{h:>{w}}" for h, w, _ in columns)
     print(head)
     print("-" * len(head))
     for name, r in results.items():
         if "error" in r:
-            print(f"{name:<24} ERROR {r['error']}")
+            print(f"{name:<{name_width}} ERROR {r['error']}")
             continue
         label = name + (" *" if r.get("noisy") else "")
-        pre = fmt(r["precompute_s"], "{:.1f}")
-        if (r.get("precompute_others_cpu_share") or 0) > max_others:
-            pre += "*"
-        print(
-            f"{label:<24}{r['s_per_step']:>8.2f}{r['tok_s']:>8.1f}{r['fwd_tok_s']:>10.1f}{fmt(r['cpu_tok_s'], '{:.1f}'):>10}"
-            f"{r['peak_train_mb'] / 1024:>9.2f}{r['peak_increase_mb'] / 1024:>9.2f}{pre:>10}"
-            f"{fmt(r['first_loss'], '{:.4f}'):>9}{fmt(r['others_cpu_share'], '{:.0%}'):>8}"
-        )
+        print(f"{label:<{name_width}}" + "".join(f"  {v(r)}" if h.startswith("  ") else f"{v(r):>{w}}" for h, w, v in columns))
+
+
+def dpo_columns(max_others: float = 0.10) -> list[tuple]:
+    """The columns of the DPO benchmark's table (a precompute time whose CPU was shared is starred)."""
+    def precompute(r: dict) -> str:
+        return fmt(r["precompute_s"], "{:.1f}") + ("*" if (r.get("precompute_others_cpu_share") or 0) > max_others else "")
+
+    return [
+        ("s/step", 8, lambda r: f"{r['s_per_step']:.2f}"), ("tok/s", 8, lambda r: f"{r['tok_s']:.1f}"),
+        ("fwd tok/s", 10, lambda r: f"{r['fwd_tok_s']:.1f}"), ("cpu tok/s", 10, lambda r: fmt(r["cpu_tok_s"], "{:.1f}")),
+        ("peak GB", 9, lambda r: f"{r['peak_train_mb'] / 1024:.2f}"), ("+load GB", 9, lambda r: f"{r['peak_increase_mb'] / 1024:.2f}"),
+        ("precomp s", 10, precompute), ("loss@1", 9, lambda r: fmt(r["first_loss"], "{:.4f}")),
+        ("others", 8, lambda r: fmt(r["others_cpu_share"], "{:.0%}")),
+    ]
 
 
 def ratios(results: dict[str, dict], comparisons: list[tuple]) -> list[dict]:

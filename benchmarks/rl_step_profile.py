@@ -54,7 +54,7 @@ def timed(store: dict, name: str, fn):
 @torch.inference_mode()
 def decode_limit(model, tokenizer, prompt_ids: list[list[int]], new_tokens: int) -> float:
     """Tokens/s of prefill + ``new_tokens`` bare cached forwards over the whole batch (fp32)."""
-    from preftune.generate import _left_pad
+    from preftune.rollout.sampling import _left_pad
 
     ids, mask = _left_pad(prompt_ids, tokenizer.pad_token_id, next(model.parameters()).device)
     model.eval()
@@ -87,7 +87,7 @@ def main() -> None:
     from accelerate import Accelerator
 
     import preftune.algorithms.online as online
-    from preftune.config import load_run_config
+    from preftune.run_config import load_run_config
     from preftune.train.loop import _run_step, build_algorithm
     from preftune.train.optim import build_optimizer
 

@@ -112,9 +112,9 @@ def patch_generate(probe: Probe) -> None:
 
 
 def _child_preftune(spec: dict, v: dict, probe: Probe) -> None:
-    import preftune.rollout.rewards as rewards_module
+    import preftune.algorithms.online as rewards_module  # where OnlineAlgorithm looks resolve_reward up
     from preftune.algorithms.online import OnlineAlgorithm
-    from preftune.config import load_run_config
+    from preftune.run_config import load_run_config
     from preftune.train import loop
     from preftune.train.metrics import MetricsLog
 
@@ -134,7 +134,7 @@ def _child_preftune(spec: dict, v: dict, probe: Probe) -> None:
 
         return reward
 
-    rewards_module.resolve_reward = resolve_reward  # OnlineAlgorithm imports it at call time
+    rewards_module.resolve_reward = resolve_reward  # OnlineAlgorithm reads its module global at call time
 
     original_rollout = OnlineAlgorithm.make_rollout
 

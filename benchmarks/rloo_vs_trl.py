@@ -83,7 +83,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.harness import best_runs, cpu_has_bf16, wait_until_quiet  # noqa: E402
+from benchmarks.harness import best_runs, cpu_has_bf16, fmt, print_table, wait_until_quiet  # noqa: E402
 from benchmarks.rloo_trainers import LORA, PROMPTS_SOURCE, child_main  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
@@ -174,27 +174,15 @@ def summarize(name: str, raw: dict, warmup: int) -> dict:
     return out
 
 
-def _fmt(x, spec="{:.2f}"):
-    return "-" if x is None else spec.format(x)
-
-
-def print_table(results: dict[str, dict]) -> None:
-    head = (f"{'variant':<18}{'s/step':>8}{'steps/s':>9}{'gen tok/s':>10}{'tok/compl':>10}{'gen s':>7}{'rollout s':>10}"
-            f"{'peak GB':>9}{'+load GB':>9}{'others':>8}  reward by step")
-    print(head)
-    print("-" * len(head))
-    for name, r in results.items():
-        if "error" in r:
-            print(f"{name:<18} ERROR {r['error']}")
-            continue
-        label = name + (" *" if r.get("noisy") else "")
-        rew = " ".join(_fmt(x, "{:+.2f}") for x in r["rewards"])
-        print(
-            f"{label:<18}{r['s_per_step']:>8.2f}{r['steps_per_s']:>9.3f}{r['gen_tok_s']:>10.1f}"
-            f"{r['mean_completion_tokens']:>10.1f}{r['gen_s_per_step']:>7.2f}{r['rollout_s_per_step']:>10.2f}"
-            f"{r['peak_train_mb'] / 1024:>9.2f}{r['peak_increase_mb'] / 1024:>9.2f}"
-            f"{_fmt(r['others_cpu_share'], '{:.0%}'):>8}  {rew}"
-        )
+RLOO_COLUMNS = [
+    ("s/step", 8, lambda r: f"{r['s_per_step']:.2f}"), ("steps/s", 9, lambda r: f"{r['steps_per_s']:.3f}"),
+    ("gen tok/s", 10, lambda r: f"{r['gen_tok_s']:.1f}"), ("tok/compl", 10, lambda r: f"{r['mean_completion_tokens']:.1f}"),
+    ("gen s", 7, lambda r: f"{r['gen_s_per_step']:.2f}"), ("rollout s", 10, lambda r: f"{r['rollout_s_per_step']:.2f}"),
+    ("peak GB", 9, lambda r: f"{r['peak_train_mb'] / 1024:.2f}"), ("+load GB", 9, lambda r: f"{r['peak_increase_mb'] / 1024:.2f}"),
+    ("others", 8, lambda r: fmt(r["others_cpu_share"], "{:.0%}")),
+    ("  reward by step", 0, lambda r: " ".join(fmt(x, "{:+.2f}") for x in r["rewards"])),
+]
+"""The columns of the RLOO benchmark's table (see harness.print_table)."""
 
 
 def ratios(results: dict[str, dict]) -> list[dict]:
@@ -233,7 +221,7 @@ def print_ratios(rows: list[dict]) -> None:
         same = "yes" if r["same_prompts"] and r["same_prompt_tokens"] else (
             "texts only" if r["same_prompts"] else "NO")
         print(f"{r['ours'] + ' / ' + r['theirs']:<34}{r['steps_per_s']:>8.2f}{r['gen_tok_s']:>10.2f}"
-              f"{_fmt(r['cpu_gen_tok_s']):>6}{_fmt(r['gen_only_tok_s']):>8}{r['peak']:>6.2f}{r['peak_increase']:>7.2f}"
+              f"{fmt(r['cpu_gen_tok_s']):>6}{fmt(r['gen_only_tok_s']):>8}{r['peak']:>6.2f}{r['peak_increase']:>7.2f}"
               f"  {same:<12}  {target}")
 
 
@@ -275,7 +263,7 @@ def run_variant(name: str, tag: str, args, work: Path, env: dict, order: list[st
     r["run"] = tag
     if "error" not in r:
         print(f"  {time.perf_counter() - t:.0f} s in all; {r['s_per_step']:.2f} s/step, {r['gen_tok_s']:.1f} generated tok/s, "
-              f"peak {r['peak_train_mb'] / 1024:.2f} GB, other processes {_fmt(r['others_cpu_share'], '{:.0%}')} of the CPUs",
+              f"peak {r['peak_train_mb'] / 1024:.2f} GB, other processes {fmt(r['others_cpu_share'], '{:.0%}')} of the CPUs",
               flush=True)
     return r
 
@@ -380,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmodel {args.model}; {args.prompts} prompts x {args.k} samples = {args.prompts * args.k} completions/step "
           f"(micro-batch {args.micro_batch}); max {args.max_new_tokens} new tokens, T={args.temperature}; beta {args.beta}; "
           f"lr {args.lr}; {args.warmup} warm-up + {args.steps} timed steps; {args.threads} threads\n")
-    print_table(results)
+    print_table(results, RLOO_COLUMNS, name_width=18)
     if any(r.get("noisy") for r in results.values()):
         print(f"* other processes used more than {args.max_others:.0%} of the CPUs during the timed steps")
     comp = ratios(results)

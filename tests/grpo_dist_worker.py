@@ -18,7 +18,7 @@ from accelerate import Accelerator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from preftune.config import load_run_config  # noqa: E402
+from preftune.run_config import load_run_config  # noqa: E402
 from preftune.train.loop import _run_step, build_module  # noqa: E402
 
 REWARD = f"{ROOT / 'tests' / 'rl_reward.py'}:low_ids"

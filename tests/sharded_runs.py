@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from preftune.config import load_run_config
+from preftune.run_config import load_run_config
 from preftune.train.loop import train
 
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from preftune.config import ConfigError, load_run_config
+from preftune.config import ConfigError
+from preftune.run_config import load_run_config
 from preftune.data.records import DataError
 from preftune.train.loop import train
 from tests.conftest import write_jsonl

@@ -4,8 +4,9 @@ import pytest
 import yaml
 
 from preftune.algorithms import ALGORITHMS
-from preftune.cli import config_markdown
-from preftune.config import ConfigError, RunConfig, commented_yaml, load_run_config
+from preftune.commands.config import config_markdown
+from preftune.config import ConfigError, RunConfig, commented_yaml
+from preftune.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

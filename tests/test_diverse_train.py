@@ -88,7 +88,7 @@ def test_grdpo_accumulation_invariance(tmp_path):
     from safetensors.torch import load_file
 
     import preftune.train.loop as loop_mod
-    from preftune.config import load_run_config
+    from preftune.run_config import load_run_config
     from preftune.train.metrics import read_metrics
 
     def run(name, micro, accum):
@@ -114,7 +114,7 @@ def test_grdpo_resume_equals_uninterrupted(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     import preftune.train.loop as loop_mod
-    from preftune.config import load_run_config
+    from preftune.run_config import load_run_config
     from preftune.train.metrics import read_metrics
 
     def cfg(name, *extra):

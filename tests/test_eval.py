@@ -12,7 +12,7 @@ import torch
 from preftune.config import ConfigError, from_dict
 from preftune.eval import (best_of_n_kl, distinct_n, format_number, frontier_plot, mean_repeated_ngram_fraction,
                            pareto_front, repeated_ngram_fraction, sequence_kl, wilson_interval, win_rate, write_report)
-from preftune.eval_config import EvalConfig, model_entries
+from preftune.eval.run import EvalConfig, model_entries
 from tests.conftest import cli, write_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -119,7 +119,7 @@ def test_distinct_and_repeated_ngrams():
 
 def test_sampled_sequence_logps_match_a_plain_forward():
     from preftune.eval.evaluate import _sequence_logps
-    from preftune.generate import generate_completions
+    from preftune.rollout.sampling import generate_completions
     from preftune.models.loading import load_model
 
     model, tok = load_model("tiny-random-llama", seed=3)

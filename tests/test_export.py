@@ -1,4 +1,4 @@
-"""Checkpoints become loadable models: `preftune export`, and load_model on a checkpoint folder."""
+"""Checkpoints become loadable models: `preftune export`, and a checkpoint folder resolved to its export."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from preftune.models.loading import ModelLoadError, load_model
 from preftune.train import loop as loop_mod
 from preftune.train.checkpoint import CheckpointError, list_checkpoints
-from preftune.train.export import default_export_dir, export_checkpoint
+from preftune.train.export import default_export_dir, export_checkpoint, resolve_model
 from tests.conftest import cli
 from tests.test_train import run_cfg
 
@@ -34,11 +34,11 @@ def test_final_checkpoint_exports_to_the_final_model(tmp_path, sft_file, lora):
     for k in a:
         assert torch.equal(a[k], b[k]), k  # the last checkpoint is the final model, bit for bit
 
-    # load_model takes the checkpoint folder itself; an earlier step is a different model
+    # a checkpoint folder resolves to its export; an earlier step is a different model
     ids = torch.tensor([[1, 5, 9, 13, 2]])
     final, _ = load_model(str(result.model_dir))
-    at_last, _ = load_model(str(last))
-    at_first, _ = load_model(str(first))
+    at_last, _ = load_model(resolve_model(str(last)))
+    at_first, _ = load_model(resolve_model(str(first)))
     torch.testing.assert_close(_logits(at_last, ids), _logits(final, ids), rtol=0, atol=0)
     assert not torch.allclose(_logits(at_first, ids), _logits(final, ids))
     assert (default_export_dir(first) / "preftune_export.json").is_file()
@@ -71,4 +71,4 @@ def test_export_cli_and_errors(tmp_path, sft_file):
     with pytest.raises(CheckpointError, match="config.yaml is missing"):
         export_checkpoint(checkpoint, tmp_path / "again", reuse=False)
     with pytest.raises(ModelLoadError, match="config.yaml is missing"):
-        load_model(str(checkpoint))  # never exported to its default folder, so it must be rebuilt
+        load_model(resolve_model(str(checkpoint)))  # never exported to its default folder, so it must be rebuilt

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from preftune.generate import generate_completions, write_jsonl
+from preftune.models.cache import write_jsonl
+from preftune.rollout.sampling import generate_completions
 
 TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "src", "preftune", "assets", "tiny_tokenizer")
 PROMPTS = [

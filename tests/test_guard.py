@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import preftune.train.loop as loop_mod
-from preftune.config import TrainConfig, load_run_config
+from preftune.config import TrainConfig
+from preftune.run_config import load_run_config
 from preftune.train.checkpoint import list_checkpoints, verify_checkpoint
 from preftune.train.guard import NonFiniteError, StepGuard, bad_metrics
 from preftune.train.loop import follow_learning_rate

@@ -9,13 +9,14 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import preftune.train.loop as loop_mod
-from preftune.config import load_run_config
+from preftune.run_config import load_run_config
 from preftune.data.images import corruption_box, load_image_pairs, write_colour_images
 from preftune.data.records import DataError
 from preftune.losses.mdpo import anchored_preference_loss, conditional_preference_loss, mdpo_loss
 from preftune.losses.preference import dpo_loss
 from preftune.models.loading import ModelLoadError, load_model, save_model
 from preftune.models.vision import image_conditioned_logps
+from preftune.train.export import resolve_model
 from preftune.train.metrics import read_metrics
 from tests.conftest import ROOT, cli, write_jsonl
 
@@ -289,7 +290,7 @@ def test_cli_trains_the_example_config_and_the_model_reloads(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     model = AutoModelForImageTextToText.from_pretrained(out / "model")
     processor = AutoProcessor.from_pretrained(out / "model")
-    exported, _ = load_model(str(out / "checkpoints" / "step-000004"), model_class=AutoModelForImageTextToText)
+    exported, _ = load_model(resolve_model(str(out / "checkpoints" / "step-000004")), model_class=AutoModelForImageTextToText)
     batch = _image_batch(processor, [(200, 0, 0), (0, 0, 200)])
     with torch.no_grad():
         torch.testing.assert_close(image_conditioned_logps(exported, batch)[0], image_conditioned_logps(model, batch)[0])

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import preftune.train.loop as loop_mod
 from preftune.algorithms import ALGORITHMS
-from preftune.config import load_run_config
+from preftune.run_config import load_run_config
 from preftune.train.metrics import read_metrics
 from tests.conftest import ROOT, cli, write_jsonl
 from tests.test_train import _free_port, assert_same_weights

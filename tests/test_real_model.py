@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import preftune.train.loop as loop_mod
-from preftune.config import load_run_config
+from preftune.run_config import load_run_config
 from preftune.train.metrics import read_metrics
 
 

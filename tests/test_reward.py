@@ -9,13 +9,14 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from preftune.algorithms.reward import PLAIN_CHAT_TEMPLATE, RewardModelAlgorithm
-from preftune.config import ConfigError, load_run_config
+from preftune.config import ConfigError
+from preftune.run_config import load_run_config
 from preftune.data.records import DataError
 from preftune.losses.reward import bradley_terry_loss
 from preftune.models.loading import load_model
 from preftune.models.reward_head import last_token_index, sequence_rewards
 from preftune.rewards import FunctionReward, RewardModel, RewardSource
-from preftune.train.evaluate import split_eval
+from preftune.data.source import split_eval
 from preftune.train.loop import build_algorithm, train
 from tests.conftest import cli, write_jsonl
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from preftune.rewards.aggregate import parse_aggregate
-from preftune.rollout.rewards import check_reward_spec, resolve_reward
+from preftune.rewards.spec import check_reward_spec, resolve_reward
 from tests.conftest import ROOT, cli, write_jsonl
 
 FNS = '''

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 import preftune.train.loop as loop_mod
-from preftune.config import load_run_config
+from preftune.run_config import load_run_config
 from preftune.train.checkpoint import list_checkpoints
 from preftune.train.metrics import read_metrics
 from tests.conftest import ROOT, write_jsonl

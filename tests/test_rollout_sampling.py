@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from preftune.data.collate import collate_completions
-from preftune.generate import generate_completions
+from preftune.rollout.sampling import generate_completions
 from preftune.models.loading import load_model
 from preftune.models.logprobs import policy_forward
 from preftune.rollout.sampling import sample_rollout
@@ -35,7 +35,7 @@ def test_sampler_logps_match_a_forward(tiny):
 
 
 def test_rloo_rollout_same_with_and_without_reuse(tmp_path):
-    from preftune.config import load_run_config
+    from preftune.run_config import load_run_config
     from preftune.train.loop import build_algorithm
     from tests.conftest import ROOT, write_jsonl
 

@@ -1,6 +1,6 @@
 import pytest
 
-from preftune.train.source import OfflineSource
+from preftune.data.source import OfflineSource
 
 
 def make(n, micro, accum, world, rank, by_length=True, seed=3):

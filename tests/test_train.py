@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 import preftune.train.loop as loop_mod
-from preftune.config import ConfigError, load_run_config
+from preftune.config import ConfigError
+from preftune.run_config import load_run_config
 from preftune.train.checkpoint import CheckpointError, list_checkpoints
 from preftune.train.metrics import read_metrics
 from tests.conftest import ROOT

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import textwrap
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
@@ -30,6 +31,25 @@ def doc(default: Any = MISSING, help: str = "", *, factory: Any = MISSING) -> An
     if factory is not MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+SHARED_FIELDS: dict[str, tuple[Any, str]] = {
+    "split": ("train", "Split to read from a datasets directory or hub name."),
+    "max_new_tokens": (64, "Maximum tokens sampled per completion."),
+    "temperature": (1.0, "Sampling temperature (0 = greedy where allowed)."),
+    "top_p": (1.0, "Nucleus sampling: keep the smallest token set with this much probability (1 = off)."),
+    "top_k": (0, "Keep only the k most likely tokens (0 = off)."),
+    "text_as_chat": (False, "Wrap plain-text prompts as a user message and apply the chat template."),
+    "beta": (0.1, "β: strength of the KL leash to the reference (higher = stay closer)."),
+}
+"""Settings that several configs have, with the same meaning: (default, the one help text)."""
+
+
+def shared(name: str, default: Any = MISSING, *, note: str = "") -> Any:
+    """A field of :data:`SHARED_FIELDS` (its default unless ``default`` is given); ``note`` adds what is
+    particular to this config after the shared help text."""
+    base_default, help_text = SHARED_FIELDS[name]
+    return doc(base_default if default is MISSING else default, f"{help_text} {note}".strip())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +99,7 @@ class DataConfig:
         "Training data: a .jsonl/.json/.parquet/.csv file, a directory saved by datasets, "
         "'builtin:NAME' for a dataset shipped with preftune, or a datasets hub name. Required.",
     )
-    split: str = doc("train", "Split to read from a datasets directory or hub name.")
+    split: str = shared("split")
     max_rows: Optional[int] = doc(None, "Use only the first N rows (smoke runs). null = all rows.")
     max_length: int = doc(1024, "Maximum tokens of prompt + completion.")
     max_prompt_length: Optional[int] = doc(
@@ -272,6 +292,11 @@ def _coerce(value: Any, tp: Any, path: str, help_text: str) -> Any:
             fail()
         (inner,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, inner, f"{path}[{i}]", help_text) for i, v in enumerate(value)]
+    return _coerce_scalar(value, tp, path, fail)
+
+
+def _coerce_scalar(value: Any, tp: Any, path: str, fail: Callable[[], typing.NoReturn]) -> Any:
+    """``value`` as the scalar type ``tp`` (bool, int, float, str), or ``fail()``."""
     if tp is bool:
         if not isinstance(value, bool):
             fail()
@@ -402,53 +427,22 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a run config (file and/or overrides) into a validated RunConfig with `algo` attached."""
-    from preftune.algorithms import ALGORITHMS  # late import: algorithms import config
-
-    data = read_yaml(path) if path else {}
-    data = apply_overrides(data, list(overrides or []))
-    name = data.get("algorithm", RunConfig.algorithm)
-    if name not in ALGORITHMS:
-        raise ConfigError(f"algorithm: unknown '{name}'. Valid: {', '.join(ALGORITHMS)}")
-    algo_cls = ALGORITHMS[name]
-    section = data.pop(name, None) or {}
-    for other in ALGORITHMS:
-        if other != name and other in data:
-            hint = ""
-            if other in {f.name for f in _public_fields(algo_cls.Config)}:
-                hint = f"; '{other}' is a setting of '{name}': write it as {name}.{other} (a '{name}:' section)"
-            raise ConfigError(f"section '{other}' given but algorithm is '{name}'{hint}")
-    try:
-        run = from_dict(RunConfig, data)
-    except ConfigError as exc:
-        if str(exc).startswith("unknown key '") and "." not in str(exc).split("'")[1]:
-            valid = [f.name for f in _public_fields(RunConfig)] + [name]
-            key = str(exc).split("'")[1]
-            raise _top_level_key_error(key, valid, algo_cls.Config, name) from None
-        raise
-    if not isinstance(section, dict):
-        raise ConfigError(f"{name}: expected a mapping of the algorithm's settings")
-    run.algo = from_dict(algo_cls.Config, section, name)
-    return run
-
-
-def _top_level_key_error(key: str, valid: list[str], algo_config: type, name: str) -> ConfigError:
-    """An unknown top-level key: suggest a close top-level key, else a close nested one
-    ('learnin_rate' -> 'train.learning_rate')."""
-    if difflib.get_close_matches(key, valid, n=1):
-        return unknown_key_error("", key, valid)
-    nested = [k for k, *_ in describe(RunConfig)] + [f"{name}.{k}" for k, *_ in describe(algo_config)]
-    leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(nested)}
-    hint = "".join(f" Did you mean '{leaves[c]}'?" for c in difflib.get_close_matches(key, list(leaves), n=1))
-    return ConfigError(f"unknown key '{key}'.{hint} Valid keys: {', '.join(valid)}")
-
-
 def run_config_to_dict(run: RunConfig) -> dict:
     data = to_dict(run)
     algo = data.pop("algo")
     data[run.algorithm] = algo if algo is not None else {}
     return data
+
+
+def __getattr__(name: str) -> Any:
+    # ``preftune.config.load_run_config`` moved above the algorithms (preftune/run_config.py: it reads
+    # the algorithm table, which imports this module). Kept reachable here, lazily, for callers not
+    # yet moved; import it from preftune.run_config.
+    if name == "load_run_config":
+        import importlib  # here: a cycle, see above
+
+        return importlib.import_module("preftune.run_config").load_run_config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,14 +463,6 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         rows.append((key, _type_name(tp), default, f.metadata.get("help", "")))
     return rows
-
-
-def field_help(cls: type, title: str) -> str:
-    """Every field of ``cls`` with its type, default and help, under ``title`` (a command's ``--help`` epilog)."""
-    lines = [title]
-    for key, tp, default, help_text in describe(cls):
-        lines.append(f"  {key} ({tp}, default {default!r})\n      {help_text}")
-    return "\n".join(lines)
 
 
 def commented_yaml(cls: type, values: Any = None, indent: int = 0) -> str:
@@ -503,6 +489,4 @@ def commented_yaml(cls: type, values: Any = None, indent: int = 0) -> str:
 
 
 def _wrap(text: str, width: int) -> list[str]:
-    import textwrap
-
     return textwrap.wrap(text, width=max(width, 40)) if text else []

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
-from preftune.algorithms.dpo import CDPO, DPO, DPOP, IPO, ORPO, RPO, Hinge, ReferenceFreeDPO, RobustDPO, SimPO, Unlikelihood
 from preftune.algorithms.best_of_n import BestOfN
+from preftune.algorithms.dpo import (
+    CDPO,
+    DPO,
+    DPOP,
+    IPO,
+    ORPO,
+    RPO,
+    Hinge,
+    ReferenceFreeDPO,
+    RobustDPO,
+    SimPO,
+    Unlikelihood,
+)
 from preftune.algorithms.grdpo import GroupRobustDPO
 from preftune.algorithms.grpo import GRPO, GSPO
 from preftune.algorithms.kto import KTO
@@ -11,8 +23,8 @@ from preftune.algorithms.mdpo import MDPO
 from preftune.algorithms.ppo import PPO
 from preftune.algorithms.reinforce import Reinforce
 from preftune.algorithms.reinforce_pp import ReinforcePP
-from preftune.algorithms.rloo import RLOO
 from preftune.algorithms.reward import RewardModelAlgorithm
+from preftune.algorithms.rloo import RLOO
 from preftune.algorithms.sft import SFT
 
 ALGORITHMS = {

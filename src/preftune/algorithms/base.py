@@ -20,6 +20,12 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from preftune.data.collate import collate_completions, collate_pairs
+from preftune.data.loaders import load_records
+from preftune.data.source import OfflineSource
+from preftune.data.tokenize import tokenize_pairs, tokenize_sft
+from preftune.models.loading import load_model, save_model
+
 Metrics = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """metric name -> (sum over the micro-batch, count). The loop reports sum / count over the global batch."""
 
@@ -40,6 +46,11 @@ class Algorithm(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type]
     needs: ClassVar[Needs]
+    export_unsupported: ClassVar[str] = ""
+    """Why a checkpoint of this algorithm cannot become a model folder (``preftune export``); "" = it can."""
+    online: ClassVar[bool] = False
+    """Whether the batches are rollouts of the current policy (an online source) rather than a dataset;
+    read by the study and the tests instead of a hand-kept list."""
 
     def __init__(self, config: Any, policy: nn.Module, tokenizer: Any, run: Any):
         super().__init__()
@@ -53,22 +64,23 @@ class Algorithm(nn.Module):
     def load_policy(cls, config: Any, run: Any) -> tuple[nn.Module, Any]:
         """Load the trained model and its tokenizer, before LoRA is applied (a causal LM by default;
         a reward model loads a one-label sequence classifier)."""
-        from preftune.models.loading import load_model
-
         return load_model(run.model.name, dtype=run.model.dtype, seed=run.train.seed)
 
     @classmethod
     def member_runs(cls, run: Any) -> list:
         """The independent runs one config asks for, each trained by the loop in turn (e.g. the
-        members of a reward-model ensemble). Default: the run itself."""
+        members of a reward-model ensemble; see preftune/train/ensemble.py). Default: the run itself."""
         return [run]
+
+    @classmethod
+    def is_trained(cls, output_dir: Path) -> bool:
+        """Whether a member run in ``output_dir`` has saved its final model (skipped on resume)."""
+        return (output_dir / "model").is_dir()
 
     # -- data -----------------------------------------------------------------------------------
     @classmethod
     def load_records(cls, config: Any, source: str, split: str) -> list:
         """Read and validate the training records (of kind ``needs.data_kind``), before any model loads."""
-        from preftune.data.loaders import load_records
-
         return load_records(source, cls.needs.data_kind, split=split)
 
     def prepare_examples(self, examples: list[dict], accelerator: Any) -> list[dict]:
@@ -78,8 +90,6 @@ class Algorithm(nn.Module):
 
     def make_source(self, examples: list[dict], accelerator: Any):
         """The batch source the loop draws optimizer steps from (offline: the tokenized dataset)."""
-        from preftune.train.source import OfflineSource
-
         t = self.run.train
         return OfflineSource(
             examples,
@@ -94,8 +104,6 @@ class Algorithm(nn.Module):
 
     def tokenize(self, records: list, source: str) -> tuple[list[dict], Any]:
         """Records -> tokenized examples (+ a truncation report)."""
-        from preftune.data.tokenize import tokenize_pairs, tokenize_sft
-
         d = self.run.data
         kwargs = dict(
             max_length=d.max_length,
@@ -122,14 +130,18 @@ class Algorithm(nn.Module):
         return n + len(example["completion_ids"])
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        from preftune.data.collate import collate_completions, collate_pairs
-
         pad = self.tokenizer.pad_token_id
         if self.needs.data_kind == "pairs":
             return collate_pairs(examples, pad)
         return collate_completions(examples, pad)
 
     # -- loss -----------------------------------------------------------------------------------
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens a micro-batch holds (the throughput the loop logs): real tokens of the attention mask."""
+        if "attention_mask" in batch:
+            return int(batch["attention_mask"].sum())
+        return int(batch["input_ids"].numel())
+
     def count_units(self, batch: dict[str, torch.Tensor]) -> int:
         """Units (tokens or rows) in a micro-batch that its summed loss covers."""
         if self.needs.loss_unit == "token":
@@ -167,6 +179,4 @@ class Algorithm(nn.Module):
     # -- output ---------------------------------------------------------------------------------
     def save(self, out_dir: Path) -> None:
         """Save the trained model so transformers (or peft, for adapters) loads it directly."""
-        from preftune.models.loading import save_model
-
         save_model(self.policy, self.tokenizer, out_dir, merge=self.run.model.lora.merge_on_save)

@@ -10,6 +10,8 @@ import torch
 from preftune.algorithms.base import Needs
 from preftune.algorithms.online import OnlineAlgorithm, RolloutConfig
 from preftune.config import ConfigError, doc
+from preftune.losses.sft import sft_loss
+from preftune.models.logprobs import per_token_logps
 
 
 @dataclass
@@ -44,8 +46,5 @@ class BestOfN(OnlineAlgorithm):
         return [rows[i] for i in keep], {"reward/best_of_n": best, "reward/gain_over_mean": best - mean}
 
     def forward(self, batch):
-        from preftune.losses.sft import sft_loss
-        from preftune.models.logprobs import per_token_logps
-
         logps = per_token_logps(self.policy, batch)
         return sft_loss(logps, batch["completion_mask"])

@@ -9,12 +9,11 @@ al. 2024), RPO (Pang et al. 2024), DPO-Positive (Pal et al. 2024) and the unlike
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 from preftune.algorithms.base import Needs
 from preftune.algorithms.pairwise import PairsConfig, PairwiseAlgorithm, PairwiseConfig
-from preftune.config import ConfigError, check_range, doc
+from preftune.config import ConfigError, check_range, doc, shared
 from preftune.losses import preference as L
 
 NO_REFERENCE = Needs(data_kind="pairs", loss_unit="row", reference_model=False)
@@ -22,7 +21,7 @@ NO_REFERENCE = Needs(data_kind="pairs", loss_unit="row", reference_model=False)
 
 @dataclass
 class DPOConfig(PairwiseConfig):
-    beta: float = doc(0.1, "β: strength of the KL leash to the reference (higher = stay closer).")
+    beta: float = shared("beta")
 
     def validate(self, path: str) -> None:
         check_range(path, self, positive=("beta",))
@@ -30,7 +29,7 @@ class DPOConfig(PairwiseConfig):
 
 @dataclass
 class SmoothedDPOConfig(PairwiseConfig):
-    beta: float = doc(0.1, "β: strength of the KL leash to the reference (higher = stay closer).")
+    beta: float = shared("beta")
     label_smoothing: float = doc(0.1, "ε: assumed fraction of preference labels that are flipped, in [0, 0.5).")
 
     def validate(self, path: str) -> None:
@@ -90,8 +89,8 @@ class DPO(PairwiseAlgorithm):
     def first_loss(cls, config):
         return math.log(2)  # σ(0): policy = reference
 
-    def loss(self, batch, out, pc, pr, rc, rr):
-        return L.dpo_loss(pc, pr, rc, rr, beta=self.config.beta)
+    def loss(self, batch, out, logps):
+        return L.dpo_loss(*logps, beta=self.config.beta)
 
 
 class CDPO(PairwiseAlgorithm):
@@ -104,8 +103,8 @@ class CDPO(PairwiseAlgorithm):
     def first_loss(cls, config):
         return math.log(2)  # σ(0): policy = reference
 
-    def loss(self, batch, out, pc, pr, rc, rr):
-        return L.cdpo_loss(pc, pr, rc, rr, beta=self.config.beta, label_smoothing=self.config.label_smoothing)
+    def loss(self, batch, out, logps):
+        return L.cdpo_loss(*logps, beta=self.config.beta, label_smoothing=self.config.label_smoothing)
 
 
 class RobustDPO(PairwiseAlgorithm):
@@ -118,8 +117,8 @@ class RobustDPO(PairwiseAlgorithm):
     def first_loss(cls, config):
         return math.log(2)  # σ(0): policy = reference
 
-    def loss(self, batch, out, pc, pr, rc, rr):
-        return L.robust_dpo_loss(pc, pr, rc, rr, beta=self.config.beta, label_smoothing=self.config.label_smoothing)
+    def loss(self, batch, out, logps):
+        return L.robust_dpo_loss(*logps, beta=self.config.beta, label_smoothing=self.config.label_smoothing)
 
 
 class IPO(PairwiseAlgorithm):
@@ -133,8 +132,8 @@ class IPO(PairwiseAlgorithm):
     def first_loss(cls, config):
         return (1 / (2 * config.tau)) ** 2  # (h − 1/(2τ))² at h = 0
 
-    def loss(self, batch, out, pc, pr, rc, rr):
-        return L.ipo_loss(pc, pr, rc, rr, tau=self.config.tau)
+    def loss(self, batch, out, logps):
+        return L.ipo_loss(*logps, tau=self.config.tau)
 
 
 class Hinge(PairwiseAlgorithm):
@@ -147,8 +146,8 @@ class Hinge(PairwiseAlgorithm):
     def first_loss(cls, config):
         return 1.0  # relu(1 − β·0)
 
-    def loss(self, batch, out, pc, pr, rc, rr):
-        return L.hinge_loss(pc, pr, rc, rr, beta=self.config.beta)
+    def loss(self, batch, out, logps):
+        return L.hinge_loss(*logps, beta=self.config.beta)
 
 
 class ReferenceFreeDPO(PairwiseAlgorithm):
@@ -158,8 +157,8 @@ class ReferenceFreeDPO(PairwiseAlgorithm):
     Config = ReferenceFreeConfig
     needs = NO_REFERENCE
 
-    def loss(self, batch, out, pc, pr, rc, rr):
-        return L.reference_free_dpo_loss(pc, pr, beta=self.config.beta)
+    def loss(self, batch, out, logps):
+        return L.reference_free_dpo_loss(logps.policy_chosen_logps, logps.policy_rejected_logps, beta=self.config.beta)
 
 
 class SimPO(PairwiseAlgorithm):
@@ -169,8 +168,8 @@ class SimPO(PairwiseAlgorithm):
     Config = SimPOConfig
     needs = Needs(data_kind="pairs", loss_unit="row", reference_model=False, length_averaged=True)
 
-    def loss(self, batch, out, pc, pr, rc, rr):
-        return L.simpo_loss(pc, pr, beta=self.config.beta, gamma=self.config.gamma)
+    def loss(self, batch, out, logps):
+        return L.simpo_loss(logps.policy_chosen_logps, logps.policy_rejected_logps, beta=self.config.beta, gamma=self.config.gamma)
 
 
 class ORPO(PairwiseAlgorithm):
@@ -180,8 +179,8 @@ class ORPO(PairwiseAlgorithm):
     Config = ORPOConfig
     needs = Needs(data_kind="pairs", loss_unit="row", reference_model=False, length_averaged=True)
 
-    def loss(self, batch, out, pc, pr, rc, rr):
-        return L.orpo_loss(pc, pr, -pc, lam=self.config.lam)  # pc is the mean chosen log-prob: −pc = mean NLL
+    def loss(self, batch, out, logps):
+        return L.orpo_loss(logps.policy_chosen_logps, logps.policy_rejected_logps, -logps.policy_chosen_logps, lam=self.config.lam)  # the mean chosen log-prob: − it = mean NLL
 
 
 class Unlikelihood(PairwiseAlgorithm):
@@ -191,7 +190,7 @@ class Unlikelihood(PairwiseAlgorithm):
     Config = UnlikelihoodConfig
     needs = NO_REFERENCE
 
-    def loss(self, batch, out, pc, pr, rc, rr):
+    def loss(self, batch, out, logps):
         return L.unlikelihood_loss(
             out["chosen_per_token_logps"], out["chosen_mask"], out["rejected_per_token_logps"], out["rejected_mask"],
             alpha=self.config.alpha,
@@ -201,7 +200,7 @@ class Unlikelihood(PairwiseAlgorithm):
 
 @dataclass
 class RPOConfig(PairwiseConfig):
-    beta: float = doc(0.1, "β: strength of the KL leash to the reference (higher = stay closer).")
+    beta: float = shared("beta")
     alpha: float = doc(1.0, "α: weight of the length-normalised NLL of the chosen response added to the DPO loss.")
 
     def validate(self, path: str) -> None:
@@ -210,7 +209,7 @@ class RPOConfig(PairwiseConfig):
 
 @dataclass
 class DPOPConfig(PairwiseConfig):
-    beta: float = doc(0.1, "β: strength of the KL leash to the reference (higher = stay closer).")
+    beta: float = shared("beta")
     lam: float = doc(50.0, "λ: weight of the penalty max(0, log π_ref(y_w) − log π_θ(y_w)) inside the sigmoid.")
 
     def validate(self, path: str) -> None:
@@ -223,9 +222,9 @@ class RPO(PairwiseAlgorithm):
     name = "rpo"
     Config = RPOConfig
 
-    def loss(self, batch, out, pc, pr, rc, rr):
-        nll = -pc / out["chosen_lengths"].clamp(min=1)  # pc is the summed chosen log-prob
-        return L.rpo_loss(pc, pr, rc, rr, nll, beta=self.config.beta, alpha=self.config.alpha)
+    def loss(self, batch, out, logps):
+        nll = -logps.policy_chosen_logps / out["chosen_lengths"].clamp(min=1)  # the summed chosen log-prob
+        return L.rpo_loss(*logps, nll, beta=self.config.beta, alpha=self.config.alpha)
 
 
 class DPOP(PairwiseAlgorithm):
@@ -238,5 +237,5 @@ class DPOP(PairwiseAlgorithm):
     def first_loss(cls, config):
         return math.log(2)  # σ(0): policy = reference
 
-    def loss(self, batch, out, pc, pr, rc, rr):
-        return L.dpop_loss(pc, pr, rc, rr, beta=self.config.beta, lam=self.config.lam)
+    def loss(self, batch, out, logps):
+        return L.dpop_loss(*logps, beta=self.config.beta, lam=self.config.lam)

@@ -28,6 +28,8 @@ import torch
 from preftune.algorithms.dpo import DPOConfig
 from preftune.algorithms.pairwise import PairwiseAlgorithm
 from preftune.config import check_range, doc
+from preftune.data.groups import check_held_out_groups, group_index, group_names
+from preftune.losses.diverse import group_robust_dpo_loss, group_robust_weights
 
 log = logging.getLogger("preftune.algorithms")
 
@@ -60,8 +62,6 @@ class GroupRobustDPO(PairwiseAlgorithm):
         return math.log(2)  # every group's DPO loss is ln 2 when policy = reference
 
     def group_index(self, records: list, source: str) -> dict:
-        from preftune.data.groups import check_held_out_groups, group_index, group_names
-
         if self.group_names:  # the training data came first and fixed the groups
             if self.group_names != [None]:
                 check_held_out_groups(self.group_names, records, source)
@@ -79,8 +79,6 @@ class GroupRobustDPO(PairwiseAlgorithm):
         return group_index(self.group_names)
 
     def before_step(self, micro_batches: list[dict], accelerator) -> None:
-        from preftune.losses.diverse import group_robust_weights
-
         sums = accelerator.reduce(self._loss_sums.clone(), reduction="sum") if accelerator.num_processes > 1 else self._loss_sums
         if sums[1].sum() > 0:
             present = sums[1] > 0
@@ -92,14 +90,13 @@ class GroupRobustDPO(PairwiseAlgorithm):
         counts = counts.to(self.group_weights.device)
         self._counts = accelerator.reduce(counts, reduction="sum") if accelerator.num_processes > 1 else counts
 
-    def loss(self, batch, out, pc, pr, rc, rr):
-        from preftune.losses.diverse import group_robust_dpo_loss
-
+    def loss(self, batch, out, logps):
         groups = batch["group"].long()
         g = len(self.group_names)
         counts = self._counts if self.training and self._counts is not None else torch.bincount(groups, minlength=g).float()
-        losses, m = group_robust_dpo_loss(pc, pr, rc, rr, groups, self.group_weights, counts.to(pc.device), beta=self.config.beta)
-        per_group = torch.zeros(2, g, device=pc.device, dtype=torch.float32)
+        device = logps.policy_chosen_logps.device
+        losses, m = group_robust_dpo_loss(*logps, groups, self.group_weights, counts.to(device), beta=self.config.beta)
+        per_group = torch.zeros(2, g, device=device, dtype=torch.float32)
         per_group[0].index_add_(0, groups, m.pop("dpo_losses").float())
         per_group[1].index_add_(0, groups, torch.ones_like(groups, dtype=torch.float32))
         if self.training:

@@ -21,6 +21,15 @@ from preftune.algorithms.base import Needs
 from preftune.algorithms.online import OnlineAlgorithm, RolloutConfig
 from preftune.algorithms.rloo import REUSE_SAMPLER_HELP
 from preftune.config import ConfigError, doc
+from preftune.losses.grpo import (
+    aggregate_rows,
+    aggregation_units,
+    clipped_policy_loss,
+    gspo_policy_loss,
+    truncated_importance_weights,
+)
+from preftune.models.logprobs import _scored, per_token_logps
+from preftune.rollout.advantages import group_normalized_advantages, overlong_penalty, zero_variance_groups
 
 
 @dataclass
@@ -101,6 +110,9 @@ class ClippedPolicyGradient(OnlineAlgorithm):
 
     needs = Needs(data_kind="prompts", loss_unit="token", reference_model=True)
 
+    def tis_cap(self):
+        return self.config.tis_cap
+
     def __init__(self, config, policy, tokenizer, run):
         if getattr(config, "dynamic_sampling", False) and run.train.sharding != "none":
             # Refills are decided per process, but a sharded decode gathers weights collectively.
@@ -125,8 +137,6 @@ class ClippedPolicyGradient(OnlineAlgorithm):
 
     # -- sampling ----------------------------------------------------------------------------------
     def shape_scores(self, scores, samples):
-        from preftune.rollout.advantages import overlong_penalty
-
         scores = super().shape_scores(scores, samples)
         c = self.config
         if c.overlong_buffer is None:
@@ -138,8 +148,6 @@ class ClippedPolicyGradient(OnlineAlgorithm):
         """Dynamic sampling (DAPO §3.2): keep the groups whose rewards differ; refill the others with
         groups of prompts drawn (seeded) from the whole prompt set, for at most dynamic_sampling_rounds
         rounds; groups still missing are filled with zero-variance groups of the first draw."""
-        from preftune.rollout.advantages import zero_variance_groups
-
         first = super().sample_groups(prompts, seed=seed, accelerator=accelerator)
         if not self.config.dynamic_sampling:
             return first
@@ -165,22 +173,14 @@ class ClippedPolicyGradient(OnlineAlgorithm):
 
     # -- the step ------------------------------------------------------------------------------------
     def count_units(self, batch):
-        from preftune.losses.grpo import aggregation_units
-        from preftune.models.logprobs import _scored
-
         return aggregation_units(_scored(batch["completion_mask"]), self.config.aggregation)
 
     def policy_loss(self, logps, batch, mask):
-        from preftune.losses.grpo import clipped_policy_loss
-
         c = self.config
         adv = batch["advantages"] if "advantages" in batch else batch["advantage"]
         return clipped_policy_loss(logps, batch["old_logps"], adv, mask, epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high)
 
     def forward(self, batch):
-        from preftune.losses.grpo import aggregate_rows, truncated_importance_weights
-        from preftune.models.logprobs import _scored, per_token_logps
-
         c = self.config
         logps = per_token_logps(self.policy, batch)
         mask = _scored(batch["completion_mask"])
@@ -216,8 +216,6 @@ class GRPO(ClippedPolicyGradient):
         return c.aggregation != "dr_grpo" if c.scale_rewards is None else c.scale_rewards
 
     def advantages(self, rows, *, scores, rewards, forward, global_rewards, accelerator):
-        from preftune.rollout.advantages import group_normalized_advantages
-
         k = self.config.samples_per_prompt
         adv = group_normalized_advantages(rewards, k, scale=self.scale())
         for row, a in zip(rows, adv.tolist()):
@@ -228,7 +226,6 @@ class GRPO(ClippedPolicyGradient):
     def policy_loss(self, logps, batch, mask):
         if self.config.ratio_level == "token":
             return super().policy_loss(logps, batch, mask)
-        from preftune.losses.grpo import gspo_policy_loss
 
         c = self.config
         return gspo_policy_loss(logps, batch["old_logps"], batch["advantage"], mask, epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high)

@@ -24,8 +24,12 @@ import torch
 
 from preftune.algorithms.base import Metrics, Needs
 from preftune.algorithms.pairwise import ReferenceConfig, WithReference
-from preftune.config import check_range, doc
+from preftune.config import check_range, doc, shared
+from preftune.data.collate import collate_completions
+from preftune.data.loaders import load_records, pairs_to_unpaired, sniff_kind
+from preftune.data.records import DataError
 from preftune.losses.kto import kto_loss, kto_recommended_weights
+from preftune.models.logprobs import per_token_logps, sequence_logps
 
 log = logging.getLogger("preftune.algorithms")
 
@@ -34,7 +38,7 @@ KL_PREFIX = "kl_"
 
 @dataclass
 class KTOConfig(ReferenceConfig):
-    beta: float = doc(0.1, "β: strength of the KL leash to the reference.")
+    beta: float = shared("beta")
     desirable_weight: Optional[float] = doc(
         None, "λ_D, weight of desirable rows. null = the paper's rule for imbalanced data (with undesirable_weight)."
     )
@@ -63,16 +67,11 @@ class KTO(WithReference):
     # -- data ------------------------------------------------------------------------------------
     @classmethod
     def load_records(cls, config: Any, source: str, split: str) -> list:
-        from preftune.data.loaders import load_records, pairs_to_unpaired, read_rows
-
-        first = next(iter(read_rows(source, split=split)), (0, {}))[1]
-        if "chosen" in first and "label" not in first:
+        if sniff_kind(source, split) == "pairs":
             return pairs_to_unpaired(load_records(source, "pairs", split=split))
         records = load_records(source, "unpaired", split=split)
         labels = {r.label for r in records}
         if len(labels) == 1 and len(records) > 1:  # (a single row is refused at tokenization)
-            from preftune.data.records import DataError
-
             (label,) = labels
             kind, other = ("desirable", "false") if label else ("undesirable", "true")
             raise DataError(f"all {len(records)} rows are labelled {str(label).lower()} ({kind}); KTO weighs desirable "
@@ -85,8 +84,6 @@ class KTO(WithReference):
         if not examples:
             return examples, report
         if len(examples) == 1:
-            from preftune.data.records import DataError
-
             raise DataError("KTO needs at least 2 rows: its KL reference point pairs each prompt with another "
                             "row's completion", source=str(source))
         return attach_mismatched(examples, self.run.data.max_length, self.run.train.seed), report
@@ -103,8 +100,6 @@ class KTO(WithReference):
         return super().prepare_examples(examples, accelerator)
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        from preftune.data.collate import collate_completions
-
         pad = self.tokenizer.pad_token_id
         main = collate_completions([{k: v for k, v in e.items() if k != "kl_completion_ids"} for e in examples], pad)
         kl = collate_completions([{"prompt_ids": e["prompt_ids"], "completion_ids": e["kl_completion_ids"]} for e in examples], pad)
@@ -129,8 +124,6 @@ class KTO(WithReference):
         self._step_kl = (packed[0], packed[1])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
-        from preftune.models.logprobs import per_token_logps, sequence_logps
-
         ref = self.reference_columns(batch)
         policy_logps = sequence_logps(per_token_logps(self.policy, batch), batch["completion_mask"])
         if self.training and self._step_kl is not None:
@@ -161,8 +154,6 @@ def _kl_view(batch: dict) -> dict:
 
 
 def _logps(model, batch: dict) -> torch.Tensor:
-    from preftune.models.logprobs import per_token_logps, sequence_logps
-
     return sequence_logps(per_token_logps(model, batch), batch["completion_mask"])
 
 

@@ -18,18 +18,24 @@ the processor into a fixed number of image tokens; the forward takes ``pixel_val
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from transformers import AutoModelForImageTextToText
 
-from preftune.algorithms.base import Algorithm, Metrics, Needs
-from preftune.algorithms.pairwise import REF_KEYS, ReferenceConfig, WithReference, row_metrics
-from preftune.config import ConfigError, doc
+from preftune.algorithms.base import Metrics, Needs
+from preftune.algorithms.pairwise import REF_KEYS, ReferenceConfig, WithReference
+from preftune.config import ConfigError, doc, shared
+from preftune.data.collate import collate_completions
+from preftune.data.images import IMAGE_PLACEHOLDER, corruption_box, load_image_pairs, open_image
 from preftune.data.records import DataError, PairRecord
+from preftune.data.tokenize import TruncationReport, tokenize_pairs
 from preftune.losses.mdpo import mdpo_loss
+from preftune.losses.metrics import row_metrics
+from preftune.models.loading import load_model
+from preftune.models.vision import image_conditioned_logps, image_token_id, text_tokenizer
 
 log = logging.getLogger("preftune.algorithms")
 
@@ -53,7 +59,7 @@ _METRIC_NAMES = {
 
 @dataclass
 class MDPOConfig(ReferenceConfig):
-    beta: float = doc(0.1, "β: strength of the KL leash to the reference, shared by the three terms (0.1 in the paper).")
+    beta: float = shared("beta", note="Shared by the three terms (0.1 in the paper).")
     copo_weight: float = doc(
         1.0,
         "λ_c: weight of the conditional preference term (chosen answer with the image vs with the corrupted "
@@ -89,21 +95,7 @@ class MDPO(WithReference):
     example_keys = ("prompt_ids", "chosen_ids", "rejected_ids", "image_hash", "corrupt_box")
 
     def __init__(self, config: MDPOConfig, policy, processor, run):
-        # WithReference.__init__ would load `reference` as a text-only causal LM: set it up here.
-        Algorithm.__init__(self, config, policy, processor, run)  # self.tokenizer = the processor
-        from preftune.models.lora import is_peft_model
-        from preftune.models.vision import image_token_id
-
-        self.reference_model = None
-        if config.reference is not None:
-            from preftune.models.loading import ModelLoadError
-
-            try:
-                self.reference_model = _frozen(self.load_policy(config, run, name=config.reference)[0])
-            except ModelLoadError as err:
-                raise ModelLoadError(f"{self.name}.reference: {err}") from None
-        elif not config.precompute_reference and not is_peft_model(policy):
-            self.reference_model = _frozen(copy.deepcopy(policy))
+        super().__init__(config, policy, processor, run)  # self.tokenizer = the processor
         self.image_token_id = image_token_id(processor)
         self.rows_per_pair = 3 if config.copo_weight else 2
         self.reference_keys = REF_KEYS + ((CORRUPTED_KEY,) if config.copo_weight else ())
@@ -113,12 +105,12 @@ class MDPO(WithReference):
 
     # -- model ------------------------------------------------------------------------------------
     @classmethod
+    def load_reference(cls, config: Any, run: Any) -> torch.nn.Module:
+        return cls.load_policy(config, run, name=config.reference)[0]  # an image-text model, like the policy
+
+    @classmethod
     def load_policy(cls, config: Any, run: Any, name: str | None = None):
         """The policy as an image-text-to-text model, with its processor in place of the tokenizer."""
-        from transformers import AutoModelForImageTextToText
-
-        from preftune.models.loading import load_model
-
         return load_model(name or run.model.name, dtype=run.model.dtype, seed=run.train.seed,
                           model_class=AutoModelForImageTextToText)  # fmt: skip
 
@@ -128,17 +120,11 @@ class MDPO(WithReference):
     # -- data -------------------------------------------------------------------------------------
     @classmethod
     def load_records(cls, config: Any, source: str, split: str) -> list:
-        from preftune.data.images import load_image_pairs
-
         return load_image_pairs(source, split=split)
 
     def tokenize(self, records: list, source: str):
         """Image pair records -> examples: token ids with the image placeholder expanded to the
         model's image tokens, the image's path and hash, and the crop box of its corrupted copy."""
-        from preftune.data.images import IMAGE_PLACEHOLDER, corruption_box
-        from preftune.data.tokenize import TruncationReport, tokenize_pairs
-        from preftune.models.vision import text_tokenizer
-
         d, processor = self.run.data, self.tokenizer
         report, examples, counts = TruncationReport(), [], {}
         for index, rec in enumerate(records):
@@ -170,8 +156,6 @@ class MDPO(WithReference):
 
     def _image_tokens(self, image_path: str) -> int:
         """How many image tokens the processor expands one placeholder into for this image."""
-        from preftune.data.images import open_image
-
         processor = self.tokenizer
         ids = processor(text=[processor.image_token], images=[open_image(image_path)], return_tensors="pt")["input_ids"]
         return int((ids == self.image_token_id).sum())
@@ -188,10 +172,6 @@ class MDPO(WithReference):
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """B examples -> rows [x+y_w | m] * B, [x+y_l | m] * B (and [x+y_w | m'] * B with CoPO), their
         ``pixel_values`` in the same order, and the precomputed reference columns when present."""
-        from preftune.data.collate import collate_completions
-        from preftune.data.images import open_image
-        from preftune.models.vision import text_tokenizer
-
         chosen = [{"prompt_ids": ex["prompt_ids"], "completion_ids": ex["chosen_ids"]} for ex in examples]
         rejected = [{"prompt_ids": ex["prompt_ids"], "completion_ids": ex["rejected_ids"]} for ex in examples]
         corrupted = chosen if self.rows_per_pair == 3 else []
@@ -215,14 +195,10 @@ class MDPO(WithReference):
         return list(logps.chunk(self.rows_per_pair))
 
     def score_reference(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        from preftune.models.vision import image_conditioned_logps
-
         logps, _ = image_conditioned_logps(model, batch)
         return dict(zip(self.reference_keys, self._split(logps)))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
-        from preftune.models.vision import image_conditioned_logps
-
         logps, lengths = image_conditioned_logps(self.policy, batch)
         policy = self._split(logps) + [None] * (3 - self.rows_per_pair)
         ref = self.reference_columns(batch)
@@ -247,8 +223,3 @@ def _replace_placeholder(pair: PairRecord, placeholder: str, token: str) -> Pair
     if isinstance(pair.prompt, str):
         return replace(pair, prompt=pair.prompt.replace(placeholder, token))
     return replace(pair, prompt=[{**m, "content": m["content"].replace(placeholder, token)} for m in pair.prompt])
-
-
-def _frozen(model: torch.nn.Module) -> torch.nn.Module:
-    model.requires_grad_(False)
-    return model.eval()

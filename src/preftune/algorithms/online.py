@@ -10,20 +10,29 @@ and how a batch becomes a loss.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
 import torch
 
 from preftune.algorithms.base import Algorithm, Needs
-from preftune.config import ConfigError, doc
-from preftune.rollout.source import RolloutSource, pad_token_fields, row_sums
+from preftune.config import ConfigError, doc, shared
+from preftune.data.batches import RolloutBatch
+from preftune.data.collate import collate_completions
+from preftune.losses.grpo import truncated_importance_weights
+from preftune.losses.metrics import row_metrics
+from preftune.models.fsdp import full_weights
+from preftune.models.reference import reference_model
+from preftune.rewards.spec import check_reward_spec, resolve_reward
+from preftune.rollout.health import rollout_health, warn_nonfinite_rewards
+from preftune.rollout.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from preftune.rollout.samples import log_samples
+from preftune.rollout.sampling import generate_completions
+from preftune.rollout.scoring import REFERENCE_ADAPTER_OFF, scatter_tokens, score_tokens
+from preftune.rollout.source import RolloutSource, pad_token_fields
 
 log = logging.getLogger("preftune.rl")
 
@@ -39,10 +48,10 @@ class RolloutConfig:
         "for an ensemble.",
     )
     samples_per_prompt: int = doc(2, "Completions sampled per prompt in each rollout.")
-    max_new_tokens: int = doc(48, "Maximum tokens sampled per completion.")
-    temperature: float = doc(1.0, "Sampling temperature of rollouts.")
-    top_p: float = doc(1.0, "Nucleus sampling of rollouts (1 = off).")
-    top_k: int = doc(0, "Top-k sampling of rollouts (0 = off).")
+    max_new_tokens: int = shared("max_new_tokens", 48)
+    temperature: float = shared("temperature", note="Rollouts need > 0.")
+    top_p: float = shared("top_p")
+    top_k: int = shared("top_k")
     generation_batch_size: int = doc(16, "Sequences per generate call (KV cache on, left padding).")
     kl_coef: float = doc(0.05, "β: weight of the KL penalty to the reference policy (the initial value when adaptive).")
     kl_estimator: Literal["k1", "k2", "k3"] = doc(
@@ -79,7 +88,6 @@ class RolloutConfig:
                 "not hold the policy near the reference; use k3 (GRPO's choice: gradient of KL(π_ref‖π)) or k2 "
                 "(gradient of KL(π‖π_ref)), or keep the KL in the reward"
             )
-        from preftune.rollout.rewards import check_reward_spec
 
         try:
             check_reward_spec(self.reward)  # fail before any model loads, not after
@@ -89,6 +97,7 @@ class RolloutConfig:
 
 class OnlineAlgorithm(Algorithm):
     needs = Needs(data_kind="prompts", loss_unit="row", reference_model=True)
+    online = True
     token_fields: ClassVar[tuple[str, ...]] = TOKEN_FIELDS
     """Per-completion-token lists a rollout row carries into its training batch."""
 
@@ -100,21 +109,13 @@ class OnlineAlgorithm(Algorithm):
                 m.p = 0.0
             if dropouts:
                 log.info("disabled %d dropout layer(s) of the policy (%s.disable_dropout)", len(dropouts), self.name)
-        from preftune.rollout.kl import AdaptiveKLController, FixedKLController
-        from preftune.rollout.rewards import resolve_reward
 
         self.reward_fn = resolve_reward(config.reward, allow_nonfinite=True)  # the loop's guard judges NaN/inf
         if config.kl_target is not None:
             self.kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         else:
             self.kl_ctl = FixedKLController(config.kl_coef)
-        self.reference_model = None
-        from preftune.models.lora import is_peft_model
-
-        if self.needs.reference_model and self.uses_reference() and not is_peft_model(policy):
-            import copy
-
-            self.reference_model = copy.deepcopy(policy).requires_grad_(False).eval()
+        self.reference_model = reference_model(policy, copy_policy=self.needs.reference_model and self.uses_reference())
 
     def uses_reference(self) -> bool:
         """Whether the reference policy is scored at all (GRPO with β = 0 keeps none: no KL to measure)."""
@@ -154,8 +155,8 @@ class OnlineAlgorithm(Algorithm):
         finished = torch.tensor([s["finished"] for s in samples], dtype=torch.bool)
         rows = [{"prompt": p["prompt"], "prompt_ids": s["prompt_ids"], "completion_ids": s["completion_ids"] or [self.tokenizer.eos_token_id],
                  "completion": s["completion"], "reward_score": float(r)} for p, s, r in zip(repeated, samples, raw_scores.tolist())]
-        _warn_nonfinite_rewards(rows, c.reward)
-        tis = getattr(c, "tis_cap", None) is not None
+        warn_nonfinite_rewards(rows, c.reward)
+        tis = self.tis_cap() is not None
         forward = self._score_rows(rows, accelerator, sampled=samples if self._from_sampler() and not tis else None)
         kl = forward["kl"]  # [N, T] per-token estimate, 0 off the response
         mask = forward["mask"]
@@ -175,7 +176,7 @@ class OnlineAlgorithm(Algorithm):
         }
         if not self.uses_reference():
             del metrics["kl"], metrics["reward/with_kl"]
-        per_row = row_sums({k: v.detach().cpu() for k, v in metrics.items()}, accelerator.device)
+        per_row = row_metrics({k: v.detach().cpu() for k, v in metrics.items()}, accelerator.device)
         one = torch.tensor(1.0, device=accelerator.device)
         per_row["kl_coef"] = (torch.tensor(beta, device=accelerator.device), one)
         per_row["samples_per_s"] = (torch.tensor(self._gen_samples / max(self._gen_seconds, 1e-9), device=accelerator.device), one)
@@ -188,15 +189,22 @@ class OnlineAlgorithm(Algorithm):
     def _from_sampler(self) -> bool:
         """Whether rollouts are drawn by ``sample_rollout``, which keeps the sampler's per-token log-probs.
 
-        Algorithms whose config has reuse_sampler_logps (RLOO) may take the old-policy log-probs and
+        Algorithms that reuse sampler log-probs (RLOO, :meth:`reuse_sampler_logps`) may take the old-policy log-probs and
         entropies from the sampler's own logits (preftune/rollout/sampling.py): one forward fewer. fp32
         only: under bf16/fp16 autocast the incremental decode and a full forward round differently, which
         would bias the KL to the reference (computed by a full forward) by that rounding. With TIS
         (``tis_cap``) the sampler's log-probs are always kept, and the old policy's recomputed.
         """
-        c = self.config
-        reuse = bool(getattr(c, "reuse_sampler_logps", False)) and self.run.model.dtype == "fp32"
-        return reuse or getattr(c, "tis_cap", None) is not None
+        reuse = self.reuse_sampler_logps() and self.run.model.dtype == "fp32"
+        return reuse or self.tis_cap() is not None
+
+    def reuse_sampler_logps(self) -> bool:
+        """Whether the old policy's log-probs may be the sampler's own (RLOO's ``reuse_sampler_logps``)."""
+        return False
+
+    def tis_cap(self) -> Optional[float]:
+        """The truncated-importance-sampling cap of the clipped family (``tis_cap``); None = no TIS."""
+        return None
 
     def sample_groups(self, prompts: list[dict], *, seed: int, accelerator) -> tuple[list[dict], list[dict], torch.Tensor, torch.Tensor, dict]:
         """Sample ``samples_per_prompt`` completions per prompt and score them.
@@ -209,18 +217,13 @@ class OnlineAlgorithm(Algorithm):
         return repeated, samples, raw, scores, {}
 
     def _generate(self, repeated: list[dict], *, seed: int, accelerator) -> list[dict]:
-        from preftune.generate import generate_completions
-        from preftune.rollout.sampling import sample_rollout
-
         c = self.config
         start = time.perf_counter()
-        sample = sample_rollout if self._from_sampler() else partial(generate_completions, return_token_ids=True)
-        from preftune.models.fsdp import full_weights
-
         with accelerator.autocast(), full_weights(self.policy):  # sharded: decode on gathered weights
-            samples = sample(
+            samples = generate_completions(
                 self.policy, self.tokenizer, [p["prompt_ids"] for p in repeated], max_new_tokens=c.max_new_tokens,
                 temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, batch_size=c.generation_batch_size, seed=seed,
+                return_token_ids=True, return_logps=self._from_sampler(),
             )
         self._gen_seconds = getattr(self, "_gen_seconds", 0.0) + time.perf_counter() - start
         self._gen_samples = getattr(self, "_gen_samples", 0) + len(samples)
@@ -242,69 +245,34 @@ class OnlineAlgorithm(Algorithm):
     def _attach_sampler_logps(self, rows: list[dict], samples: list[dict], forward: dict, device) -> dict:
         """TIS: keep the sampler's per-token log-probs in each row; return the mismatch metrics
         (π_old/π_sampler, its truncated fraction, KL(π_sampler‖π_old)) as token means."""
-        from preftune.losses.grpo import truncated_importance_weights
-
         for row, s in zip(rows, samples):
             same = len(s["logps"]) == len(row["old_logps"])  # a replaced empty completion has none: weight 1
             row["sampler_logps"] = list(s["logps"]) if same else list(row["old_logps"])
         mask = forward["mask"]
-        sampler = self._scatter_tokens(mask, [r["sampler_logps"] for r in rows])
-        _, m = truncated_importance_weights(forward["logps"], sampler, mask, cap=self.config.tis_cap)
+        sampler = scatter_tokens(mask, [r["sampler_logps"] for r in rows])
+        _, m = truncated_importance_weights(forward["logps"], sampler, mask, cap=self.tis_cap())
         n = torch.tensor(float(mask.sum()), device=device)
         return {f"tis/{k}": (v.sum().to(device), n) for k, v in m.items()}
 
     @torch.no_grad()
     def _score_rows(self, rows: list[dict], accelerator, sampled: Optional[list[dict]] = None) -> dict[str, torch.Tensor]:
         """Old-policy and reference log-probs, entropy and KL for every rollout row, [N, T] padded
-        like a training batch of all rows; also writes per-token lists into the rows.
-
-        ``sampled``: the sampler's per-token ``logps`` / ``entropy`` (``sample_rollout``), used as the
-        old policy's instead of a policy forward (no ``hidden`` then: PPO's value head needs the forward)."""
-        from preftune.models.logprobs import _scored, policy_forward
-        from preftune.models.lora import reference_context
-        from preftune.rollout.kl import kl_estimate
-
+        like a training batch of all rows (:func:`preftune.rollout.scoring.score_tokens`); also
+        writes the per-token lists ``old_logps`` / ``ref_logps`` into the rows."""
         batch = {k: v.to(accelerator.device) for k, v in self._collate_ids(rows).items()}
-        with accelerator.autocast():
-            out = policy_forward(self.policy, batch, with_entropy=True) if sampled is None else None
-            if not self.uses_reference():
-                ref_out = None
-            elif self.reference_model is not None:
-                ref_out = policy_forward(self.reference_model, batch)
-            else:
-                with reference_context(self.policy):
-                    ref_out = policy_forward(self.policy, batch)
-        mask = _scored(batch["completion_mask"])
-        if sampled is None:
-            logps, entropy, hidden = out["logps"], out["entropy"], out["hidden"]
-        else:
-            logps, entropy = (self._scatter_tokens(mask, [s[key] for s in sampled]) for key in ("logps", "entropy"))
-            hidden = None
-        ref = logps if ref_out is None else ref_out["logps"]  # no reference (β = 0): KL 0, nothing scored
-        kl = kl_estimate(logps, ref, self.config.kl_estimator, mask)
+        reference = self.reference_model if self.reference_model is not None else REFERENCE_ADAPTER_OFF
+        out = score_tokens(self.policy, reference if self.uses_reference() else None, batch,
+                           kl_estimator=self.config.kl_estimator, sampled=sampled, autocast=accelerator.autocast)
         for i, row in enumerate(rows):
-            m = mask[i]
-            row["old_logps"] = logps[i][m].tolist()
-            row["ref_logps"] = ref[i][m].tolist()
-        return {"logps": logps.cpu(), "ref_logps": ref.cpu(), "mask": mask.cpu(), "kl": kl.cpu(),
-                "entropy": entropy.cpu(), "hidden": hidden, "batch": batch}
-
-    @staticmethod
-    def _scatter_tokens(mask: torch.Tensor, values: list[list[float]]) -> torch.Tensor:
-        """Per-row lists of per-completion-token values -> [N, T] at the scored positions of ``mask``."""
-        counts = mask.sum(-1).tolist()
-        flat: list[float] = []
-        for n, v in zip(counts, values):
-            flat += (list(v) + [0.0] * n)[:n]  # a row whose completion was replaced by EOS keeps 0 there
-        out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        return out.masked_scatter(mask, torch.tensor(flat, dtype=torch.float32, device=mask.device))
+            m = out["mask"][i]
+            row["old_logps"] = out["logps"][i][m].tolist()
+            row["ref_logps"] = out["ref_logps"][i][m].tolist()
+        return out
 
     def _collate_ids(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        from preftune.data.collate import collate_completions
-
         return collate_completions([{"prompt_ids": r["prompt_ids"], "completion_ids": r["completion_ids"]} for r in rows], self.tokenizer.pad_token_id)
 
-    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[dict]) -> RolloutBatch:
         batch = self._collate_ids(rows)
         batch = pad_token_fields(rows, batch, self.token_fields)
         for key in ("advantage", "score"):
@@ -332,19 +300,12 @@ class OnlineAlgorithm(Algorithm):
 
     def _log_samples(self, rows: list[dict], scores: torch.Tensor, rollout: int, accelerator) -> None:
         every = self.config.log_samples_steps
-        if not every or rollout % every or not accelerator.is_main_process:
-            return
-        path = Path(self.run.output_dir) / "samples.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            for row, score in zip(rows, scores.tolist()):
-                f.write(json.dumps({"rollout": rollout, "prompt": row["prompt"], "completion": row["completion"], "score": score}, ensure_ascii=False) + "\n")
+        if every and rollout % every == 0 and accelerator.is_main_process:
+            log_samples(Path(self.run.output_dir) / "samples.jsonl", rows, scores, rollout)
 
     # -- loss helpers ----------------------------------------------------------------------------
     def kl_loss_term(self, logps: torch.Tensor, batch: dict) -> torch.Tensor:
         """β·KL per token as a loss term [B, T] (only when kl_in_reward is false)."""
-        from preftune.rollout.kl import kl_estimate
-
         if self.config.kl_in_reward:
             return torch.zeros_like(logps)
         return self.kl_ctl.value * kl_estimate(logps, batch["ref_logps"], self.config.kl_estimator)
@@ -352,29 +313,3 @@ class OnlineAlgorithm(Algorithm):
 
 def masked_row_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, 0.0).sum(-1)
-
-
-
-def rollout_health(raw_scores: torch.Tensor, scores: torch.Tensor, rows: list[dict], group_size: int) -> dict[str, torch.Tensor]:
-    """Per-row / per-group flags the loop's guard reads: rewards (as the reward source gave them) and
-    advantages that are not finite, and (with several samples per prompt) the groups whose rewards
-    after shaping are all equal (their group-relative advantages are 0)."""
-    from preftune.rollout.advantages import zero_variance_groups
-    from preftune.train.guard import NONFINITE_METRICS, ZERO_VARIANCE_METRIC
-
-    def finite(value) -> bool:
-        return all(math.isfinite(v) for v in (value if isinstance(value, list) else [value]))
-
-    bad_adv = [not all(finite(r[k]) for k in ("advantage", "advantages") if k in r) for r in rows]
-    out = {NONFINITE_METRICS[0]: (~torch.isfinite(raw_scores)).float(), NONFINITE_METRICS[1]: torch.tensor(bad_adv, dtype=torch.float32)}
-    if group_size > 1 and scores.numel() % group_size == 0:
-        out[ZERO_VARIANCE_METRIC] = zero_variance_groups(scores, group_size).float()
-    return out
-
-
-def _warn_nonfinite_rewards(rows: list[dict], spec: str) -> None:
-    for row in rows:
-        if not math.isfinite(row["reward_score"]):
-            log.error("reward %r returned %s for prompt %r, completion %r (the step will not be applied)",
-                      spec, row["reward_score"], row["prompt"], row["completion"])
-            return

@@ -10,15 +10,25 @@ log-probs and whether it has a reference at all — see algorithms/dpo.py.
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, Literal, Optional
 
 import torch
 
 from preftune.algorithms.base import Algorithm, Metrics, Needs
 from preftune.config import ConfigError, doc
+from preftune.data.batches import PairBatch
+from preftune.data.collate import collate_pairs, collate_shared_pairs
+from preftune.data.groups import condition_on_group, group_names
+from preftune.data.loaders import load_records, rankings_to_pairs, sniff_kind
+from preftune.losses.metrics import row_metrics
+from preftune.models import reference as refmod
+from preftune.models.loading import load_model
+from preftune.models.logprobs import concatenated_logps, shared_prompt_unsupported
+from preftune.models.lora import reference_context
+from preftune.models.reference import reference_model
 
 log = logging.getLogger("preftune.algorithms")
 
@@ -66,6 +76,30 @@ class PairwiseConfig(ReferenceConfig, PairsConfig):
     pass
 
 
+@dataclass
+class PairLogps:
+    """Sequence log-probs of a batch of B preference pairs, the four tensors of the DPO code (each
+    Tensor[B]; summed over the completion's tokens, or per token where the algorithm is length-averaged).
+    The reference pair is None without a reference model. Iterating gives the four in this order, so
+    ``dpo_loss(*logps, beta=...)`` reads like the paper."""
+
+    policy_chosen_logps: torch.Tensor
+    policy_rejected_logps: torch.Tensor
+    reference_chosen_logps: Optional[torch.Tensor] = None
+    reference_rejected_logps: Optional[torch.Tensor] = None
+
+    def __iter__(self):
+        return iter((self.policy_chosen_logps, self.policy_rejected_logps, self.reference_chosen_logps,
+                     self.reference_rejected_logps))
+
+    def per_token(self, chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor) -> "PairLogps":
+        """Every log-prob divided by its completion's length (tokens, >= 1)."""
+        ref = self.reference_chosen_logps is not None
+        return PairLogps(self.policy_chosen_logps / chosen_lengths, self.policy_rejected_logps / rejected_lengths,
+                         self.reference_chosen_logps / chosen_lengths if ref else None,
+                         self.reference_rejected_logps / rejected_lengths if ref else None)
+
+
 class WithReference(Algorithm):
     """An algorithm that compares the policy with a frozen reference π_ref.
 
@@ -83,16 +117,14 @@ class WithReference(Algorithm):
         super().__init__(config, policy, tokenizer, run)
         self.reference_model = None
         if self.needs.reference_model:
-            if config.reference is not None:
-                from preftune.models.loading import ModelLoadError, load_model
+            load = partial(self.load_reference, config, run) if config.reference is not None else None
+            self.reference_model = reference_model(policy, load=load, copy_policy=not config.precompute_reference,
+                                                   what=f"{self.name}.reference")
 
-                try:
-                    ref, _ = load_model(config.reference, seed=run.train.seed)
-                except ModelLoadError as err:
-                    raise ModelLoadError(f"{self.name}.reference: {err}") from None
-                self.reference_model = _frozen(ref)
-            elif not config.precompute_reference and not _is_peft(policy):
-                self.reference_model = _frozen(copy.deepcopy(policy))
+    @classmethod
+    def load_reference(cls, config: Any, run: Any) -> torch.nn.Module:
+        """The model named by ``config.reference`` (a causal LM; mdpo loads its image-text model)."""
+        return load_model(config.reference, seed=run.train.seed)[0]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -112,7 +144,6 @@ class WithReference(Algorithm):
     def prepare_examples(self, examples: list[dict], accelerator) -> list[dict]:
         if not (self.needs.reference_model and self.config.precompute_reference):
             return examples
-        from preftune.models import reference as refmod
 
         ref_module = self.reference_model if self.reference_model is not None else self.policy
         key = refmod.cache_key(
@@ -144,8 +175,6 @@ class WithReference(Algorithm):
         return refmod.attach(examples, columns)
 
     def _live_reference(self, batch: dict) -> dict[str, torch.Tensor]:
-        from preftune.models.lora import reference_context
-
         with torch.no_grad():
             if self.reference_model is not None:
                 return self.score_reference(self.reference_model, batch)
@@ -171,8 +200,6 @@ class PairwiseAlgorithm(WithReference):
     def _choose_layout(self) -> str:
         """'shared' or 'padded', from ``config.pair_layout`` and what the policy (and a separate
         reference model) support; raises ConfigError when 'shared' is asked of a model without it."""
-        from preftune.models.logprobs import shared_prompt_unsupported
-
         if self.config.pair_layout == "padded":
             return "padded"
         models = [self.policy] + ([self.reference_model] if self.reference_model is not None else [])
@@ -191,23 +218,16 @@ class PairwiseAlgorithm(WithReference):
     # -- data ------------------------------------------------------------------------------------
     @classmethod
     def load_records(cls, config: Any, source: str, split: str) -> list:
-        from preftune.data.loaders import load_records, rankings_to_pairs, read_rows
-
-        first = next(iter(read_rows(source, split=split)), (0, {}))[1]
-        if "ranking" in first:
+        if sniff_kind(source, split) == "rankings":
             records = rankings_to_pairs(load_records(source, "rankings", split=split), mode=config.rankings_to_pairs)
         else:
             records = load_records(source, "pairs", split=split)
         if getattr(config, "condition_on_group", False):
-            from preftune.data.groups import condition_on_group, group_names
-
             group_names(records, str(source))  # every row has a group, and there are at least two
             records = condition_on_group(records, str(source))
         return records
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        from preftune.data.collate import collate_pairs, collate_shared_pairs
-
         collate = collate_shared_pairs if self.pair_layout == "shared" else collate_pairs
         return collate(examples, self.tokenizer.pad_token_id)
 
@@ -219,35 +239,35 @@ class PairwiseAlgorithm(WithReference):
     def count_units(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["pair_lengths"].shape[0]) if "pair_lengths" in batch else super().count_units(batch)
 
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        if "pair_lengths" in batch:  # shared-prompt pair rows: prompt + chosen + rejected, 4-D attention mask
+            return int(batch["pair_lengths"].sum())
+        return super().count_tokens(batch)
+
     # -- loss ------------------------------------------------------------------------------------
     def score_reference(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        from preftune.models.logprobs import concatenated_logps
-
         out = concatenated_logps(model, batch)
         return {REF_KEYS[0]: out["chosen_logps"], REF_KEYS[1]: out["rejected_logps"]}
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
-        from preftune.models.logprobs import concatenated_logps
-
+    def forward(self, batch: PairBatch) -> tuple[torch.Tensor, Metrics]:
         out = concatenated_logps(self.policy, batch)
         n_c, n_r = out["chosen_lengths"].clamp(min=1), out["rejected_lengths"].clamp(min=1)
-        pc, pr = out["chosen_logps"], out["rejected_logps"]
-        extra: dict[str, torch.Tensor] = {"logps/chosen": pc.detach(), "logps/rejected": pr.detach()}
-        rc = rr = None
+        logps = PairLogps(out["chosen_logps"], out["rejected_logps"])
+        extra: dict[str, torch.Tensor] = {"logps/chosen": logps.policy_chosen_logps.detach(),
+                                          "logps/rejected": logps.policy_rejected_logps.detach()}
         if self.needs.reference_model:
             ref = self.reference_columns(batch)
-            rc, rr = ref[REF_KEYS[0]], ref[REF_KEYS[1]]
-            extra["ref_logps/chosen"], extra["ref_logps/rejected"] = rc.detach(), rr.detach()
+            logps.reference_chosen_logps, logps.reference_rejected_logps = ref[REF_KEYS[0]], ref[REF_KEYS[1]]
+            extra["ref_logps/chosen"], extra["ref_logps/rejected"] = ref[REF_KEYS[0]].detach(), ref[REF_KEYS[1]].detach()
         if self.needs.length_averaged:
-            pc, pr = pc / n_c, pr / n_r
-            if rc is not None:
-                rc, rr = rc / n_c, rr / n_r
-        losses, metrics = self.loss(batch, out, pc, pr, rc, rr)
+            logps = logps.per_token(n_c, n_r)
+        losses, metrics = self.loss(batch, out, logps)
         extra["lengths/chosen"], extra["lengths/rejected"] = n_c.float(), n_r.float()
         return losses.sum(), row_metrics({**_rename(metrics), **extra})
 
-    def loss(self, batch: dict, out: dict, pc, pr, rc, rr) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-row losses [B] and per-row metrics from (policy, reference) chosen/rejected log-probs."""
+    def loss(self, batch: PairBatch, out: dict, logps: PairLogps) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-row losses [B] and per-row metrics from the pairs' policy (and reference) log-probs.
+        ``out``: the forward's other outputs (``chosen_lengths``, ...), ``batch``: the pair batch."""
         raise NotImplementedError
 
 
@@ -262,19 +282,3 @@ _NAMES = {
 
 def _rename(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {_NAMES.get(k, k): v for k, v in metrics.items()}
-
-
-def row_metrics(per_row: dict[str, torch.Tensor]) -> Metrics:
-    """Per-row values -> (sum, count) so the loop averages them over the global batch."""
-    return {k: (v.detach().float().sum(), torch.tensor(float(v.numel()), device=v.device)) for k, v in per_row.items()}
-
-
-def _frozen(model: torch.nn.Module) -> torch.nn.Module:
-    model.requires_grad_(False)
-    return model.eval()
-
-
-def _is_peft(model) -> bool:
-    from preftune.models.lora import is_peft_model
-
-    return is_peft_model(model)

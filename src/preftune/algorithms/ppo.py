@@ -17,8 +17,17 @@ from torch import nn
 from preftune.algorithms.base import Needs
 from preftune.algorithms.online import OnlineAlgorithm, RolloutConfig
 from preftune.config import ConfigError, doc
+from preftune.data.batches import PTX_PREFIX
+from preftune.data.collate import collate_completions
+from preftune.data.loaders import load_records
+from preftune.data.source import OfflineSource
+from preftune.data.tokenize import tokenize_sft
+from preftune.losses.rl import explained_variance, ppo_policy_loss, ppo_value_loss
+from preftune.losses.sft import sft_loss
+from preftune.models.logprobs import _fast_parts, per_token_logps, policy_forward
+from preftune.rollout.advantages import gae, masked_whiten, token_level_rewards
 
-PTX = "ptx_"
+PTX = PTX_PREFIX
 
 
 @dataclass
@@ -60,7 +69,6 @@ class PPO(OnlineAlgorithm):
 
     def __init__(self, config, policy, tokenizer, run):
         super().__init__(config, policy, tokenizer, run)
-        from preftune.models.logprobs import _fast_parts
 
         inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
         hidden = inner.config.get_text_config().hidden_size if hasattr(inner.config, "get_text_config") else inner.config.hidden_size
@@ -76,9 +84,6 @@ class PPO(OnlineAlgorithm):
         self._ptx_scale: torch.Tensor | None = None
         self._ptx_examples: list[dict] = []
         if config.ptx_data:
-            from preftune.data.loaders import load_records
-            from preftune.data.tokenize import tokenize_sft
-
             d = run.data
             records = load_records(config.ptx_data, "sft")
             self._ptx_examples, _ = tokenize_sft(records, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
@@ -93,9 +98,6 @@ class PPO(OnlineAlgorithm):
     def make_source(self, examples, accelerator):
         source = super().make_source(examples, accelerator)
         if self._ptx_examples:
-            from preftune.data.collate import collate_completions
-            from preftune.train.source import OfflineSource
-
             t = self.run.train
             pad = self.tokenizer.pad_token_id
             source.companion = OfflineSource(
@@ -117,9 +119,6 @@ class PPO(OnlineAlgorithm):
         return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat)
 
     def advantages(self, rows, *, scores, rewards, forward, global_rewards, accelerator):
-        from preftune.losses.rl import explained_variance
-        from preftune.rollout.advantages import gae, masked_whiten, token_level_rewards
-
         c = self.config
         mask = forward["mask"]
         with torch.no_grad():
@@ -152,9 +151,6 @@ class PPO(OnlineAlgorithm):
         self._ptx_scale = counts[0] / counts[1]
 
     def forward(self, batch):
-        from preftune.losses.rl import ppo_policy_loss, ppo_value_loss
-        from preftune.models.logprobs import policy_forward
-
         c = self.config
         out = policy_forward(self.policy, batch)
         mask, logps = out["mask"], out["logps"]
@@ -170,9 +166,6 @@ class PPO(OnlineAlgorithm):
             "value/clipfrac": (vm["vf_clipfrac"].sum(), n),
         }
         if self._ptx_examples and PTX + "input_ids" in batch:
-            from preftune.losses.sft import sft_loss
-            from preftune.models.logprobs import per_token_logps
-
             ptx = {k[len(PTX):]: v for k, v in batch.items() if k.startswith(PTX)}
             nll_sum, _ = sft_loss(per_token_logps(self.policy, ptx), ptx["completion_mask"])
             scale = self._ptx_scale if self._ptx_scale is not None else n / ptx["completion_mask"][:, 1:].sum().clamp(min=1)

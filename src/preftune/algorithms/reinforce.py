@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from preftune.algorithms.online import OnlineAlgorithm, RolloutConfig
 from preftune.algorithms.rloo import policy_gradient_forward
 from preftune.config import ConfigError, doc
+from preftune.rollout.advantages import MovingAverageBaseline
 
 
 @dataclass
@@ -27,7 +28,6 @@ class Reinforce(OnlineAlgorithm):
 
     def __init__(self, config, policy, tokenizer, run):
         super().__init__(config, policy, tokenizer, run)
-        from preftune.rollout.advantages import MovingAverageBaseline
 
         self.baseline = MovingAverageBaseline(config.baseline_decay)
 

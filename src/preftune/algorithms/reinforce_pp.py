@@ -9,6 +9,7 @@ from typing import Literal
 
 from preftune.algorithms.grpo import ClippedConfig, ClippedPolicyGradient
 from preftune.config import ConfigError, doc
+from preftune.rollout.advantages import reinforce_pp_advantages, zero_variance_groups
 
 
 @dataclass
@@ -35,8 +36,6 @@ class ReinforcePP(ClippedPolicyGradient):
     token_fields = ("old_logps", "ref_logps", "advantages")
 
     def advantages(self, rows, *, scores, rewards, forward, global_rewards, accelerator):
-        from preftune.rollout.advantages import reinforce_pp_advantages, zero_variance_groups
-
         c = self.config
         mask = forward["mask"]
         kl = forward["kl"] if c.kl_in_reward and self.uses_reference() else None

@@ -6,37 +6,43 @@ MiniLM, trained with −log σ(r(x, y_w) − r(x, y_l)). The model is a one-labe
 ``AutoModelForSequenceClassification``, so ``OUTPUT_DIR/model`` loads directly in transformers; the
 reward is read at the last real token (``preftune.models.reward_head``).
 
-Ensembles (``reward.ensemble_size: N``): N independent models, trained one after another through
-the same loop into ``OUTPUT_DIR/member-i/`` (``member_runs``). Member i differs by its
-initialisation seed (the score head; the whole model for random-init presets) and its data order;
-all members keep the same held-out split, so the ensemble is evaluated on data none of them saw.
-``OUTPUT_DIR/ensemble.json`` names the members and the combine rule that ``RewardModel.load`` and
-``preftune score`` use by default.
-
-At the end of training ``OUTPUT_DIR/reward_eval.json`` reports, on the held-out pairs, accuracy,
-mean margin, BT log-likelihood, calibration, reward statistics and (with ``reward.gold_reward``)
-the correlation with a gold reward; an ensemble's root directory gets the same for the combined
-reward plus per-member accuracy and spread.
+Ensembles (``reward.ensemble_size: N``, members trained one after another into
+``OUTPUT_DIR/member-i/``): algorithms/reward_ensemble.py. The end-of-training report
+(``OUTPUT_DIR/reward_eval.json``: held-out accuracy, margin, BT log-likelihood, calibration, reward
+statistics, correlation with ``reward.gold_reward``): algorithms/reward_report.py. Pair loading and
+validation: data/reward_pairs.py. Annotator groups: algorithms/reward_groups.py.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from preftune.algorithms.base import Algorithm, Metrics, Needs
+from preftune.algorithms.reward_ensemble import member_runs, member_seed, save_ensemble
+from preftune.algorithms.reward_groups import apply_groups, check_eval_groups
+from preftune.algorithms.reward_report import REPORT_FILE, report_pairs, reward_report
 from preftune.config import ConfigError, doc
-from preftune.data.records import DataError, PairRecord, RankingRecord
+from preftune.data.collate import collate_completions, collate_pairs
+from preftune.data.loaders import load_records, rankings_to_pairs, sniff_kind
+from preftune.data.records import DataError, PairRecord, RankingRecord, SFTRecord
 from preftune.data.reward_pairs import load_reward_pairs
+from preftune.data.source import split_eval
+from preftune.data.tokenize import tokenize_pairs, tokenize_sft
+from preftune.losses.metrics import row_metrics
+from preftune.losses.reward import bradley_terry_loss, centering_penalty, plackett_luce_loss
+from preftune.models.cache import write_json
+from preftune.models.loading import load_model
+from preftune.models.reward_head import extra_special_tokens, finish_reward_ids, pooling_kind, sequence_rewards
+from preftune.rewards.base import resolve_function
 from preftune.rewards.evaluation import json_ready
+from preftune.rewards.model import RewardMember, RewardModel, ScoreSpec, reward_limits
 
 log = logging.getLogger("preftune.algorithms")
 
@@ -45,8 +51,6 @@ PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
-REPORT_FILE = "reward_eval.json"
-TRAIN_REPORT_ROWS = 512  # rows of training data reported on when there is no held-out data
 
 
 @dataclass
@@ -126,7 +130,6 @@ class RewardConfig:
         if self.margin_column is not None and self.loss != "bt":
             raise ConfigError(f"{path}.margin_column: margins are per pair; use loss=bt (or drop the margin)")
         if self.gold_reward is not None:  # fail now, not after training
-            from preftune.rewards.base import resolve_function
 
             try:
                 resolve_function(self.gold_reward)
@@ -138,26 +141,24 @@ class RewardModelAlgorithm(Algorithm):
     name = "reward"
     Config = RewardConfig
     needs = Needs(data_kind="pairs", loss_unit="row")  # rankings too; a row = one pair or one ranking
+    export_unsupported = ("reward-model checkpoints is not supported (the reward model's scoring settings come "
+                          "from its training data)")
 
     def __init__(self, config: RewardConfig, policy, tokenizer, run):
         if config.ensemble_size > 1 and Path(run.output_dir).name != f"member-{config.member}":
             raise ConfigError(
                 "reward.ensemble_size > 1: each member trains in OUTPUT_DIR/member-i; run `preftune train`, or "
-                "from Python `for r in RewardModelAlgorithm.member_runs(run): train(r)`"
+                "from Python `preftune.train.ensemble.train_members(run)`"
             )
         if config.groups == "per_group" and config.group is None:
             raise ConfigError("reward.groups=per_group: each group trains in OUTPUT_DIR/group-G; run `preftune train`, or "
-                              "from Python `for r in RewardModelAlgorithm.member_runs(run): train(r)`")
+                              "from Python `preftune.train.ensemble.train_members(run)`")
         super().__init__(config, policy, tokenizer, run)
         self._data: dict[str, tuple[list, list[dict]]] = {}  # source -> (records, examples), aligned
 
     # -- model -----------------------------------------------------------------------------------
     @classmethod
     def load_policy(cls, config: RewardConfig, run) -> tuple[Any, Any]:
-        from transformers import AutoModelForSequenceClassification
-
-        from preftune.models.loading import load_model
-
         model, tokenizer = load_model(
             config.backbone or run.model.name, dtype=run.model.dtype, seed=member_seed(run.train.seed, config.member),
             model_class=AutoModelForSequenceClassification,
@@ -168,43 +169,20 @@ class RewardModelAlgorithm(Algorithm):
 
     @classmethod
     def member_runs(cls, run) -> list:
-        if run.algo.groups == "per_group" and run.algo.group is None:
-            from preftune.algorithms.reward_groups import group_member_runs
+        return member_runs(cls, run)
 
-            return group_member_runs(cls, run)
-        n = run.algo.ensemble_size
-        if n == 1:
-            return [run]
-        from preftune.train.checkpoint import list_checkpoints
-
-        if run.train.resume_from not in (None, "latest"):
-            raise ConfigError("train.resume_from: an ensemble resumes with 'latest' (each member from its own newest checkpoint)")
-        runs = []
-        for i in range(n):
-            member = copy.deepcopy(run)
-            member.output_dir = str(Path(run.output_dir) / f"member-{i}")
-            member.algo.member = i
-            if run.train.resume_from == "latest" and not list_checkpoints(Path(member.output_dir)):
-                if (Path(member.output_dir) / "model" / "reward_config.json").is_file():
-                    log.info("%s: already trained (and no checkpoint to continue from); skipped", member.output_dir)
-                    continue
-                member.train.resume_from = None  # --resume: members not started yet start fresh
-            runs.append(member)
-        return runs
+    @classmethod
+    def is_trained(cls, output_dir: Path) -> bool:
+        return (output_dir / "model" / "reward_config.json").is_file()
 
     # -- data ------------------------------------------------------------------------------------
     @classmethod
     def load_records(cls, config: RewardConfig, source: str, split: str) -> list:
-        from preftune.algorithms.reward_groups import apply_groups
-
         return apply_groups(config.groups, cls._read_records(config, source, split), str(source), config.group)
 
     @classmethod
     def _read_records(cls, config: RewardConfig, source: str, split: str) -> list:
-        from preftune.data.loaders import load_records, rankings_to_pairs, read_rows
-
-        first = next(iter(read_rows(source, split=split)), (0, {}))[1]
-        if first.get("ranking") is not None:
+        if sniff_kind(source, split) == "rankings":
             rankings = load_records(source, "rankings", split=split)
             if config.loss == "plackett_luce":
                 return rankings
@@ -218,10 +196,6 @@ class RewardModelAlgorithm(Algorithm):
         return pairs
 
     def tokenize(self, records: list, source: str) -> tuple[list[dict], Any]:
-        from preftune.data.tokenize import tokenize_pairs, tokenize_sft
-        from preftune.models.reward_head import extra_special_tokens, pooling_kind
-        from preftune.rewards.model import reward_limits
-
         d = self.run.data
         kind = pooling_kind(self.policy)
         max_length, max_prompt = reward_limits(d.max_length, d.max_prompt_length, extra_special_tokens(kind, self.tokenizer))
@@ -234,8 +208,6 @@ class RewardModelAlgorithm(Algorithm):
         else:
             kept, examples, report = self._tokenize_pairs(records, kind, lambda recs: tokenize_pairs(recs, self.tokenizer, **kwargs))
         if source != d.path and d.path in self._data:
-            from preftune.algorithms.reward_groups import check_eval_groups
-
             check_eval_groups(self.config.groups, self._data[d.path][0], records, source)
         if source == d.path and self.config.member > 0:
             kept, examples = self._member_order(kept, examples)
@@ -243,8 +215,6 @@ class RewardModelAlgorithm(Algorithm):
         return examples, report
 
     def _tokenize_pairs(self, records, kind, tokenize):
-        from preftune.models.reward_head import finish_reward_ids
-
         examples, report = tokenize(records)
         kept = _survivors(records, examples, tokenize)
         out = []
@@ -258,9 +228,6 @@ class RewardModelAlgorithm(Algorithm):
         return kept, out, report
 
     def _tokenize_rankings(self, records, kind, tokenize):
-        from preftune.data.records import SFTRecord
-        from preftune.models.reward_head import finish_reward_ids
-
         flat = [SFTRecord(rec.prompt, c, row=rec.row) for rec in records for c in rec.completions]
         examples, report = tokenize(flat)
         alive = set(map(id, _survivors(flat, examples, tokenize)))
@@ -284,8 +251,6 @@ class RewardModelAlgorithm(Algorithm):
     def _member_order(self, records: list, examples: list[dict]) -> tuple[list, list[dict]]:
         """Member i > 0: a seeded permutation of the training rows that keeps the held-out rows in place,
         so every member holds out the same rows (the loop's split depends only on train.seed and the count)."""
-        from preftune.train.evaluate import split_eval
-
         d = self.run.data
         positions = list(range(len(examples)))
         if not d.eval_path:
@@ -303,8 +268,6 @@ class RewardModelAlgorithm(Algorithm):
         return super().example_length(example)
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        from preftune.data.collate import collate_completions, collate_pairs
-
         pad = self.tokenizer.pad_token_id
         if "tie_levels" not in examples[0]:
             return collate_pairs(examples, pad)  # rows 0..B-1 chosen, B..2B-1 rejected; "margin" rides along
@@ -322,32 +285,23 @@ class RewardModelAlgorithm(Algorithm):
         return batch["input_ids"].shape[0] // 2
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
-        from preftune.losses.reward import bradley_terry_loss, centering_penalty
-        from preftune.models.reward_head import sequence_rewards
-
         rewards = sequence_rewards(self.policy, batch["input_ids"], batch["attention_mask"]).float()
         if "ranking_index" in batch:
             return self._ranking_loss(batch, rewards)
         b = rewards.shape[0] // 2
         chosen, rejected = rewards[:b], rewards[b:]
         losses, m = bradley_terry_loss(chosen, rejected, margin=batch.get("margin"))
-        metrics = {
-            "accuracy": _mean(m["accuracies"]),
-            "margin": _mean(m["margins"]),
-            "log_likelihood": _mean(m["log_likelihood"]),
-            "rewards/chosen": _mean(m["chosen_rewards"]),
-            "rewards/rejected": _mean(m["rejected_rewards"]),
-            "rewards/mean": _mean(rewards.detach()),
-        }
+        metrics = row_metrics({
+            "accuracy": m["accuracies"], "margin": m["margins"], "log_likelihood": m["log_likelihood"],
+            "rewards/chosen": m["chosen_rewards"], "rewards/rejected": m["rejected_rewards"], "rewards/mean": rewards,
+        })
         if self.config.centering_coef > 0:
             penalty = centering_penalty(torch.stack([chosen, rejected], -1), self.config.centering_coef)
             losses = losses + penalty
-            metrics["centering"] = _mean(penalty.detach())
+            metrics.update(row_metrics({"centering": penalty}))
         return losses.sum(), metrics
 
     def _ranking_loss(self, batch: dict[str, torch.Tensor], rewards: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-        from preftune.losses.reward import centering_penalty, plackett_luce_loss
-
         ranking, item = batch["ranking_index"], batch["item_index"]
         shape = (int(ranking.max()) + 1, int(item.max()) + 1)
         table = torch.zeros(shape, dtype=rewards.dtype, device=rewards.device).index_put((ranking, item), rewards)
@@ -357,91 +311,33 @@ class RewardModelAlgorithm(Algorithm):
         metrics = {
             "accuracy": (m["correct_pairs"].sum(), pairs),
             "margin": (m["margin_sum"].sum(), pairs),
-            "log_likelihood": _mean(m["log_likelihood"]),
-            "rewards/mean": _mean(rewards.detach()),
+            **row_metrics({"log_likelihood": m["log_likelihood"], "rewards/mean": rewards}),
         }
         if self.config.centering_coef > 0:
             penalty = centering_penalty(table, self.config.centering_coef, mask=levels >= 0)
             losses = losses + penalty
-            metrics["centering"] = _mean(penalty.detach())
+            metrics.update(row_metrics({"centering": penalty}))
         return losses.sum(), metrics
 
     # -- output ----------------------------------------------------------------------------------
     def save(self, out_dir: Path) -> None:
-        from preftune.rewards.model import RewardMember, RewardModel, ScoreSpec
-
         super().save(out_dir)
         d = self.run.data
         spec = ScoreSpec(max_length=d.max_length, max_prompt_length=d.max_prompt_length, text_as_chat=d.text_as_chat)
-        pairs, split = self._report_pairs()
+        pairs, split = report_pairs(self._data, d, self.run.train.seed)
         report = self._report(RewardModel([RewardMember(self.policy, self.tokenizer, spec)]), pairs, split)
         spec.offset = report["rewards"].get("mean", 0.0)
         spec.save(out_dir)
         out = Path(self.run.output_dir)
-        _write_json(out / REPORT_FILE, report)
+        write_json(out / REPORT_FILE, json_ready(report), default=str)
         log.info("reward model: %s accuracy %.4f on %d pairs; report in %s", split.split(" ")[0], report["accuracy"], report["pairs"], out / REPORT_FILE)
         if self.config.ensemble_size > 1:
-            self._save_ensemble(out.parent, pairs, split)
-
-    def _save_ensemble(self, root: Path, pairs: list[PairRecord], split: str) -> None:
-        from preftune.rewards.model import ENSEMBLE_FILE, SPEC_FILE, RewardModel
-
-        n = self.config.ensemble_size
-        members = [f"member-{i}/model" for i in range(n)]
-        _write_json(root / ENSEMBLE_FILE, {"members": members, "combine": self.config.combine, "k": self.config.combine_k})
-        if not all((root / m / SPEC_FILE).is_file() for m in members):
-            return  # the last member to finish writes the ensemble's report
-        device = next(self.policy.parameters()).device
-        ensemble = RewardModel.load(root, device=device, batch_size=self.run.train.eval_batch_size)
-        report = self._report(ensemble, pairs, split)
-        _write_json(root / REPORT_FILE, report)
-        log.info("ensemble of %d: accuracy %.4f (members %s); report in %s", n, report["accuracy"],
-                 [round(a, 4) for a in report["ensemble"]["member_accuracy"]], root / REPORT_FILE)  # fmt: skip
-
-    def _report_pairs(self) -> tuple[list[PairRecord], str]:
-        """Held-out pairs (rankings become all their ordered pairs), else the first training rows."""
-        from preftune.data.convert import rankings_to_pairs
-        from preftune.train.evaluate import split_eval
-
-        d = self.run.data
-        records, split = [], "held-out"
-        if d.eval_path and d.eval_path in self._data:
-            records = self._data[d.eval_path][0]
-        elif d.eval_fraction > 0 and d.path in self._data:
-            train_records = self._data[d.path][0]
-            _, held = split_eval(list(range(len(train_records))), d.eval_fraction, self.run.train.seed)
-            records = [train_records[i] for i in held]
-        if not records:
-            records = self._data.get(d.path, ([], []))[0][:TRAIN_REPORT_ROWS]
-            split = f"train (first {TRAIN_REPORT_ROWS} rows: no held-out data, set data.eval_fraction or data.eval_path)"
-        pairs = [r for r in records if isinstance(r, PairRecord)]
-        pairs += rankings_to_pairs([r for r in records if isinstance(r, RankingRecord)], mode="all")
-        return pairs, split
+            device = next(self.policy.parameters()).device
+            save_ensemble(out.parent, self.config, lambda model: self._report(model, pairs, split), device,
+                          self.run.train.eval_batch_size)
 
     def _report(self, model, pairs: list[PairRecord], split: str) -> dict:
-        from preftune.rewards.base import FunctionReward
-        from preftune.rewards.evaluation import pair_report
-        from preftune.rewards.model import combine_scores
-
-        prompts = [p.prompt for p in pairs]
-        bs = self.run.train.eval_batch_size
-        member_c = model.member_scores(prompts, [p.chosen for p in pairs], bs) if pairs else torch.zeros(len(model.members), 0)
-        member_r = model.member_scores(prompts, [p.rejected for p in pairs], bs) if pairs else torch.zeros(len(model.members), 0)
-        chosen = combine_scores(member_c, model.combine, model.k)[0]
-        rejected = combine_scores(member_r, model.combine, model.k)[0]
-        extra = {}
-        if self.config.gold_reward and pairs:
-            fn = FunctionReward(self.config.gold_reward)
-            extra = {"gold_chosen": fn(prompts, [p.chosen for p in pairs]), "gold_rejected": fn(prompts, [p.rejected for p in pairs])}
-        if len(model.members) > 1:
-            extra.update(member_chosen=member_c, member_rejected=member_r)
-        report = pair_report(chosen, rejected, bins=self.config.calibration_bins, **extra)
-        if any(p.group for p in pairs):
-            from preftune.algorithms.reward_groups import per_group_accuracy
-
-            report["groups"] = per_group_accuracy(pairs, chosen, rejected)
-        rule = {"combine": model.combine, "k": model.k} if len(model.members) > 1 else {}
-        return {"split": split, "loss": self.config.loss, **rule, **report}
+        return reward_report(model, pairs, split, self.config, self.run.train.eval_batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -449,25 +345,8 @@ class RewardModelAlgorithm(Algorithm):
 # ---------------------------------------------------------------------------------------------------
 
 
-def member_seed(seed: int, member: int) -> int:
-    """Seed of ensemble member ``member`` (member 0 = the run's seed)."""
-    return seed + 1_000_003 * member
-
-
 def _survivors(records: list, examples: list[dict], tokenize) -> list:
     """The records whose examples tokenize returned (truncation='drop' may skip some)."""
     if len(examples) == len(records):
         return list(records)
     return [rec for rec in records if tokenize([rec])[0]]
-
-
-def _mean(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    values = values.detach().float()
-    return values.sum(), torch.tensor(float(values.numel()), device=values.device)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(json_ready(data), indent=2, default=str) + "\n")
-    os.replace(tmp, path)

@@ -13,11 +13,14 @@ mean margin per group, so the minority's accuracy under pooling is visible.
 
 from __future__ import annotations
 
+import copy
 import logging
+from pathlib import Path
 
 import torch
 
 from preftune.data.groups import check_held_out_groups, condition_on_group, group_names
+from preftune.data.records import DataError
 
 log = logging.getLogger("preftune.algorithms")
 
@@ -31,8 +34,6 @@ def apply_groups(mode: str, records: list, source: str, group: str | None = None
     names = group_names(records, source)  # every row has a group, at least two of them
     if mode == "per_group":
         if group is not None and group not in names:
-            from preftune.data.records import DataError
-
             raise DataError(f"no rows of group {group!r} (groups: {', '.join(names)})", source=source, field="group")
         return [r for r in records if group is None or r.group == group]
     return condition_on_group(records, source)
@@ -40,9 +41,6 @@ def apply_groups(mode: str, records: list, source: str, group: str | None = None
 
 def group_member_runs(cls, run) -> list:
     """reward.groups=per_group: one run per group of the training data, into OUTPUT_DIR/group-G."""
-    import copy
-    from pathlib import Path
-
     names = group_names(cls._read_records(run.algo, run.data.path, run.data.split), str(run.data.path))
     runs = []
     for name in names:

@@ -11,6 +11,9 @@ import torch
 from preftune.algorithms.base import Metrics
 from preftune.algorithms.online import OnlineAlgorithm, RolloutConfig, masked_row_sum
 from preftune.config import ConfigError, doc
+from preftune.losses.rl import reinforce_loss
+from preftune.models.logprobs import per_token_logps
+from preftune.rollout.advantages import group_normalized_advantages, rloo_advantages
 
 REUSE_SAMPLER_HELP = (
     "Old-policy log-probs (for the KL and the ratio metric) and entropies come from the logits the sampler already "
@@ -37,9 +40,6 @@ class RLOOConfig(RolloutConfig):
 def policy_gradient_forward(algo: OnlineAlgorithm, batch: dict) -> tuple[torch.Tensor, Metrics]:
     """Σ over rows of −A·Σ_t log π(y_t) (+ β·Σ_t KL_t when the KL is a loss term): seed 000's
     REINFORCE gradient E[A ∇log π(y|x)], one unit per sequence."""
-    from preftune.losses.rl import reinforce_loss
-    from preftune.models.logprobs import per_token_logps
-
     logps = per_token_logps(algo.policy, batch)
     mask = batch["completion_mask"].clone()
     mask[:, 0] = False
@@ -56,9 +56,10 @@ class RLOO(OnlineAlgorithm):
     name = "rloo"
     Config = RLOOConfig
 
-    def advantages(self, rows, *, scores, rewards, forward, global_rewards, accelerator):
-        from preftune.rollout.advantages import group_normalized_advantages, rloo_advantages
+    def reuse_sampler_logps(self) -> bool:
+        return self.config.reuse_sampler_logps
 
+    def advantages(self, rows, *, scores, rewards, forward, global_rewards, accelerator):
         k = self.config.samples_per_prompt
         if self.config.advantage == "rloo":
             adv = rloo_advantages(rewards, k)

@@ -9,14 +9,15 @@ completion tokens of the global batch (not per row, not per micro-batch).
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch
 
 from preftune.algorithms.base import Algorithm, Metrics, Needs
 from preftune.config import doc
+from preftune.data.collate import pack_completions
 from preftune.losses.sft import sft_loss
+from preftune.models.logprobs import per_token_logps
 
 
 @dataclass
@@ -37,8 +38,6 @@ class SFT(Algorithm):
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if self.config.packing:
-            from preftune.data.collate import pack_completions
-
             return pack_completions(examples)
         return super().collate(examples)
 
@@ -48,8 +47,6 @@ class SFT(Algorithm):
         return math.log(embeddings.weight.shape[0]) if embeddings is not None else None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
-        from preftune.models.logprobs import per_token_logps
-
         mask = batch["completion_mask"]
         logps = per_token_logps(self.policy, batch)
         loss_sum, metrics = sft_loss(logps, mask)

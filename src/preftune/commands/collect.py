@@ -12,8 +12,17 @@ from __future__ import annotations
 
 import argparse
 
+from preftune.collect.project import (
+    create,
+    format_status,
+    login_url,
+    open_store,
+    status,
+)
 from preftune.collect.settings import ACTIONS, CollectConfig
-from preftune.config import ConfigError, apply_overrides, field_help, from_dict
+from preftune.collect.store import StoreError
+from preftune.commands.base import field_help
+from preftune.config import ConfigError, apply_overrides, from_dict
 
 
 def register(sub) -> None:
@@ -26,9 +35,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from preftune.collect.project import create, format_status, login_url, open_store, status
-    from preftune.collect.store import StoreError
-
     action, project, rest = args.action, args.project, list(args.rest)
     words = [r for r in rest if "=" not in r]
     cfg = from_dict(CollectConfig, apply_overrides({}, [r for r in rest if "=" in r]), "collect")

@@ -17,20 +17,16 @@ from __future__ import annotations
 import argparse
 
 from preftune.collect.shortcut import LabelConfig, label
-from preftune.config import apply_overrides, field_help, from_dict, read_yaml
+from preftune.commands.base import add_settings_command, settings
 
 
 def register(sub) -> None:
-    c = sub.add_parser("label", help="Rank sampled completions in a local web UI, or with a judge; writes labels JSONL.",
-                       epilog=field_help(LabelConfig, "Settings (key=value):"), formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("config", nargs="?", help="Optional YAML file with the settings below.")
-    c.add_argument("overrides", nargs="*", help="key=value settings, e.g. input=samples.jsonl output=labels.jsonl judge=vader")
-    c.set_defaults(func=run)
+    add_settings_command(sub, "label", "Rank sampled completions in a local web UI, or with a judge; writes labels JSONL.", LabelConfig,
+                         "input=samples.jsonl output=labels.jsonl judge=vader", run)
 
 
 def run(args: argparse.Namespace) -> int:
-    data = read_yaml(args.config) if args.config else {}
-    cfg = from_dict(LabelConfig, apply_overrides(data, list(args.overrides)), "label")
+    cfg = settings(LabelConfig, args, "label")
 
     def ready(url: str) -> None:
         print(f"labelling {cfg.input} -> {cfg.output}: open {url} (Ctrl-C stops; every label is saved as it is given)", flush=True)

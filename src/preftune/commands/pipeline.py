@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
+
+from preftune.config import describe
+from preftune.pipeline import load_pipeline, run_pipeline
+from preftune.pipeline.spec import STAGE_CLASSES, PipelineConfig, SFTStage
 
 
 def _help() -> str:
-    from preftune.config import describe
-    from preftune.pipeline.spec import STAGE_CLASSES, PipelineConfig, SFTStage
-
     parts = []
     for title, cls in [("Pipeline settings (key=value):", PipelineConfig), ("sft: (optional)", SFTStage)] + [
             (f"Stage kind '{kind}' (a stage under stages:):", cls) for kind, cls in STAGE_CLASSES.items()]:
@@ -29,10 +31,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from preftune.pipeline import load_pipeline, run_pipeline
-
     pipeline = load_pipeline(args.config, list(args.overrides))
     report = run_pipeline(pipeline, resume=args.resume)
     data = json.loads((report.parent / "results.json").read_text(encoding="utf-8"))

@@ -7,12 +7,28 @@
 torch is only imported by ``preftune.data.collate`` (exported lazily here).
 """
 
+from preftune.data import collate
 from preftune.data.convert import pairs_to_unpaired, ranking_index_pairs, rankings_to_pairs
 from preftune.data.loaders import builtin_names, load_records, read_rows
-from preftune.data.records import (KINDS, DataError, PairRecord, PromptRecord, RankingRecord, Record,
-                                   SFTRecord, UnpairedRecord, is_conversational)
-from preftune.data.tokenize import (TRUNCATION_POLICIES, TruncationReport, encode_prompt_completion,
-                                    render, tokenize_pairs, tokenize_sft)
+from preftune.data.records import (
+    KINDS,
+    DataError,
+    PairRecord,
+    PromptRecord,
+    RankingRecord,
+    Record,
+    SFTRecord,
+    UnpairedRecord,
+    is_conversational,
+)
+from preftune.data.tokenize import (
+    TRUNCATION_POLICIES,
+    TruncationReport,
+    encode_prompt_completion,
+    render,
+    tokenize_pairs,
+    tokenize_sft,
+)
 
 _COLLATE = ("Collator", "collate_completions", "collate_pairs", "collate_shared_pairs",
             "count_completion_tokens", "pack_completions")
@@ -20,8 +36,6 @@ _COLLATE = ("Collator", "collate_completions", "collate_pairs", "collate_shared_
 
 def __getattr__(name):
     if name in _COLLATE:
-        from preftune.data import collate
-
         return getattr(collate, name)
     raise AttributeError(f"module 'preftune.data' has no attribute {name!r}")
 

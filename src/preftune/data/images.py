@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from preftune.data.loaders import read_rows
 from preftune.data.records import DataError, PairRecord, is_conversational, type_name
 from preftune.data.validate import Where, row_to_pair
+from preftune.models.cache import atomic_dir, cache_dir
 
 IMAGE_PLACEHOLDER = "<image>"
 BUILTIN_PREFIX = "builtin:"
@@ -209,8 +210,6 @@ _COLOUR_VERSION = 1  # bump when the generated files change
 
 def builtin_image_dataset(source: str) -> Path:
     """``builtin:tiny_colour_images`` -> its JSONL file, generated once into the cache."""
-    from preftune.models.cache import atomic_dir, cache_dir
-
     name = source[len(BUILTIN_PREFIX) :]
     if name not in BUILTIN_IMAGE_DATASETS:
         raise DataError(f"no built-in image dataset {name!r}; available: {', '.join(BUILTIN_IMAGE_DATASETS)}",

@@ -164,7 +164,7 @@ def _read_csv(path: Path, source: str, delimiter: str) -> Iterator[tuple[int, di
 
 
 def _read_parquet(path: Path, source: str) -> Iterator[tuple[int, dict]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # here: only Parquet files need it, and it is slow to import
 
     try:
         batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
@@ -192,7 +192,7 @@ def _rows_of_dataset(ds: Any, source: str, split: str) -> Iterator[tuple[int, di
 
 
 def _read_saved_dataset(path: Path, source: str, split: str) -> Iterator[tuple[int, dict]]:
-    import datasets
+    import datasets  # here: only datasets folders / hub names need it, and it is slow to import
 
     try:
         ds = datasets.load_from_disk(str(path))
@@ -203,7 +203,7 @@ def _read_saved_dataset(path: Path, source: str, split: str) -> Iterator[tuple[i
 
 
 def _read_hub(name: str, split: str) -> Iterator[tuple[int, dict]]:
-    import datasets
+    import datasets  # here: only datasets folders / hub names need it, and it is slow to import
 
     try:
         ds = datasets.load_dataset(name, split=split)
@@ -250,6 +250,23 @@ def _dispatch(source: str, split: str) -> Iterator[tuple[int, dict]]:
     if _looks_like_path(source):
         raise DataError("no such file or directory", source=source)
     return _read_hub(source, split)
+
+
+def row_kind(row: dict) -> str:
+    """The record kind a raw row's keys say it is: 'rankings' (a ``ranking``), 'unpaired' (a ``label``),
+    'pairs' (``chosen`` / ``rejected``), else 'sft' (a completion, messages or text)."""
+    if row.get("ranking") is not None:
+        return "rankings"
+    if "label" in row:
+        return "unpaired"
+    if row.get("chosen") is not None or row.get("rejected") is not None:
+        return "pairs"
+    return "sft"
+
+
+def sniff_kind(source: str, split: str = "train") -> str:
+    """The kind of a data source, read from its first row (:func:`row_kind`; 'sft' when empty)."""
+    return row_kind(next(iter(read_rows(source, split=split)), (0, {}))[1])
 
 
 def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, dict]]:

@@ -12,8 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from preftune.data.records import (DataError, PairRecord, PromptRecord, Record, SFTRecord,
-                                   UnpairedRecord, is_conversational)
+from preftune.data.records import (
+    DataError,
+    PairRecord,
+    PromptRecord,
+    Record,
+    SFTRecord,
+    UnpairedRecord,
+    is_conversational,
+)
 
 TRUNCATION_POLICIES = ("keep_end", "error", "drop")
 

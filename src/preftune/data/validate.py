@@ -18,8 +18,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from preftune.data.records import (ROLES, TAG_FIELDS, DataError, PairRecord, PromptRecord, RankingRecord, Record,
-                                   SFTRecord, UnpairedRecord, is_conversational, type_name)
+from preftune.data.records import (
+    ROLES,
+    TAG_FIELDS,
+    DataError,
+    PairRecord,
+    PromptRecord,
+    RankingRecord,
+    Record,
+    SFTRecord,
+    UnpairedRecord,
+    is_conversational,
+    type_name,
+)
 
 
 @dataclass(frozen=True)

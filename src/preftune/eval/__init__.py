@@ -5,12 +5,21 @@
 
 ``metrics.py`` pure statistics (KL estimator, win rate + Wilson interval, distinct-n, best-of-n KL,
 Pareto front); ``evaluate.py`` sampling and scoring; ``plots.py`` PNGs; ``report.py`` results.json and
-report.html. ``preftune eval`` (``run_eval`` in ``preftune.eval_config``) puts them together.
+report.html. ``preftune eval`` (``run_eval`` in ``preftune.eval.run``) puts them together.
 """
 
 from preftune.eval.evaluate import REFERENCE, best_of_n_curve, describe_model, evaluate
-from preftune.eval.metrics import (best_of_n_kl, distinct_n, mean_and_se, mean_repeated_ngram_fraction, pareto_front,
-                                   repeated_ngram_fraction, sequence_kl, wilson_interval, win_rate)
+from preftune.eval.metrics import (
+                                   best_of_n_kl,
+                                   distinct_n,
+                                   mean_and_se,
+                                   mean_repeated_ngram_fraction,
+                                   pareto_front,
+                                   repeated_ngram_fraction,
+                                   sequence_kl,
+                                   wilson_interval,
+                                   win_rate,
+)
 from preftune.eval.plots import bar_plot, frontier_plot, overoptimization_plot
 from preftune.eval.report import environment, format_number, write_report
 

@@ -25,10 +25,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
-from preftune.eval.metrics import (best_of_n_kl, distinct_n, mean_and_se, mean_repeated_ngram_fraction,
-                                   sequence_kl, win_rate)
+from preftune.data.collate import collate_completions
+from preftune.eval.metrics import (
+    best_of_n_kl,
+    distinct_n,
+    mean_and_se,
+    mean_repeated_ngram_fraction,
+    sequence_kl,
+    win_rate,
+)
+from preftune.models.loading import load_model
+from preftune.models.logprobs import per_token_logps, sequence_logps
+from preftune.rewards.spec import resolve_reward
+from preftune.rollout.sampling import generate_completions
+from preftune.train.export import resolve_model
 
 log = logging.getLogger("preftune.eval")
 
@@ -66,96 +79,115 @@ def evaluate(
     keep_completions: bool = False,
     device: str | None = None,
 ) -> dict:
-    """Sample ``num_samples`` completions per prompt from the reference and from every model, and
-    compare them.
+    """Sample ``num_samples`` completions per prompt from the reference and from every model, and compare them.
 
     Args:
-        models: display name -> model spec (any name ``load_model`` accepts, a run's ``OUTPUT_DIR/model``
-            incl. LoRA adapters, or an already loaded ``(model, tokenizer)``, which is not freed).
-        reference: π_ref, the same kinds of spec. It is loaded once and kept while the models are
-            evaluated one at a time (at most two models in memory); each loaded model is freed after use.
+        models: display name -> model spec (any name ``load_model`` accepts, a training checkpoint, a run's
+            ``OUTPUT_DIR/model`` incl. LoRA adapters, or a loaded ``(model, tokenizer)``, which is not freed).
+        reference: π_ref, the same kinds of spec. Loaded once and kept while the models are evaluated one at
+            a time (at most two models in memory); each loaded model is freed after use.
         prompts: text, conversations, token-id lists or prompt records (anything with ``.prompt``).
-        reward: the gold reward: a reward source (``prompts, completions -> floats``) or a spec for
-            ``resolve_reward`` ('vader', 'module:function', reward-model dirs).
+        reward: the gold reward: a reward source (``prompts, completions -> floats``) or a spec for ``resolve_reward``.
         proxy_reward: optionally a second reward (e.g. a trained reward model) also reported per model.
         tie_tolerance: win-rate rows whose rewards differ by at most this much are ties.
-        algorithms: display name -> algorithm label for frontier plots; missing names are read from the
-            run's ``config.yaml`` (see :func:`describe_model`).
+        algorithms: display name -> algorithm label for frontier plots; else read from the run's config.yaml.
         keep_completions: also return every sampled row under ``results["completions"][name]``.
         device: where loaded models run; None = CUDA when available, else CPU.
 
     Returns:
-        ``{"settings": {...}, "models": {name: metrics}}`` with the reference first under
-        :data:`REFERENCE`. Metrics (each over all N = prompts × num_samples completions):
-        ``reward_mean``, ``reward_std``, ``reward_se``, ``kl``, ``kl_se`` (sequence KL to the
-        reference; exactly 0 for the reference), ``kl_per_token``, ``win_rate`` (dict, see
-        :func:`~preftune.eval.metrics.win_rate`; None for the reference), ``length_mean`` (tokens,
-        counting the EOS), ``eos_rate``, ``distinct_1``, ``distinct_2``, ``repeated_3gram``, with a proxy
-        ``proxy_reward_mean`` / ``proxy_reward_se``; plus ``n``, ``spec``, ``algorithm``, ``seconds`` and
-        ``samples`` (the first ``num_examples`` prompts' first completion with its reward).
+        ``{"settings": {...}, "models": {name: metrics}}`` with the reference first under :data:`REFERENCE`.
+        Metrics (each over all N = prompts × num_samples completions): ``reward_mean``, ``reward_std``,
+        ``reward_se``, ``kl``, ``kl_se`` (sequence KL to the reference; exactly 0 for the reference),
+        ``kl_per_token``, ``win_rate`` (dict, see :func:`~preftune.eval.metrics.win_rate`; None for the
+        reference), ``length_mean`` (tokens, counting the EOS), ``eos_rate``, ``distinct_1``, ``distinct_2``,
+        ``repeated_3gram``, with a proxy ``proxy_reward_mean`` / ``proxy_reward_se``; plus ``n``, ``spec``,
+        ``algorithm``, ``seconds`` and ``samples`` (the first ``num_examples`` prompts' first completion).
     """
     if REFERENCE in models:
         raise ValueError(f"{REFERENCE!r} names the reference model; give the model another name")
-    gold_fn, proxy_fn = _reward(reward), _reward(proxy_reward) if proxy_reward is not None else None
+    rewards = (_reward(reward), _reward(proxy_reward) if proxy_reward is not None else None)
     texts = [_prompt_value(p) for p in prompts]
     repeated = [p for p in texts for _ in range(num_samples)]  # prompt-major, as `preftune generate`
-    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                    batch_size=batch_size, text_as_chat=text_as_chat)
-    algorithms = dict(algorithms or {})
-    results: dict = {
-        "settings": {
-            **sampling, "num_samples": num_samples, "prompts": len(texts), "completions_per_model": len(repeated),
-            "reward": _describe_reward(reward), "proxy_reward": _describe_reward(proxy_reward),
-            "tie_tolerance": tie_tolerance,
-            "kl_exact_sampling": temperature == 1.0 and top_p == 1.0,
-            "kl_estimator": "mean over samples of sum_t log pi(y_t) - log pi_ref(y_t) (samples from pi)",
-            "reference": _spec_name(reference),
-        },
-        "models": {},
-    }
-    if not results["settings"]["kl_exact_sampling"]:
-        log.warning("temperature=%s top_p=%s: samples are not drawn from the models' own distributions, so "
-                    "'kl' is not KL(pi||pi_ref) (see preftune.eval.evaluate)", temperature, top_p)
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+                    text_as_chat=text_as_chat)
+    results: dict = {"settings": _settings(sampling, num_samples, texts, repeated, reward, proxy_reward, tie_tolerance,
+                                           reference), "models": {}}
+    summary = dict(tie_tolerance=tie_tolerance, num_samples=num_samples, num_examples=num_examples)
+    completions = _compare(models, reference, results["models"], repeated, sampling, rewards, summary, dict(algorithms or {}),
+                           progress, device)
+    if keep_completions:
+        results["completions"] = completions
+    return results
+
+
+def _compare(models: Mapping[str, ModelSpec], reference: ModelSpec, out: dict, repeated: list, sampling: dict,
+             rewards: tuple, summary: dict, algorithms: dict, progress: bool, device: str | None) -> dict[str, list[dict]]:
+    """Fill ``out`` (``results["models"]``) with the reference's and every model's metrics; return every
+    model's rows. The reference stays loaded throughout, each model only while it is evaluated."""
+    gold_fn, proxy_fn = rewards
     completions: dict[str, list[dict]] = {}
     ref_model, ref_tok, ref_owned = _load(reference, device)
     try:
         start = time.perf_counter()
         ref_rows = _sample(ref_model, ref_tok, repeated, sampling, progress, f"sample {REFERENCE}")
         ref_gold = _score(gold_fn, repeated, ref_rows)
-        ref_metrics = _summarise(
-            ref_rows, ref_gold, _score(proxy_fn, repeated, ref_rows), None, None, None, tie_tolerance, num_samples, num_examples
-        )
-        results["models"][REFERENCE] = {
-            "spec": _spec_name(reference), "algorithm": REFERENCE, **ref_metrics,
-            "seconds": time.perf_counter() - start,
-        }
+        ref_metrics = _summarise(ref_rows, ref_gold, _score(proxy_fn, repeated, ref_rows), None, None, None, **summary)
+        out[REFERENCE] = {"spec": _spec_name(reference), "algorithm": REFERENCE, **ref_metrics,
+                          "seconds": time.perf_counter() - start}
         completions[REFERENCE] = _rows_out(ref_rows, ref_gold)
         for name, spec in tqdm(list(models.items()), desc="eval models", unit="model", disable=not progress):
-            start = time.perf_counter()
-            model, tok, owned = _load(spec, device)
-            try:
-                _check_vocab(name, tok, ref_tok)
-                rows = _sample(model, tok, repeated, sampling, progress, f"sample {name}")
-                logps = _sequence_logps(model, tok, rows, batch_size, progress, f"log-probs {name}")
-            finally:
-                if owned:
-                    del model
-                    _free_memory()
-            ref_logps = _sequence_logps(ref_model, ref_tok, rows, batch_size, progress, f"log-probs {REFERENCE}")
-            gold = _score(gold_fn, repeated, rows)
-            metrics = _summarise(rows, gold, _score(proxy_fn, repeated, rows), ref_gold, logps, ref_logps,
-                                 tie_tolerance, num_samples, num_examples)
-            algorithm = algorithms.get(name) or describe_model(spec).get("algorithm", "model")
-            results["models"][name] = {"spec": _spec_name(spec), "algorithm": algorithm, **metrics,
-                                       "seconds": time.perf_counter() - start}
-            completions[name] = _rows_out(rows, gold, logps, ref_logps)
+            entry, completions[name] = _evaluate_model(name, spec, (ref_model, ref_tok), repeated, sampling, rewards,
+                                                       ref_gold, summary, progress, device)
+            algorithm = entry.pop("algorithm")
+            out[name] = {"spec": _spec_name(spec), "algorithm": algorithms.get(name) or algorithm, **entry}
     finally:
         if ref_owned:
             del ref_model
             _free_memory()
-    if keep_completions:
-        results["completions"] = completions
-    return results
+    return completions
+
+
+def _settings(sampling: dict, num_samples: int, texts: list, repeated: list, reward, proxy_reward,
+              tie_tolerance: float, reference: ModelSpec) -> dict:
+    """``results["settings"]`` of :func:`evaluate` (warns when the samples are not the models' own)."""
+    if not (sampling["temperature"] == 1.0 and sampling["top_p"] == 1.0):
+        log.warning("temperature=%s top_p=%s: samples are not drawn from the models' own distributions, so "
+                    "'kl' is not KL(pi||pi_ref) (see preftune.eval.evaluate)", sampling["temperature"], sampling["top_p"])
+    return {
+        **sampling, "num_samples": num_samples, "prompts": len(texts), "completions_per_model": len(repeated),
+        "reward": _describe_reward(reward), "proxy_reward": _describe_reward(proxy_reward),
+        "tie_tolerance": tie_tolerance,
+        "kl_exact_sampling": sampling["temperature"] == 1.0 and sampling["top_p"] == 1.0,
+        "kl_estimator": "mean over samples of sum_t log pi(y_t) - log pi_ref(y_t) (samples from pi)",
+        "reference": _spec_name(reference),
+    }
+
+
+def _evaluate_model(name: str, spec: ModelSpec, ref: tuple, repeated: list, sampling: dict, rewards: tuple,
+                    ref_gold: list, summary: dict, progress: bool, device: str | None) -> tuple[dict, list[dict]]:
+    """One model against the reference: (its metrics with ``algorithm`` and ``seconds``, its rows)."""
+    start = time.perf_counter()
+    (ref_model, ref_tok), (gold_fn, proxy_fn) = ref, rewards
+    rows, logps = _sample_model(name, spec, ref_tok, repeated, sampling, progress, device)
+    ref_logps = _sequence_logps(ref_model, ref_tok, rows, sampling["batch_size"], progress, f"log-probs {REFERENCE}")
+    gold = _score(gold_fn, repeated, rows)
+    metrics = _summarise(rows, gold, _score(proxy_fn, repeated, rows), ref_gold, logps, ref_logps, **summary)
+    metrics = {"algorithm": describe_model(spec).get("algorithm", "model"), **metrics, "seconds": time.perf_counter() - start}
+    return metrics, _rows_out(rows, gold, logps, ref_logps)
+
+
+def _sample_model(name: str, spec: ModelSpec, ref_tok, repeated: list, sampling: dict, progress: bool,
+                  device: str | None) -> tuple[list[dict], list[float]]:
+    """A model's completions and their log-probs under it; the model is freed after, if loaded here."""
+    model, tok, owned = _load(spec, device)
+    try:
+        _check_vocab(name, tok, ref_tok)
+        rows = _sample(model, tok, repeated, sampling, progress, f"sample {name}")
+        return rows, _sequence_logps(model, tok, rows, sampling["batch_size"], progress, f"log-probs {name}")
+    finally:
+        if owned:
+            del model
+            _free_memory()
 
 
 def best_of_n_curve(
@@ -209,20 +241,25 @@ def best_of_n_curve(
                    "proxy_mean": [], "proxy_se": [], "samples_per_prompt": per_prompt, "prompts": len(texts),
                    "reward": _describe_reward(reward), "proxy_reward": _describe_reward(proxy_reward)}
     for n in ns:
-        gold_per_prompt, proxy_per_prompt = [], []
-        for i in range(len(texts)):
-            base = i * per_prompt
-            picks = []
-            for g in range(per_prompt // n):
-                group = range(base + g * n, base + (g + 1) * n)
-                picks.append(max(group, key=lambda j: proxy[j]))  # first of equal proxy scores
-            gold_per_prompt.append(math.fsum(gold[j] for j in picks) / len(picks))
-            proxy_per_prompt.append(math.fsum(proxy[j] for j in picks) / len(picks))
-        for key, values in (("gold", gold_per_prompt), ("proxy", proxy_per_prompt)):
+        for key, values in zip(("gold", "proxy"), _best_of_n_picks(gold, proxy, n, per_prompt, len(texts))):
             mean, se = mean_and_se(values)
             curve[f"{key}_mean"].append(mean)
             curve[f"{key}_se"].append(se)
     return curve
+
+
+def _best_of_n_picks(gold: list, proxy: list, n: int, per_prompt: int, prompts: int) -> tuple[list, list]:
+    """Per prompt: the mean gold and proxy reward of the best-by-proxy completion of each group of n."""
+    gold_per_prompt, proxy_per_prompt = [], []
+    for i in range(prompts):
+        base = i * per_prompt
+        picks = []
+        for g in range(per_prompt // n):
+            group = range(base + g * n, base + (g + 1) * n)
+            picks.append(max(group, key=lambda j: proxy[j]))  # first of equal proxy scores
+        gold_per_prompt.append(math.fsum(gold[j] for j in picks) / len(picks))
+        proxy_per_prompt.append(math.fsum(proxy[j] for j in picks) / len(picks))
+    return gold_per_prompt, proxy_per_prompt
 
 
 def describe_model(spec: ModelSpec) -> dict:
@@ -237,8 +274,6 @@ def describe_model(spec: ModelSpec) -> dict:
         candidates.append(path.parent.parent / "config.yaml")
     for config in candidates:
         if path.is_dir() and config.is_file():
-            import yaml
-
             try:
                 data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
             except yaml.YAMLError:
@@ -262,7 +297,6 @@ def describe_model(spec: ModelSpec) -> dict:
 def _reward(spec):
     if callable(spec):
         return spec
-    from preftune.rollout.rewards import resolve_reward
 
     return resolve_reward(spec)
 
@@ -289,9 +323,7 @@ def _load(spec: ModelSpec, device: str | None):
     if isinstance(spec, tuple):
         model, tokenizer = spec
         return model, tokenizer, False
-    from preftune.models.loading import load_model
-
-    model, tokenizer = load_model(spec)
+    model, tokenizer = load_model(resolve_model(spec))  # a training checkpoint: its export
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(target).eval(), tokenizer, True
 
@@ -310,17 +342,12 @@ def _check_vocab(name: str, tokenizer, ref_tokenizer) -> None:
 
 
 def _sample(model, tokenizer, prompts, sampling: dict, progress: bool, desc: str) -> list[dict]:
-    from preftune.generate import generate_completions
-
     log.info("%s: %d completions", desc, len(prompts))
     return generate_completions(model, tokenizer, prompts, return_token_ids=True, progress=progress, **sampling)
 
 
 def _sequence_logps(model, tokenizer, rows: list[dict], batch_size: int, progress: bool, desc: str) -> list[float]:
     """log π(completion | prompt) of each row's exact token ids, summed over the completion's tokens."""
-    from preftune.data.collate import collate_completions
-    from preftune.models.logprobs import per_token_logps, sequence_logps
-
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(rows)), key=lambda i: -(len(rows[i]["prompt_ids"]) + len(rows[i]["completion_ids"])))
     out = [0.0] * len(rows)

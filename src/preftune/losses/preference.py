@@ -59,9 +59,10 @@ def _pair_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, **extra: Ten
     return metrics
 
 
-def _logratios(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> tuple[Tensor, Tensor]:
+def _logratios(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+               reference_rejected_logps: Tensor) -> tuple[Tensor, Tensor]:
     """(log π_θ/π_ref of chosen, of rejected)."""
-    return pc - rc, pr - rr
+    return policy_chosen_logps - reference_chosen_logps, policy_rejected_logps - reference_rejected_logps
 
 
 def dpo_loss(

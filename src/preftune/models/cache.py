@@ -1,4 +1,6 @@
-"""Where preftune keeps derived files, and how it writes folders so readers never see half of one.
+"""Where preftune keeps derived files, and how it writes files and folders so readers never see half
+of one (the one home of atomic writes: :func:`atomic_dir`, :func:`atomic_path`, :func:`write_json`,
+:func:`write_jsonl`).
 
 Converted GGUF models live under :func:`cache_dir`; checkpoints reuse :func:`atomic_dir`. Both matter
 when several processes (data-parallel ranks, two users' jobs) share one cache: a reader must find
@@ -8,11 +10,13 @@ either nothing or a complete folder, never a partial one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any, Callable
 
 
 def cache_dir() -> Path:
@@ -81,3 +85,41 @@ def _replace_existing(tmp: Path, target: Path) -> None:
         raise
     finally:
         shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file name beside ``target``; when the body has written it, move it onto
+    ``target`` atomically (a crash never leaves a half-written file under the final name). If the
+    body raises, the temporary file is removed and ``target`` is untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; give it a normal file's permissions
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(target: str | os.PathLike, text: str | bytes) -> Path:
+    """Write ``text`` (str as UTF-8, or bytes) to ``target`` atomically, flushed to disk; return the path."""
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(text.encode("utf-8") if isinstance(text, str) else text)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(target)
+
+
+def write_json(target: str | os.PathLike, data: Any, *, default: Callable | None = None) -> Path:
+    """``data`` as indented JSON (and a final newline), written atomically."""
+    return write_text(target, json.dumps(data, indent=2, default=default) + "\n")
+
+
+def write_jsonl(rows: Iterable[dict], target: str | os.PathLike, *, default: Callable | None = None) -> Path:
+    """One JSON object per line (non-ASCII kept), written atomically."""
+    return write_text(target, "".join(json.dumps(row, ensure_ascii=False, default=default) + "\n" for row in rows))

@@ -33,7 +33,7 @@ def encoder_folder(name: str) -> Path | None:
     entry = PACKAGED_ENCODERS.get(name.lower())
     if entry is None:
         return None
-    from preftune.models.loading import ModelLoadError
+    from preftune.models.loading import ModelLoadError  # here: loading imports this module
 
     try:
         module = importlib.import_module(entry.package)

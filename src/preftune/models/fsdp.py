@@ -13,15 +13,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 
 def fsdp_modules(model: nn.Module) -> list:
-    import torch
-
     if not torch.distributed.is_available():
         return []
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # here: after the check that this build has it
 
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 

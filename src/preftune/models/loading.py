@@ -25,19 +25,18 @@ runs forward passes under autocast while the optimizer updates fp32 master weigh
 
 from __future__ import annotations
 
-import os
-
 import copy
 import hashlib
 import importlib.util
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .cache import atomic_dir, cache_dir
 from .encoders import encoder_folder
@@ -134,17 +133,11 @@ def load_model(
         loaded = _load_folder(convert_gguf(path), seed, False, model_class, None, model_kwargs)
         return _record_source(loaded, str(path.resolve()))
     if path.is_dir():
-        from preftune.train.checkpoint import CheckpointError, is_checkpoint
-
-        if is_checkpoint(path):  # a training checkpoint: exported once to OUTPUT_DIR/exports/, then loaded
-            from preftune.train.export import export_checkpoint
-
-            try:
-                exported = export_checkpoint(path)
-            except CheckpointError as err:
-                raise ModelLoadError(str(err)) from None
-            return load_model(str(exported), dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
-                              model_class=model_class, **model_kwargs)
+        if (path / "trainable.safetensors").is_file() and (path / "manifest.json").is_file():  # train/checkpoint.py
+            raise ModelLoadError(
+                f"{path} is a training checkpoint, not a model folder: export it first (`preftune export {path}`, "
+                "or preftune.train.export.resolve_model), or pass it to `preftune eval` or `preftune generate`, which do"
+            )
         if (path / "adapter_config.json").is_file():
             return _load_adapter(path, dtype, seed, trust_remote_code, model_class, model_kwargs)
         return _load_folder(path, seed, trust_remote_code, model_class, None, model_kwargs)
@@ -275,8 +268,6 @@ def _load_folder(folder, seed, trust_remote_code, model_class, max_length, model
 def _load_processing_class(folder, model_class, trust_remote_code):
     """The folder's tokenizer, or for an image-text-to-text model its processor."""
     if is_image_text_class(model_class):
-        from transformers import AutoProcessor
-
         return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
 

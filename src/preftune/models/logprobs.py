@@ -121,7 +121,7 @@ def _fast_parts(model):
 def _is_fsdp_sharded(model) -> bool:
     if not torch.distributed.is_available():  # builds without distributed support shard nothing
         return False
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # here: after the check that this build has it
 
     return isinstance(model, FSDPModule)
 

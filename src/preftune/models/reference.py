@@ -8,22 +8,50 @@ dataset, tokenizer setting, truncation, model or dtype can never reuse a stale c
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from preftune.models.cache import cache_dir
+from preftune.models.cache import atomic_path, cache_dir
+from preftune.models.loading import ModelLoadError
+from preftune.models.lora import is_peft_model
 
 log = logging.getLogger("preftune.reference")
 
 CACHE_VERSION = 1
 
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with no trainable parameter, in eval mode (no dropout in π_ref)."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def reference_model(policy: torch.nn.Module, *, load: Callable[[], torch.nn.Module] | None = None,
+                    copy_policy: bool = True, what: str = "reference") -> torch.nn.Module | None:
+    """π_ref, set up the same way for every algorithm that has one.
+
+    ``load`` given (a named reference model): the model it loads, frozen; a load error names ``what``.
+    Else, with ``copy_policy``, a frozen copy of the initial policy, except under LoRA, whose
+    adapter-disabled policy is π_ref already (None). None as well without ``copy_policy`` (the
+    reference columns are precomputed once, from the policy before training).
+    """
+    if load is not None:
+        try:
+            return frozen(load())
+        except ModelLoadError as err:
+            raise ModelLoadError(f"{what}: {err}") from None
+    if copy_policy and not is_peft_model(policy):
+        return frozen(copy.deepcopy(policy))
+    return None
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """sha256 of the reference weights (LoRA adapter weights excluded: the reference is the base)."""
@@ -67,10 +95,8 @@ def load_cached(key: str, n: int) -> dict[str, torch.Tensor] | None:
 
 def save_cached(key: str, values: dict[str, torch.Tensor]) -> Path:
     path = cache_path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in values.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in values.items()}, str(tmp))
     return path
 
 
@@ -87,8 +113,6 @@ def precompute(
     """Run `compute` (rows -> {name: Tensor[rows]}) over all examples in batches; each process
     takes every world_size-th batch and the shards are gathered, so every process ends up with the
     full [N] columns. Rows are batched by length to cut padding."""
-    from tqdm.auto import tqdm
-
     order = sorted(range(len(examples)), key=lambda i: length_of(examples[i])) if length_of else list(range(len(examples)))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     mine = batches[rank::world_size]
@@ -99,7 +123,7 @@ def precompute(
             for j, i in enumerate(idx):
                 local[i] = {k: float(v[j]) for k, v in out.items()}
     if world_size > 1:
-        import torch.distributed as dist
+        import torch.distributed as dist  # here: only multi-process runs need it
 
         gathered: list = [None] * world_size
         dist.all_gather_object(gathered, local)

@@ -24,13 +24,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from preftune.models.logprobs import _is_fsdp_sharded
+from preftune.models.lora import unwrap
+
 PoolingKind = Literal["last_token", "model"]
 
 
 def base_classifier(model):
     """The transformers classifier inside DDP / peft wrappers (peft's LoRA layers stay injected)."""
-    from preftune.models.lora import unwrap
-
     inner = unwrap(model)
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
@@ -68,7 +69,6 @@ def sequence_rewards(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor
     if pooling_kind(model) == "model":
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    from preftune.models.logprobs import _is_fsdp_sharded
 
     if _is_fsdp_sharded(inner):
         # FSDP2 gathers the classifier's root unit (backbone embeddings, norm, score) only in its own

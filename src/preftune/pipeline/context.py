@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from preftune.config import ConfigError
+from preftune.data.loaders import load_records
 from preftune.pipeline.spec import PipelineConfig
 
 
@@ -28,8 +29,6 @@ class Context:
     def splits(self) -> tuple[list, list]:
         """(train prompts, held-out prompts): values as the data loader reads them."""
         if self._splits is None:
-            from preftune.data.loaders import load_records
-
             cfg = self.cfg
             rows = [r.prompt for r in load_records(cfg.train_prompts, "prompts")]
             if cfg.eval_prompts:

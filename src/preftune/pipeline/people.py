@@ -11,6 +11,9 @@ import logging
 import time
 from pathlib import Path
 
+from preftune.collect.export import consensus_rows, write_rows
+from preftune.collect.project import create, login_url, open_store, status
+from preftune.collect.settings import CollectConfig
 from preftune.config import ConfigError, from_dict
 from preftune.pipeline.spec import Stage
 
@@ -18,9 +21,6 @@ log = logging.getLogger("preftune.pipeline")
 
 
 def _project(stage: Stage, folder: Path, samples: Path):
-    from preftune.collect.project import create, login_url
-    from preftune.collect.settings import CollectConfig
-
     s = stage.settings
     cfg = from_dict(CollectConfig, {"samples": str(samples), "mode": s.mode, "overlap": s.overlap,
                                     "guidelines": s.guidelines}, f"stages.{stage.name}")
@@ -36,8 +36,6 @@ def _project(stage: Stage, folder: Path, samples: Path):
 
 def wait_for_labels(store, quota: int, deadline: float | None, poll: float, stage_id: str) -> dict:
     """Poll the store until ``quota`` items are complete or ``deadline`` (a time.time()) passes."""
-    from preftune.collect.project import status
-
     shown = None
     while True:
         s = status(store)
@@ -57,9 +55,6 @@ def wait_for_labels(store, quota: int, deadline: float | None, poll: float, stag
 
 
 def label_by_people(ctx, stage: Stage, folder: Path, samples: Path, started_at: float) -> dict:
-    from preftune.collect.export import consensus_rows, write_rows
-    from preftune.collect.project import open_store
-
     s = stage.settings
     project, cfg = _project(stage, folder, samples)
     store = open_store(project, cfg)

@@ -7,12 +7,19 @@ the data each round's train stages used; links to every round's own ``preftune e
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import math
 from pathlib import Path
 
-from preftune.eval.report import environment, format_number
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from preftune.config import to_dict
+from preftune.eval.plots import frontier_plot
+from preftune.eval.report import _atomic_write, environment, format_number
 from preftune.pipeline import state
 from preftune.pipeline.spec import Pipeline
 
@@ -51,10 +58,6 @@ def collect(ctx, pipeline: Pipeline) -> dict:
 
 def rounds_plot(rows: list[dict]) -> bytes:
     """Four panels across rounds (round 0 = the start model): gold reward, KL, win rates, length."""
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 6.5), dpi=100)
     FigureCanvasAgg(fig)
@@ -95,8 +98,6 @@ def _finite(v) -> bool:
 
 
 def _frontier(rows: list[dict]) -> bytes:
-    from preftune.eval.plots import frontier_plot
-
     points = [{"algorithm": "reference", "label": "start", "kl": 0.0, "reward": rows[0]["evaluate"].get("start_reward_mean")}]
     points += [{"algorithm": "rounds", "label": f"round {r['round']}", "kl": r["evaluate"]["kl"], "reward": r["evaluate"]["reward_mean"],
                 "kl_se": r["evaluate"].get("kl_se"), "reward_se": r["evaluate"].get("reward_se")} for r in rows]
@@ -104,9 +105,6 @@ def _frontier(rows: list[dict]) -> bytes:
 
 
 def write_pipeline_report(ctx, pipeline: Pipeline) -> Path:
-    from preftune.config import to_dict
-    from preftune.eval.report import _atomic_write
-
     data = collect(ctx, pipeline)
     data["settings"] = {k: v for k, v in to_dict(ctx.cfg).items()}
     data["environment"] = environment()
@@ -125,8 +123,6 @@ def write_pipeline_report(ctx, pipeline: Pipeline) -> Path:
 
 def render(data: dict, plots: dict[str, bytes], source: str) -> str:
     """The page (plots embedded as data URIs: one self-contained file, like the eval report)."""
-    import base64
-
     e = html.escape
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', "<title>preftune pipeline</title>",
              f"<style>{_CSS}</style></head><body>", f"<h1>Pipeline {e(source)}</h1>",

@@ -9,6 +9,7 @@ is redone from scratch; so is everything downstream of it, because their hashes 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -17,8 +18,9 @@ from pathlib import Path
 import yaml
 
 from preftune.config import ConfigError, to_dict
-from preftune.pipeline import state
+from preftune.pipeline import stages, state, training
 from preftune.pipeline.context import Context
+from preftune.pipeline.report import write_pipeline_report
 from preftune.pipeline.spec import Pipeline, Stage, digest, settings_dict
 
 log = logging.getLogger("preftune.pipeline")
@@ -49,15 +51,11 @@ def stage_hash(ctx: Context, stage: Stage, hashes: dict[str, str]) -> str:
 
 
 def _file_digest(path: str) -> str:
-    import hashlib
-
     p = Path(path)
     return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else path
 
 
 def _runner(kind: str):
-    from preftune.pipeline import stages, training
-
     return {
         "sft": lambda ctx, st, folder, started: training.run_sft(ctx, st, folder),
         "generate": lambda ctx, st, folder, started: stages.run_generate(ctx, st, folder),
@@ -99,8 +97,6 @@ def run_stage(ctx: Context, stage: Stage, input_hash: str) -> str:
 
 def run_pipeline(pipeline: Pipeline, *, resume: bool = False, progress: bool = True) -> Path:
     """Every stage in order (see the module docstring); returns the pipeline report's path."""
-    from preftune.pipeline.report import write_pipeline_report
-
     cfg = pipeline.config
     out = Path(cfg.output_dir)
     check_fresh(out, resume)

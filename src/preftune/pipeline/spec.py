@@ -28,7 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from preftune.config import ConfigError, apply_overrides, check_range, doc, from_dict, read_yaml, to_dict
+from preftune.config import (
+    ConfigError,
+    apply_overrides,
+    check_range,
+    doc,
+    from_dict,
+    read_yaml,
+    to_dict,
+)
+from preftune.rollout.rewards import check_reward_spec
 
 KINDS = ("generate", "label", "train", "evaluate")
 PEOPLE = "people"
@@ -39,7 +48,6 @@ TRAINED = "train"
 @dataclass
 class GenerateStage:
     """Sample ``num_samples`` completions per prompt of the round from the current policy."""
-
     kind: str = doc("generate", "The stage kind.")
     num_samples: int = doc(2, "Completions per prompt (K); ranking needs at least 2.")
     temperature: float = doc(1.0, "Sampling temperature.")
@@ -57,7 +65,6 @@ class GenerateStage:
 @dataclass
 class LabelStage:
     """Label the samples of the last generate stage: a judge, or people through the labelling server."""
-
     kind: str = doc("label", "The stage kind.")
     judge: str = doc(
         "vader",
@@ -84,7 +91,6 @@ class LabelStage:
 @dataclass
 class TrainStage:
     """Train the current policy on the labels: DPO family / KTO, reward model + RL, or rejection sampling."""
-
     kind: str = doc("train", "The stage kind.")
     algorithm: str = doc(
         "dpo",
@@ -115,7 +121,6 @@ class TrainStage:
 @dataclass
 class EvaluateStage:
     """Gold reward, KL and win rate of the current policy against the start model and the previous round."""
-
     kind: str = doc("evaluate", "The stage kind.")
     num_samples: int = doc(2, "Completions per held-out prompt and model.")
     max_new_tokens: Optional[int] = doc(None, "Tokens per completion. null = the pipeline's max_new_tokens.")
@@ -180,7 +185,6 @@ class PipelineConfig:
 @dataclass
 class Stage:
     """One stage of the plan: where it runs and what it reads (role -> stage id, or None = the start model)."""
-
     round: int
     name: str
     kind: str
@@ -283,7 +287,7 @@ def _reads(settings: Any, name: str, r: int, latest: dict, policy, start, path: 
             raise ConfigError(f"{path}: a label stage needs samples, but no generate stage comes before '{name}' in the round")
         return {"samples": latest["generate"]}
     if kind == "train":
-        from preftune.pipeline.training import is_online
+        from preftune.pipeline.training import is_online  # training.py imports this module
 
         if "label" not in latest and is_online(settings.algorithm) and settings.reward_model != TRAINED:
             return {"policy": policy, "start": start, "labels": []}  # RL on a given reward: prompts only
@@ -301,7 +305,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     data = apply_overrides(read_yaml(path), list(overrides or []))
     cfg = from_dict(PipelineConfig, data, "")
     plan = build_plan(cfg)
-    from preftune.pipeline.stages import check_label
+    from preftune.pipeline.stages import check_label  # stages.py and training.py import this module
     from preftune.pipeline.training import check_train_settings
 
     check_reward(cfg.gold_reward, "gold_reward")
@@ -314,8 +318,6 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
 
 
 def check_reward(spec: str, where: str) -> None:
-    from preftune.rollout.rewards import check_reward_spec
-
     try:
         check_reward_spec(spec)
     except ValueError as err:

@@ -1,6 +1,6 @@
 """Generate, label and evaluate stages, built from the commands' own functions: the generate
 command's sampler (:func:`preftune.generate.generate_completions`), ``preftune label``'s
-:func:`~preftune.collect.shortcut.label` (any judge) and ``preftune eval``'s :func:`~preftune.eval_config.run_eval`.
+:func:`~preftune.collect.shortcut.label` (any judge) and ``preftune eval``'s :func:`~preftune.eval.run.run_eval`.
 
 Each writes into its own folder: ``samples.jsonl`` (generate: one row per completion, prompt-major,
 saved chunk by chunk in ``samples.partial.jsonl`` so a killed stage continues after its last saved
@@ -15,8 +15,17 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
+from preftune.collect.shortcut import LabelConfig, label
 from preftune.config import ConfigError, from_dict
-from preftune.pipeline.spec import PEOPLE, Stage
+from preftune.eval.metrics import win_rate
+from preftune.eval.run import EvalConfig, run_eval
+from preftune.generate import generate_completions
+from preftune.label.store import LabelStore
+from preftune.models.loading import load_model
+from preftune.pipeline.people import label_by_people
+from preftune.pipeline.spec import PEOPLE, Stage, check_reward
 from preftune.pipeline.training import read_rows, write_rows
 
 log = logging.getLogger("preftune.pipeline")
@@ -75,11 +84,6 @@ def run_generate(ctx, stage: Stage, folder: Path) -> dict:
 
 
 def _sample_chunks(ctx, stage: Stage, policy: str, chunks: list, first: int, partial: Path) -> None:
-    import torch
-
-    from preftune.generate import generate_completions
-    from preftune.models.loading import load_model
-
     s, cfg = stage.settings, ctx.cfg
     model, tokenizer = load_model(policy)
     model = model.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,8 +106,6 @@ def _sample_chunks(ctx, stage: Stage, policy: str, chunks: list, first: int, par
 
 
 def label_config(stage: Stage, samples: str, output: str, seed: int):
-    from preftune.collect.shortcut import LabelConfig
-
     s = stage.settings
     return from_dict(LabelConfig, {"input": samples, "output": output, "mode": s.mode, "judge": s.judge,
                                    "guidelines": s.guidelines, "tie_tolerance": s.tie_tolerance, "threshold": s.threshold,
@@ -117,7 +119,6 @@ def check_label(stage: Stage) -> None:
         if s.guidelines and not Path(s.guidelines).is_file():
             raise ConfigError(f"stages.{stage.name}.guidelines: no such file {s.guidelines}")
         return
-    from preftune.pipeline.spec import check_reward
 
     check_reward(s.judge, f"stages.{stage.name}.judge")
 
@@ -126,11 +127,7 @@ def run_label(ctx, stage: Stage, folder: Path, started: dict) -> dict:
     samples = ctx.folder(stage.reads["samples"]) / "samples.jsonl"
     output = folder / "labels.jsonl"
     if stage.settings.judge == PEOPLE:
-        from preftune.pipeline.people import label_by_people
-
         return label_by_people(ctx, stage, folder, samples, started["started_at"])
-    from preftune.collect.shortcut import label
-    from preftune.label.store import LabelStore
 
     result = label(label_config(stage, str(samples), str(output), ctx.cfg.seed))
     store = LabelStore(output)
@@ -146,9 +143,6 @@ def run_label(ctx, stage: Stage, folder: Path, started: dict) -> dict:
 def run_evaluate(ctx, stage: Stage, folder: Path) -> dict:
     """``preftune eval`` of the current policy against the start model; the win rate against the
     previous round from the two rounds' completions (the same prompts, seed and sample index)."""
-    from preftune.eval.metrics import win_rate
-    from preftune.eval_config import EvalConfig, run_eval
-
     s, cfg = stage.settings, ctx.cfg
     name, policy, start = f"round-{stage.round}", ctx.policy(stage.reads["policy"]), ctx.policy(stage.reads["start"])
     prompts = write_rows([{"prompt": p} for p in ctx.splits()[1]], folder / "prompts.jsonl")

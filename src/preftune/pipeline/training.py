@@ -20,9 +20,20 @@ from typing import Any
 
 import yaml
 
+from preftune.algorithms import ALGORITHMS
 from preftune.config import ConfigError, RunConfig, load_run_config
-from preftune.pipeline.spec import REJECTION_SAMPLING, TRAINED, PipelineConfig, Stage, merge
-from preftune.pipeline.spec import check_reward
+from preftune.data.convert import ranking_index_pairs
+from preftune.generate import write_jsonl
+from preftune.pipeline.spec import (
+    REJECTION_SAMPLING,
+    TRAINED,
+    PipelineConfig,
+    Stage,
+    check_reward,
+    merge,
+)
+from preftune.train.checkpoint import list_checkpoints
+from preftune.train.loop import train
 
 log = logging.getLogger("preftune.pipeline")
 
@@ -31,8 +42,6 @@ REFUSED = {"reward": "use reward_model: train with an RL algorithm", "sft": "use
 
 
 def _algorithms() -> dict:
-    from preftune.algorithms import ALGORITHMS
-
     return ALGORITHMS
 
 
@@ -124,8 +133,6 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def write_rows(rows: list[dict], path: Path) -> Path:
-    from preftune.generate import write_jsonl
-
     write_jsonl(rows, path)
     return path
 
@@ -142,8 +149,6 @@ def gather_labels(ctx, stage: Stage) -> tuple[list[dict], dict[str, int]]:
 
 def training_rows(rows: list[dict], algorithm: str, where: str) -> list[dict]:
     """Label rows (rankings or thumbs) as the records ``algorithm`` reads."""
-    from preftune.data.convert import ranking_index_pairs
-
     ranked = [r for r in rows if "ranking" in r]
     thumbs = [r for r in rows if "label" in r]
     if algorithm == REJECTION_SAMPLING:
@@ -169,9 +174,6 @@ def training_rows(rows: list[dict], algorithm: str, where: str) -> list[dict]:
 
 def train_run(d: dict, record: Path) -> Path:
     """Run (or continue from its newest checkpoint) the training run of settings ``d``; its model folder."""
-    from preftune.train.checkpoint import list_checkpoints
-    from preftune.train.loop import train
-
     out = Path(d["output_dir"])
     if list_checkpoints(out):
         log.info("%s: continuing from its checkpoint %s", out, list_checkpoints(out)[-1].name)

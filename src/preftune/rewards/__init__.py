@@ -11,8 +11,15 @@ are read, ``evaluation.py`` for accuracy, calibration and gold correlation repor
 
 from preftune.rewards.base import FunctionReward, RewardSource, resolve_function
 from preftune.rewards.evaluation import calibration, pair_report, pearson, reward_stats, score_report, spearman
-from preftune.rewards.model import (COMBINE_RULES, RewardMember, RewardModel, RewardScores, ScoreSpec,
-                                    combine_scores, resolve_reward_paths)
+from preftune.rewards.model import (
+                                    COMBINE_RULES,
+                                    RewardMember,
+                                    RewardModel,
+                                    RewardScores,
+                                    ScoreSpec,
+                                    combine_scores,
+                                    resolve_reward_paths,
+)
 
 __all__ = [
     "COMBINE_RULES", "FunctionReward", "RewardMember", "RewardModel", "RewardScores", "RewardSource",

@@ -14,6 +14,10 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
+from preftune.losses.diverse import aggregate_rewards
+
 _SPEC = re.compile(r"^\s*(mean|min|weighted)\((.*)\)\s*$", re.S)
 _WEIGHTED_PART = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*(.+?)\s*$", re.S)
 
@@ -51,10 +55,6 @@ class AggregateReward:
         self.last_parts: list[list[float]] = []
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any]) -> list[float]:
-        import torch
-
-        from preftune.losses.diverse import aggregate_rewards
-
         parts = []
         for source in self.sources:
             scores = source(prompts, completions)

@@ -30,6 +30,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from transformers import AutoModelForSequenceClassification
+
+from preftune.data.collate import collate_completions
+from preftune.data.records import SFTRecord, is_conversational
+from preftune.data.tokenize import tokenize_sft
+from preftune.models.loading import ModelLoadError, load_model
+from preftune.models.reward_head import extra_special_tokens, finish_reward_ids, pooling_kind, sequence_rewards
 
 log = logging.getLogger("preftune.rewards")
 COMBINE_RULES = ("mean", "mean_minus_std", "min")
@@ -106,10 +113,6 @@ class RewardMember:
 
     def encode(self, prompts: Sequence[Any], completions: Sequence[Any]) -> list[dict]:
         """Rows -> ``[{"prompt_ids", "completion_ids"}]`` exactly as training tokenized them."""
-        from preftune.data.records import SFTRecord, is_conversational
-        from preftune.data.tokenize import tokenize_sft
-        from preftune.models.reward_head import extra_special_tokens, finish_reward_ids, pooling_kind
-
         kind = pooling_kind(self.model)
         records = []
         for p, c in zip(prompts, completions, strict=True):
@@ -130,9 +133,6 @@ class RewardMember:
     @torch.no_grad()
     def score(self, prompts: Sequence[Any], completions: Sequence[Any], *, batch_size: int = 16, dtype: str = "fp32") -> torch.Tensor:
         """Raw rewards, Tensor[N] (fp32, CPU). Rows are length-sorted into batches, then put back in order."""
-        from preftune.data.collate import collate_completions
-        from preftune.models.reward_head import sequence_rewards
-
         examples = self.encode(prompts, completions)
         device = next(self.model.parameters()).device
         order = sorted(range(len(examples)), key=lambda i: len(examples[i]["prompt_ids"]) + len(examples[i]["completion_ids"]))
@@ -186,10 +186,6 @@ class RewardModel:
 
         ``combine``/``k`` default to what an ensemble run saved (``reward.combine``), else mean / 1.0.
         """
-        from transformers import AutoModelForSequenceClassification
-
-        from preftune.models.loading import load_model
-
         paths = [path_or_paths] if isinstance(path_or_paths, (str, Path)) else list(path_or_paths)
         folders, saved = [], {}
         for p in paths:
@@ -234,8 +230,6 @@ def resolve_reward_paths(path: str | Path) -> tuple[list[Path | str], dict]:
         folders = [p / m for m in data["members"]]
         missing = [str(f) for f in folders if not (f / "config.json").is_file() and not (f / "adapter_config.json").is_file()]
         if missing:
-            from preftune.models.loading import ModelLoadError
-
             raise ModelLoadError(
                 f"ensemble {p}: {len(missing)} of {len(folders)} members are not trained yet ({', '.join(missing)}); "
                 "finish the run (preftune train ... --resume)"

@@ -40,7 +40,7 @@ class VaderSentiment:
 
     def __init__(self):
         try:
-            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer  # optional dependency
         except ImportError:
             raise ImportError(
                 "the VADER sentiment reward needs the vaderSentiment package: pip install vaderSentiment"

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
 
 import torch
+
+from preftune.data.batches import PTX_PREFIX
 
 
 class RolloutSource:
@@ -60,7 +61,7 @@ class RolloutSource:
         batches = [self.algo.collate(rows[k : k + self.micro]) for k in range(0, len(rows), self.micro)]
         if self.companion is not None:
             for batch, extra in zip(batches, self.companion.next_step()):
-                batch.update({"ptx_" + k: v for k, v in extra.items()})
+                batch.update({PTX_PREFIX + k: v for k, v in extra.items()})
         return batches
 
     def last_step_rows(self) -> list[dict]:
@@ -136,8 +137,3 @@ def pad_token_fields(examples: list[dict], batch: dict, keys: tuple[str, ...]) -
             out[i, start : start + len(values)] = torch.tensor(values, dtype=torch.float32)
         batch[key] = out
     return batch
-
-
-def row_sums(per_row: dict[str, Any], device) -> dict:
-    """{name: Tensor[B]} -> {name: (sum, count)} metrics."""
-    return {k: (v.float().sum().to(device), torch.tensor(float(v.numel()), device=device)) for k, v in per_row.items()}

@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import random
-
 import torch
 
 from preftune.train.sharding import is_sharded
-
-
-def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded (train, eval) split; the same rows go to eval on every process and every resume."""
-    if fraction <= 0:
-        return examples, []
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, int(round(fraction * len(examples))))
-    held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
 @torch.no_grad()

@@ -22,15 +22,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from accelerate.utils import gather_object
 
+from preftune.rollout.health import NONFINITE_METRICS, ZERO_VARIANCE_METRIC
 from preftune.train.metrics import json_safe
 
 log = logging.getLogger("preftune.train")
-
-NONFINITE_METRICS = ("nonfinite/rewards", "nonfinite/advantages")
-"""Fractions an online source reports (rows of the rollout whose reward / advantage is NaN or inf)."""
-ZERO_VARIANCE_METRIC = "zero_variance_groups"
-"""Fraction of a rollout's prompt groups whose rewards are all equal (no learning signal)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -98,8 +95,6 @@ class StepGuard:
         return False
 
     def _write_rows(self, step: int, bad: list[str], sums: dict, grad_norm: float, rows: list[dict], accelerator: Any) -> tuple[Path, list[dict]]:
-        from accelerate.utils import gather_object
-
         path = self.output_dir / f"nonfinite-step-{step}.jsonl"
         tagged = [{"rank": accelerator.process_index, **row} for row in rows]
         every = gather_object(tagged) if accelerator.num_processes > 1 else tagged

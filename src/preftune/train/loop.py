@@ -26,12 +26,15 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from preftune.algorithms import ALGORITHMS
 from preftune.config import ConfigError, RunConfig, run_config_to_dict
 from preftune.data.records import DataError
+from preftune.data.source import split_eval
+from preftune.models.lora import apply_lora, enable_gradient_checkpointing
 from preftune.train import sharding
 from preftune.train.checkpoint import (
     checkpoints_dir,
@@ -40,7 +43,7 @@ from preftune.train.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from preftune.train.evaluate import evaluate, split_eval
+from preftune.train.evaluate import evaluate
 from preftune.train.guard import StepGuard, step_rows
 from preftune.train.metrics import MetricsLog
 from preftune.train.optim import build_optimizer, build_scheduler
@@ -75,18 +78,9 @@ def _check_output_dir(run: RunConfig, accelerator: Accelerator) -> Path | None:
     return None
 
 
-def _count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    if "pair_lengths" in batch:  # shared-prompt pair rows: prompt + chosen + rejected, 4-D attention mask
-        return int(batch["pair_lengths"].sum())
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
-
-
 def build_module(run: RunConfig, *, gradient_checkpointing: bool = False):
     """The algorithm module of ``run``: its policy (a causal LM, or e.g. a reward model's classifier)
     with LoRA applied, plus whatever heads the algorithm adds. Checkpoints name weights after it."""
-    from preftune.models.lora import apply_lora, enable_gradient_checkpointing
 
     algo_cls = ALGORITHMS[run.algorithm]
     model, tokenizer = algo_cls.load_policy(run.algo, run)
@@ -147,8 +141,6 @@ def _make_accelerator(run: RunConfig) -> Accelerator:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # A second run in one process (tests, studies) may change mixed precision; Accelerate keeps a
         # process-wide singleton, so drop it when there is no process group to keep.
-        from accelerate.state import AcceleratorState
-
         AcceleratorState._reset_state(reset_partial_state=True)
     # cpu=True without CUDA: that is how Accelerate recognises a multi-process CPU (gloo) launch.
     return Accelerator(
@@ -333,7 +325,7 @@ def _run_step(algo, micro_batches: list[dict], accelerator: Accelerator, source_
     tokens = 0
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device) for k, v in batch.items()}
-        tokens += _count_tokens(batch)
+        tokens += inner.count_tokens(batch)
         last = i == len(micro_batches) - 1
         if last:
             sync = contextlib.nullcontext()

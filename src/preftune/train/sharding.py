@@ -26,9 +26,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
 
 from preftune.config import ConfigError
+from preftune.models.fsdp import fsdp_modules
+from preftune.models.lora import enable_gradient_checkpointing, is_peft_model
+
+# torch.distributed.* is imported inside the functions that shard: builds without distributed support
+# (and every unsharded run) never load it.
 
 log = logging.getLogger("preftune.train")
 
@@ -46,7 +52,6 @@ class ShardPlan:
 def plan_for(run: Any, accelerator: Any) -> ShardPlan | None:
     """The sharding this run asks for (None = none): ``train.sharding`` or an Accelerate FSDP launch
     config (on GPU Accelerate's FSDP2 state; on CPU the FSDP_* variables its launcher exported)."""
-    from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
     plugin = accelerator.state.fsdp_plugin if kind == DistributedType.FSDP else _launch_fsdp_plugin()
@@ -66,7 +71,7 @@ def plan_for(run: Any, accelerator: Any) -> ShardPlan | None:
         if int(getattr(plugin, "fsdp_version", 1)) != 2:
             raise ConfigError("the Accelerate launch config asks for FSDP version 1; preftune shards with FSDP2: set "
                               "fsdp_version: 2 (see configs/accelerate/fsdp2.yaml)")
-        from torch.distributed.fsdp import CPUOffloadPolicy
+        from torch.distributed.fsdp import CPUOffloadPolicy  # here: see the note above
 
         layers = plugin.transformer_cls_names_to_wrap or ()
         return ShardPlan(
@@ -85,14 +90,12 @@ def _launch_fsdp_plugin():
     where Accelerate did not act on it: on a CPU-only machine it reports MULTI_CPU and drops it."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
         return None
-    from accelerate.utils import FullyShardedDataParallelPlugin
 
     return FullyShardedDataParallelPlugin()
 
 
 def _hf_root(model: nn.Module) -> nn.Module:
     """The module every forward and ``generate`` of ``model`` goes through: a peft model's base model."""
-    from preftune.models.lora import is_peft_model
 
     return model.get_base_model() if is_peft_model(model) else model
 
@@ -103,10 +106,9 @@ def shard(algo: nn.Module, plan: ShardPlan) -> None:
     then any other child of ``algo`` with parameters (PPO's value head). Every forward must enter the
     model's own forward for the root unit to gather: preftune/models/logprobs.py takes its plain path
     (whole-vocabulary logits) for a sharded model instead of calling backbone and head apart."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard  # here: see the note above
+    from torch.distributed.tensor import DTensor  # here: see the note above
 
-    from preftune.models.lora import enable_gradient_checkpointing
 
     kwargs: dict = {"reshard_after_forward": plan.reshard_after_forward}
     if plan.cpu_offload:
@@ -142,7 +144,7 @@ def shard(algo: nn.Module, plan: ShardPlan) -> None:
 def is_sharded(module: nn.Module) -> bool:
     if not torch.distributed.is_available():
         return False
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # here: see the note above
 
     return any(isinstance(p, DTensor) for p in module.parameters())
 
@@ -150,7 +152,6 @@ def is_sharded(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def no_gradient_sync(module: nn.Module):
     """Accumulate gradients locally (no reduce-scatter) inside; the next micro-batch outside syncs."""
-    from preftune.models.fsdp import fsdp_modules
 
     mods = fsdp_modules(module)
     for m in mods:
@@ -164,7 +165,7 @@ def no_gradient_sync(module: nn.Module):
 
 def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
     """Global L2 norm of the gradients of (sharded) parameters: local shard squares summed over processes."""
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # here: see the note above
 
     grads = [p.grad for p in params if p.grad is not None]
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
@@ -179,7 +180,7 @@ def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
 def clip_(params: list[nn.Parameter], max_norm: float | None) -> float:
     """torch.nn.utils.clip_grad_norm_'s rule (scale by max_norm / (norm + 1e-6) when above) on shards;
     returns the norm before clipping."""
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # here: see the note above
 
     norm = grad_norm(params)
     if max_norm is not None and math.isfinite(float(norm)):
@@ -192,14 +193,14 @@ def clip_(params: list[nn.Parameter], max_norm: float | None) -> float:
 
 
 def _options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.checkpoint.state_dict import StateDictOptions  # here: see the note above
 
     return StateDictOptions(full_state_dict=True, **kw)
 
 
 def gather_states(module: nn.Module, optimizer: Any) -> tuple[dict, dict]:
     """Collective: (trainable weights, optimizer state) as full CPU tensors on rank 0 ({} elsewhere)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict  # here: see the note above
 
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     weights = get_model_state_dict(module, options=_options(cpu_offload=True))
@@ -210,7 +211,7 @@ def gather_states(module: nn.Module, optimizer: Any) -> tuple[dict, dict]:
 
 def load_states(module: nn.Module, optimizer: Any, weights: dict, optim: dict) -> None:
     """Every process reads the full state dicts; each keeps its own shards."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict  # here: see the note above
 
     set_model_state_dict(module, weights, options=_options(strict=False))
     set_optimizer_state_dict(module, _unwrap(optimizer), optim, options=_options())
@@ -219,12 +220,12 @@ def load_states(module: nn.Module, optimizer: Any, weights: dict, optim: dict) -
 def save_final(run: Any, algo: nn.Module, out_dir, is_main: bool) -> None:
     """Collective: gather the weights; rank 0 loads them into a fresh unsharded module and saves it
     like an unsharded run's ``model/`` (``from_pretrained``-loadable; a peft adapter under LoRA)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict  # here: see the note above
 
     full = get_model_state_dict(algo, options=_options(cpu_offload=True))
     if not is_main:
         return
-    from preftune.train.loop import build_module
+    from preftune.train.loop import build_module  # here: the loop imports this module
 
     fresh = build_module(run)
     missing, _ = fresh.load_state_dict(full, strict=False)

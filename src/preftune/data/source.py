@@ -1,4 +1,5 @@
-"""Batch sources for the loop. An offline source walks a tokenized dataset in global batches.
+"""Batch sources for the loop (an offline source walks a tokenized dataset in global batches), and
+the seeded held-out split of a dataset.
 
 The interface every source has (the online rollout source too): ``steps_per_epoch``,
 ``next_step() -> list of this process's collated micro-batches``, ``epochs_done()``,
@@ -16,9 +17,21 @@ A source's position is two integers (epoch, step in epoch), saved in every check
 
 from __future__ import annotations
 
+import random
 from typing import Callable
 
 import torch
+
+
+def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded (train, eval) split; the same rows go to eval on every process and every resume."""
+    if fraction <= 0:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(fraction * len(examples))))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
 class OfflineSource:

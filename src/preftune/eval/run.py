@@ -1,5 +1,6 @@
-"""Settings of `preftune eval` (models against a reference on a prompts file -> report.html), and the
-command itself (:func:`run_eval`).
+"""What `preftune eval` runs: models against a reference on a prompts file -> results.json + report.html;
+its settings (:class:`EvalConfig`) and :func:`run_eval`, called by the command (preftune/commands/eval.py)
+and by pipelines' evaluate stages.
 
     preftune eval models=[dpo=runs/dpo/model,rloo=runs/rloo/model] prompts=builtin:movie_review_prompts max_rows=64
 """
@@ -10,7 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from preftune.config import ConfigError, doc
+import torch
+
+from preftune.config import ConfigError, doc, shared, to_dict
+from preftune.data.loaders import load_records
+from preftune.eval.evaluate import REFERENCE, best_of_n_curve, evaluate
+from preftune.eval.plots import bar_plot, frontier_plot, overoptimization_plot
+from preftune.eval.report import write_report
+from preftune.generate import write_jsonl
+from preftune.models.loading import load_model
+from preftune.rewards.spec import resolve_reward
+from preftune.train.export import resolve_model
 
 _MODEL_KEYS = ("name", "path", "algorithm")
 
@@ -31,7 +42,7 @@ class EvalConfig:
         "builtin:movie_review_prompts",
         "Prompts file (.jsonl/.json/.parquet/.csv with a `prompt` or `messages` column), 'builtin:NAME', or a dataset name.",
     )
-    split: str = doc("train", "Split to read from a datasets directory or hub name.")
+    split: str = shared("split")
     max_rows: Optional[int] = doc(None, "Use only the first N prompts. null = all.")
     reward: str = doc(
         "vader",
@@ -44,15 +55,13 @@ class EvalConfig:
         "optimised by the best-of-n curve. Required when best_of_n is set.",
     )
     num_samples: int = doc(1, "Completions per prompt and model.")
-    max_new_tokens: int = doc(64, "Maximum tokens per completion.")
-    temperature: float = doc(
-        1.0, "Sampling temperature (same for every model). Only 1.0 with top_p 1.0 samples the models' own "
-        "distributions, which the KL estimate assumes.",
-    )
-    top_p: float = doc(1.0, "Nucleus sampling (same for every model); < 1 biases the KL estimate like temperature.")
+    max_new_tokens: int = shared("max_new_tokens")
+    temperature: float = shared("temperature", note="The same for every model. Only 1.0 with top_p 1.0 samples the "
+                                "models' own distributions, which the KL estimate assumes.")
+    top_p: float = shared("top_p", note="The same for every model; < 1 biases the KL estimate like temperature.")
     seed: int = doc(0, "Sampling seed, the same for every model.")
     batch_size: int = doc(8, "Prompts per generate call and rows per log-prob forward pass.")
-    text_as_chat: bool = doc(False, "Wrap plain-text prompts as a user message and apply the chat template.")
+    text_as_chat: bool = shared("text_as_chat")
     tie_tolerance: float = doc(0.0, "Win rate: rewards differing by at most this much are a tie (ties count half).")
     num_examples: int = doc(3, "Sample outputs per model shown in the report.")
     best_of_n: list[int] = doc(
@@ -127,15 +136,6 @@ def _default_name(spec: str) -> str:
 
 def run_eval(cfg: EvalConfig) -> Path:
     """Evaluate, write results.json, completions.jsonl, the plots and report.html; return the report's path."""
-    import torch
-
-    from preftune.config import to_dict
-    from preftune.data.loaders import load_records
-    from preftune.eval import REFERENCE, bar_plot, best_of_n_curve, evaluate, frontier_plot, overoptimization_plot, write_report
-    from preftune.generate import write_jsonl
-    from preftune.models.loading import load_model
-    from preftune.rollout.rewards import resolve_reward
-
     entries = model_entries(cfg)
     records = load_records(cfg.prompts, "prompts", split=cfg.split)
     prompts = [r.prompt for r in records[: cfg.max_rows]]  # [:None] = all
@@ -144,7 +144,7 @@ def run_eval(cfg: EvalConfig) -> Path:
         proxy = resolve_reward(cfg.proxy_reward) if cfg.proxy_reward else None
     except ValueError as err:  # a bad 'module:function' spec: one clear line, not a traceback
         raise ConfigError(f"eval.reward / eval.proxy_reward: {err}") from None
-    model, tokenizer = load_model(cfg.reference)  # loaded once: evaluation and best-of-n share it
+    model, tokenizer = load_model(resolve_model(cfg.reference))  # loaded once: evaluation and best-of-n share it
     reference = (model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer)
     sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
                     batch_size=cfg.batch_size, text_as_chat=cfg.text_as_chat)

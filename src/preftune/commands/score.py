@@ -13,14 +13,19 @@ next to the output as ``OUTPUT.report.json``.
 
 from __future__ import annotations
 
-import json
-import os
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from preftune.config import ConfigError, doc
-from preftune.rewards.evaluation import json_ready
+from preftune.commands.base import add_settings_command, settings
+from preftune.config import ConfigError, doc, shared
+from preftune.data.loaders import read_rows, row_kind
+from preftune.data.validate import CONVERTERS, Where
+from preftune.models.cache import write_json, write_jsonl
+from preftune.rewards.base import FunctionReward
+from preftune.rewards.evaluation import json_ready, pair_report, score_report
+from preftune.rewards.model import RewardModel, combine_scores
 
 
 @dataclass
@@ -37,7 +42,7 @@ class ScoreConfig:
     )
     output: str = doc("scores.jsonl", "Where to write the input rows with their scores (JSONL).")
     report: Optional[str] = doc(None, "Where to write the summary JSON. null = OUTPUT with the suffix .report.json.")
-    split: str = doc("train", "Split to read from a datasets directory or hub name.")
+    split: str = shared("split")
     max_rows: Optional[int] = doc(None, "Score only the first N rows. null = all.")
     batch_size: int = doc(16, "Rows per forward pass (length-sorted, right-padded).")
     combine: Optional[Literal["mean", "mean_minus_std", "min"]] = doc(
@@ -63,13 +68,10 @@ class ScoreConfig:
 
 def read_score_rows(source: str, split: str, max_rows: int | None) -> tuple[str, list[dict], list]:
     """-> (kind 'pairs' | 'completions', raw rows, records); every row validated (DataError naming row/field)."""
-    from preftune.data.loaders import read_rows
-    from preftune.data.validate import CONVERTERS, Where
-
     rows, records, kind = [], [], None
     for row_no, row in read_rows(source, split):
         if kind is None:
-            kind = "pairs" if row.get("chosen") is not None or row.get("rejected") is not None else "completions"
+            kind = "pairs" if row_kind(row) == "pairs" else "completions"
         records.append(CONVERTERS["pairs" if kind == "pairs" else "sft"](row, Where(str(source), row_no)))
         rows.append(row)
         if max_rows is not None and len(rows) >= max_rows:
@@ -78,10 +80,6 @@ def read_score_rows(source: str, split: str, max_rows: int | None) -> tuple[str,
 
 
 def run_score(cfg: ScoreConfig) -> tuple[Path, Path]:
-    from preftune.rewards.base import FunctionReward
-    from preftune.rewards.evaluation import pair_report, score_report
-    from preftune.rewards.model import RewardModel, combine_scores
-
     kind, rows, records = read_score_rows(cfg.data, cfg.split, cfg.max_rows)
     try:
         gold = FunctionReward(cfg.gold_reward) if cfg.gold_reward else None
@@ -115,18 +113,19 @@ def run_score(cfg: ScoreConfig) -> tuple[Path, Path]:
     else:
         report = score_report(scored[""][0], gold=gold_scores.get("") if gold else None)
     report = {"data": cfg.data, "kind": kind, "members": len(model.members), "combine": model.combine, "k": model.k, **report}
-    out = _write_jsonl(rows, Path(cfg.output))
+    out = write_jsonl([json_ready(row) for row in rows], Path(cfg.output), default=str)
     report_path = Path(cfg.report) if cfg.report else out.with_name(out.name + ".report.json")
-    report_path.write_text(json.dumps(json_ready(report), indent=2) + "\n")
+    write_json(report_path, json_ready(report))
     return out, report_path
 
 
-def _write_jsonl(rows: list[dict], path: Path) -> Path:
-    """Atomically (a crash never leaves a half-written file under the final name); non-JSON values as text."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(json_ready(row), ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+def register(sub) -> None:
+    add_settings_command(sub, "score", "Score (prompt, completion) rows or pairs with reward model(s); writes JSONL.", ScoreConfig,
+                         "model=runs/reward data=rows.jsonl", run)
+
+
+def run(args: argparse.Namespace) -> int:
+    path, report = run_score(settings(ScoreConfig, args, "score"))
+    print(f"wrote {path}")
+    print(f"summary in {report}")
+    return 0
