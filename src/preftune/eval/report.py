@@ -55,7 +55,8 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; 
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; vertical-align: top; }
 th { background: #f3f3f3; } td.text, th.text { text-align: left; }
-td.text { white-space: pre-wrap; max-width: 40em; }
+td.text { white-space: pre-wrap; max-width: 40em; overflow-wrap: anywhere; }
+.scroll { max-width: 100%; overflow-x: auto; margin: 0.5em 0 1.5em; } .scroll > table { margin: 0; }
 figure { display: inline-block; margin: 0 1em 1em 0; } img { max-width: 100%; }
 pre { background: #f7f7f7; padding: 0.75em; overflow-x: auto; font-size: 0.85em; }
 .caveat { color: #8a4b00; }
@@ -196,7 +197,7 @@ def _models_table(models: Mapping) -> str:
             for k, _ in columns
         )
         rows.append(f'<tr data-model="{e(str(name))}"><td class="text">{e(str(name))}</td>{cells}</tr>')
-    return '<table class="models">' + head + "".join(rows) + "</table>"
+    return _scroll('<table class="models">' + head + "".join(rows) + "</table>")
 
 
 def _models_note() -> str:
@@ -218,7 +219,7 @@ def _best_of_n_table(curve: Mapping) -> str:
     note = (f"<p>{e(format_number(curve.get('samples_per_prompt')))} samples per prompt from the reference over "
             f"{e(format_number(curve.get('prompts')))} prompts, picked by the proxy reward "
             f"({e(str(curve.get('proxy_reward')))}); KL = log n − (n − 1)/n.</p>")
-    return '<table class="best-of-n">' + head + "".join(rows) + "</table>" + note
+    return _scroll('<table class="best-of-n">' + head + "".join(rows) + "</table>") + note
 
 
 def _samples_table(name, samples) -> str:
@@ -229,7 +230,7 @@ def _samples_table(name, samples) -> str:
             f'<tr><td class="text">{e(_as_text(s.get("prompt")))}</td><td class="text">{e(_as_text(s.get("completion")))}</td>'
             f"<td>{e(format_number(s.get('reward')))}</td></tr>"
         )
-    return f'<table class="samples" data-model="{e(str(name))}">' + "".join(rows) + "</table>"
+    return _scroll(f'<table class="samples" data-model="{e(str(name))}">' + "".join(rows) + "</table>")
 
 
 def _key_value_table(values: Mapping, cls: str) -> str:
@@ -239,7 +240,12 @@ def _key_value_table(values: Mapping, cls: str) -> str:
         f"{e(format_number(v) if not isinstance(v, (dict, list)) else json.dumps(v, ensure_ascii=False))}</td></tr>"
         for k, v in values.items()
     ]
-    return f'<table class="{cls}">' + "".join(rows) + "</table>"
+    return _scroll(f'<table class="{cls}">' + "".join(rows) + "</table>")
+
+
+def _scroll(table: str) -> str:
+    """A table in its own box: a table wider than the page scrolls inside it, the page never does."""
+    return f'<div class="scroll">{table}</div>'
 
 
 def _as_text(value) -> str:
