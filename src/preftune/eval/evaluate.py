@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from preftune.eval.metrics import (best_of_n_kl, distinct_n, mean_and_se, mean_repeated_ngram_fraction,
-                                   sequence_kl, win_rate)
+                                   repeated_ngram_fraction, sequence_kl, win_rate)
 
 log = logging.getLogger("preftune.eval")
 
@@ -65,6 +65,7 @@ def evaluate(
     algorithms: Mapping[str, str] | None = None,
     keep_completions: bool = False,
     device: str | None = None,
+    on_model: Callable[[str, dict], None] | None = None,
 ) -> dict:
     """Sample ``num_samples`` completions per prompt from the reference and from every model, and
     compare them.
@@ -83,6 +84,8 @@ def evaluate(
             run's ``config.yaml`` (see :func:`describe_model`).
         keep_completions: also return every sampled row under ``results["completions"][name]``.
         device: where loaded models run; None = CUDA when available, else CPU.
+        on_model: called with (name, metrics) as soon as each model (the reference first) is evaluated,
+            e.g. to store results as they come so that an interrupted evaluation keeps its finished models.
 
     Returns:
         ``{"settings": {...}, "models": {name: metrics}}`` with the reference first under
@@ -129,6 +132,8 @@ def evaluate(
             "spec": _spec_name(reference), "algorithm": REFERENCE, **ref_metrics,
             "seconds": time.perf_counter() - start,
         }
+        if on_model is not None:
+            on_model(REFERENCE, results["models"][REFERENCE])
         completions[REFERENCE] = _rows_out(ref_rows, ref_gold)
         for name, spec in tqdm(list(models.items()), desc="eval models", unit="model", disable=not progress):
             start = time.perf_counter()
@@ -148,6 +153,8 @@ def evaluate(
             algorithm = algorithms.get(name) or describe_model(spec).get("algorithm", "model")
             results["models"][name] = {"spec": _spec_name(spec), "algorithm": algorithm, **metrics,
                                        "seconds": time.perf_counter() - start}
+            if on_model is not None:
+                on_model(name, results["models"][name])
             completions[name] = _rows_out(rows, gold, logps, ref_logps)
     finally:
         if ref_owned:
@@ -371,10 +378,12 @@ def _summarise(rows, gold, proxy, ref_gold, logps, ref_logps, tie_tolerance, num
         "kl_per_token": kl_per_token,
         "win_rate": win_rate(gold, ref_gold, tie_tolerance=tie_tolerance) if ref_gold is not None else None,
         "length_mean": tokens / len(rows) if rows else math.nan,
+        "length_se": mean_and_se([r["completion_tokens"] for r in rows])[1] if rows else math.nan,
         "eos_rate": sum(r["finished"] for r in rows) / len(rows) if rows else math.nan,
         "distinct_1": distinct_n(texts, 1),
         "distinct_2": distinct_n(texts, 2),
         "repeated_3gram": mean_repeated_ngram_fraction(texts, 3),
+        "repeated_3gram_se": mean_and_se([repeated_ngram_fraction(t, 3) for t in texts if len(t.split()) >= 3])[1],
     }
     if proxy is not None:
         metrics["proxy_reward_mean"], metrics["proxy_reward_se"] = mean_and_se(proxy)
