@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "model=runs/reward data=rows.jsonl", cmd_score)
     settings_command("eval", "Compare models with a reference: reward, KL, win rate, ...; writes report.html.", EvalConfig,
                      "models=[dpo=runs/dpo/model] max_rows=64", cmd_eval)
-    settings_command("demo", "The short sentiment-control study on the default model (~18 min on a 2-core CPU); writes report.html.",
+    settings_command("demo", "The short sentiment-control study on the default model (~10 min on a 2-core CPU); writes report.html.",
                      StudyConfig, "output_dir=runs/demo2", cmd_study)
     settings_command("study", "The sentiment-control study with any mix of jobs (configs/studies/sentiment.yaml: the full one).",
                      StudyConfig, "output_dir=runs/study", cmd_study)

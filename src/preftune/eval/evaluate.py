@@ -193,7 +193,8 @@ def best_of_n_curve(
 
     Returns:
         ``{"n", "kl", "gold_mean", "gold_se", "proxy_mean", "proxy_se"}`` (lists aligned with sorted
-        ``ns``) plus ``samples_per_prompt``, ``prompts``, ``reward``, ``proxy_reward``.
+        ``ns``), and ``gold_picked_mean`` / ``gold_picked_se``: best-of-n picking by the gold reward
+        instead (the gold best-of-n frontier, at the same KL) plus ``samples_per_prompt``, ``prompts``, ``reward``, ``proxy_reward``.
     """
     ns = sorted({int(n) for n in ns})
     if not ns or ns[0] < 1:
@@ -213,19 +214,22 @@ def best_of_n_curve(
             _free_memory()
     gold, proxy = _score(gold_fn, repeated, rows), _score(proxy_fn, repeated, rows)
     curve: dict = {"n": ns, "kl": [best_of_n_kl(n) for n in ns], "gold_mean": [], "gold_se": [],
-                   "proxy_mean": [], "proxy_se": [], "samples_per_prompt": per_prompt, "prompts": len(texts),
+                   "proxy_mean": [], "proxy_se": [], "gold_picked_mean": [], "gold_picked_se": [],
+                   "samples_per_prompt": per_prompt, "prompts": len(texts),
                    "reward": _describe_reward(reward), "proxy_reward": _describe_reward(proxy_reward)}
     for n in ns:
-        gold_per_prompt, proxy_per_prompt = [], []
+        gold_per_prompt, proxy_per_prompt, gold_picked_per_prompt = [], [], []
         for i in range(len(texts)):
             base = i * per_prompt
-            picks = []
+            picks, gold_picks = [], []
             for g in range(per_prompt // n):
                 group = range(base + g * n, base + (g + 1) * n)
                 picks.append(max(group, key=lambda j: proxy[j]))  # first of equal proxy scores
+                gold_picks.append(max(group, key=lambda j: gold[j]))  # best-of-n on the gold reward itself
             gold_per_prompt.append(math.fsum(gold[j] for j in picks) / len(picks))
             proxy_per_prompt.append(math.fsum(proxy[j] for j in picks) / len(picks))
-        for key, values in (("gold", gold_per_prompt), ("proxy", proxy_per_prompt)):
+            gold_picked_per_prompt.append(math.fsum(gold[j] for j in gold_picks) / len(gold_picks))
+        for key, values in (("gold", gold_per_prompt), ("proxy", proxy_per_prompt), ("gold_picked", gold_picked_per_prompt)):
             mean, se = mean_and_se(values)
             curve[f"{key}_mean"].append(mean)
             curve[f"{key}_se"].append(se)

@@ -20,7 +20,12 @@ def study_plots(results: Mapping, tracked: Mapping[str, list[dict]], proxy_rl: S
 
     models = results["models"]
     finals = {"models": {n: m for n, m in models.items() if "@" not in n or m.get("algorithm", "").endswith("on proxy")}}
-    plots = {"frontier": frontier_plot(frontier_points(finals), title="Gold reward (VADER) vs KL to π_ref")}
+    points = frontier_points(finals)
+    curve = results.get("best_of_n") or {}
+    for i, n in enumerate(curve.get("n", []) if curve.get("gold_picked_mean") else []):  # best-of-n on the gold reward
+        points.append({"algorithm": "best-of-n (gold)", "label": f"n={n}", "kl": curve["kl"][i],
+                       "reward": curve["gold_picked_mean"][i], "reward_se": curve["gold_picked_se"][i]})
+    plots = {"frontier": frontier_plot(points, title="Gold reward (VADER) vs KL to π_ref")}
     names = list(finals["models"])
     plots["reward"] = bar_plot(names, [models[n].get("reward_mean") for n in names],
                                errors=[models[n].get("reward_se") for n in names], ylabel="mean gold reward")

@@ -54,14 +54,14 @@ class StudyConfig:
     max_new_tokens: int = doc(24, "Tokens sampled per completion (pairs, rollouts and evaluation).")
     max_length: int = doc(80, "Prompt + completion tokens in training.")
     jobs: list[str] = doc(
-        factory=lambda: ["dpo:beta=0.05", "dpo:beta=0.2", "dpo:beta=1.0", "rloo:kl_coef=0.02", "rloo:kl_coef=0.2"],
+        factory=lambda: ["dpo:beta=0.05", "dpo:beta=1.0", "rloo:kl_coef=0.02"],
         help="Training jobs 'ALGORITHM[:key=value,...]' (keys of the algorithm's section). 'sft' trains on the "
         "preferred completions; offline jobs read the collected pairs, online ones the training prompts.",
     )
     lora: bool = doc(True, "Train LoRA adapters (r=16) instead of all weights.")
     learning_rate: float = doc(5e-4, "Learning rate of every job.")
     offline_epochs: int = doc(2, "Passes over the pairs for offline jobs.")
-    online_steps: int = doc(20, "Optimizer steps (rollouts) of online jobs.")
+    online_steps: int = doc(10, "Optimizer steps (rollouts) of online jobs.")
     micro_batch_size: int = doc(8, "Rows per forward pass.")
     train_overrides: list[str] = doc(factory=list, help="Extra dotted overrides applied to every training job (e.g. model.dtype=bf16).")
     proxy_reward_model: bool = doc(
