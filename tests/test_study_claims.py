@@ -4,8 +4,17 @@ known (confirmed / not confirmed / mixed), and the report opens each claim's sec
 import math
 
 from preftune.eval.report import render_html
-from preftune.experiments.claims import (Comparison, dpo_longer, dpo_vs_ppo, judge_claims, kto_vs_dpo, overoptimisation,
-                                         preference_vs_sft, unlikelihood_degenerates, verdict)
+from preftune.experiments.claims import (
+    Comparison,
+    dpo_longer,
+    dpo_vs_ppo,
+    judge_claims,
+    kto_vs_dpo,
+    overoptimisation,
+    preference_vs_sft,
+    unlikelihood_degenerates,
+    verdict,
+)
 from preftune.experiments.progress import eta_seconds, format_duration
 from tests.test_eval import _parse
 

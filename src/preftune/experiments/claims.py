@@ -13,6 +13,7 @@ front interpolated between two models carries the interpolated SE of its two end
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ def _at_kl(line: list[dict], kl: float) -> tuple[float, float] | None:
     """(y, se) linearly interpolated on a KL-ordered line at ``kl``; None outside its KL range."""
     if not line or kl < line[0]["kl"] or kl > line[-1]["kl"]:
         return None
-    for a, b in zip(line, line[1:]):
+    for a, b in itertools.pairwise(line):
         if a["kl"] <= kl <= b["kl"]:
             t = 0.0 if b["kl"] == a["kl"] else (kl - a["kl"]) / (b["kl"] - a["kl"])
             return a["y"] + t * (b["y"] - a["y"]), (1 - t) * a["se"] + t * b["se"]

@@ -21,7 +21,7 @@ EVAL = 0.022
 """Evaluation, per completion token: sampling plus the model's and the reference's log-probs."""
 PER_PAIR_EPOCH = {"dpo": 0.46, "sft": 0.22, "kto": 0.50, "unlikelihood": 0.30, "reward": 0.30}
 """Offline training, per preference pair per epoch at max_length 80 (other DPO-family losses: as DPO)."""
-PER_STEP = {"rloo": 11.75, "reinforce": 11.75, "ppo": 5.4, "best_of_n": 24.0}
+PER_STEP = {"rloo": 11.75, "reinforce": 11.75, "ppo": 5.4, "best_of_n": 82.0}
 """Online training, per step at micro_batch_size 8 and 24 new tokens (the rollout and the update)."""
 PAIRS_PER_PROMPT = 0.87
 """Pairs kept per training prompt (VADER ties dropped), as measured on the built-in prompts."""

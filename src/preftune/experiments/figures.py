@@ -16,7 +16,12 @@ def frontier_points(results: Mapping, y: str = "reward_mean") -> list[dict]:
 
 
 def study_plots(results: Mapping, tracked: Mapping[str, list[dict]], proxy_rl: Sequence[str]) -> dict[str, bytes]:
-    from preftune.eval.plots import bar_plot, curves_plot, frontier_plot, overoptimization_plot
+    from preftune.eval.plots import (
+        bar_plot,
+        curves_plot,
+        frontier_plot,
+        overoptimization_plot,
+    )
 
     models = results["models"]
     finals = {"models": {n: m for n, m in models.items() if "@" not in n or m.get("algorithm", "").endswith("on proxy")}}

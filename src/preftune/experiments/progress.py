@@ -31,7 +31,7 @@ def eta_seconds(estimates: Sequence[float], actual: Sequence[float | None], curr
 
 
 def format_duration(seconds: float) -> str:
-    seconds = int(round(max(seconds, 0.0)))
+    seconds = round(max(seconds, 0.0))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
 
