@@ -14,19 +14,23 @@ def test_miniature_demo(tmp_path):
         "jobs=[dpo:beta=0.1, dpo:beta=0.5, rloo:kl_coef=0.1, kto, sft, unlikelihood]", "online_steps=2", "offline_epochs=1",
         "micro_batch_size=4", "eval_samples=1", f"gold_reward={ROOT / 'tests' / 'rl_reward.py'}:low_ids",
         "proxy_reward_model=true", "best_of_n=[1, 2]", "proxy_rl=rloo:kl_coef=0.0", "proxy_rl_checkpoints=2",
+        "tracked_jobs=[unlikelihood]", "tracked_checkpoints=2", "save_steps=2",
         "train_overrides=[train.progress_bar=false]",
         env={"PREFTUNE_CACHE": str(tmp_path / "cache")},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     on_proxy = {"rloo-kl_coef0.0-on-proxy@1", "rloo-kl_coef0.0-on-proxy@2"}  # proxy_rl's checkpoints
-    assert set(results["models"]) == {"reference", "dpo-beta0.1", "dpo-beta0.5", "rloo-kl_coef0.1", "kto", "sft", "unlikelihood"} | on_proxy
+    tracked = {"unlikelihood@2"}  # the tracked job's checkpoint before its last step (save_steps=2)
+    assert set(results["models"]) == {"reference", "dpo-beta0.1", "dpo-beta0.5", "rloo-kl_coef0.1", "kto", "sft", "unlikelihood"} | on_proxy | tracked
+    steps = [c["step"] for c in results["tracked_checkpoints"]["unlikelihood"]]  # the reference, step 2, the last step
+    assert steps[:2] == [0, 2] and len(steps) == 3 and steps[2] > 2
     for name in on_proxy:
         m = results["models"][name]
         assert m["algorithm"] == "rloo on proxy" and m["proxy_reward_mean"] is not None and m["kl"] is not None
     assert (out / "runs" / "rloo-kl_coef0.0-on-proxy" / "exports" / "step-000001" / "adapter_model.safetensors").is_file()
     assert results["pairs"]["pairs"] >= 2 and results["best_of_n"]["n"] == [1, 2]
-    assert results["timings_seconds"]["total"] > 0
+    assert results["timings_seconds"]["total (this run)"] > 0
     # the summary printed on the terminal is the same numbers
     for name, m in results["models"].items():
         line = next(x for x in proc.stdout.splitlines() if x.startswith(name + " "))
@@ -37,6 +41,14 @@ def test_miniature_demo(tmp_path):
         for key in ("reward_mean", "kl", "length_mean", "eos_rate"):
             assert parser.cells[(name, key)] == format_number(m[key]), (name, key)
     assert f"report: {out / 'report.html'}" in proc.stdout
+    # one overall line (stage k of n, elapsed, ETA) above the stages' own bars: every stage counted, in order
+    lines = [x for x in proc.stderr.replace("\r", "\n").splitlines() if x.startswith("overall: ")]
+    total = len(results["timings_seconds"]) - 2  # every job timed, less the two totals
+    stages = [int(x.split("stage ")[1].split(" of ")[0]) for x in lines if " of " in x]
+    assert stages and stages[0] == 1 and stages[-1] == total and stages == sorted(stages), lines[-3:]
+    assert all(f" of {total} · " in x and "elapsed " in x and "ETA ~" in x for x in lines if " of " in x)
+    assert [c["claim"] for c in results["claims"]] == [1, 2, 3, 4, 5, 6]
+    assert results["claims"][1]["verdict"] in ("confirmed", "not confirmed", "mixed")  # sft and dpo ran
 
 
 def test_study_config_is_valid():
@@ -44,6 +56,12 @@ def test_study_config_is_valid():
 
     cfg = load_study_config(str(ROOT / "configs" / "studies" / "sentiment.yaml"), [])
     assert len(cfg.jobs) >= 10 and cfg.proxy_reward_model and cfg.proxy_rl
+    names = [j.split(":")[0] for j in cfg.jobs]  # the issue's minimum sweep for each claim
+    assert names.count("dpo") >= 4 and names.count("ppo") >= 3 and names.count("rloo") >= 3 and len(cfg.best_of_n) >= 4
+    assert {"sft", "unlikelihood", "kto"} <= set(names) and "unlikelihood" in cfg.tracked_jobs
+    assert any(j.startswith("kto:beta=") and j.replace("kto", "dpo", 1) in cfg.jobs for j in cfg.jobs)  # KTO and DPO at one β
+    quick = load_study_config(str(ROOT / "configs" / "studies" / "sentiment_quick.yaml"), [])
+    assert {j.split(":")[0] for j in quick.jobs} >= {"dpo", "ppo", "rloo", "sft", "unlikelihood", "kto"} and quick.proxy_rl
 
 
 def test_test_split_is_fixed_and_never_trained_on():

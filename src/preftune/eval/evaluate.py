@@ -34,6 +34,7 @@ from preftune.eval.metrics import (
     distinct_n,
     mean_and_se,
     mean_repeated_ngram_fraction,
+    repeated_ngram_fraction,
     sequence_kl,
     win_rate,
 )
@@ -78,6 +79,7 @@ def evaluate(
     algorithms: Mapping[str, str] | None = None,
     keep_completions: bool = False,
     device: str | None = None,
+    on_model: Callable[[str, dict], None] | None = None,
 ) -> dict:
     """Sample ``num_samples`` completions per prompt from the reference and from every model, and compare them.
 
@@ -93,15 +95,14 @@ def evaluate(
         algorithms: display name -> algorithm label for frontier plots; else read from the run's config.yaml.
         keep_completions: also return every sampled row under ``results["completions"][name]``.
         device: where loaded models run; None = CUDA when available, else CPU.
+        on_model: called with (name, metrics) as each model (the reference first) is done, e.g. to keep finished ones.
 
     Returns:
-        ``{"settings": {...}, "models": {name: metrics}}`` with the reference first under :data:`REFERENCE`.
-        Metrics (each over all N = prompts × num_samples completions): ``reward_mean``, ``reward_std``,
-        ``reward_se``, ``kl``, ``kl_se`` (sequence KL to the reference; exactly 0 for the reference),
-        ``kl_per_token``, ``win_rate`` (dict, see :func:`~preftune.eval.metrics.win_rate`; None for the
-        reference), ``length_mean`` (tokens, counting the EOS), ``eos_rate``, ``distinct_1``, ``distinct_2``,
-        ``repeated_3gram``, with a proxy ``proxy_reward_mean`` / ``proxy_reward_se``; plus ``n``, ``spec``,
-        ``algorithm``, ``seconds`` and ``samples`` (the first ``num_examples`` prompts' first completion).
+        ``{"settings": {...}, "models": {name: metrics}}``, the reference first under :data:`REFERENCE`. Metrics, over all
+        prompts × num_samples completions: ``reward_mean/std/se``, ``kl``, ``kl_se`` (sequence KL to the reference, 0 for
+        it), ``kl_per_token``, ``win_rate`` (see :func:`~preftune.eval.metrics.win_rate`; None for the reference),
+        ``length_mean/se`` (tokens, with the EOS), ``eos_rate``, ``distinct_1/2``, ``repeated_3gram(_se)``,
+        ``proxy_reward_mean/se``; ``n``, ``spec``, ``algorithm``, ``seconds``, ``samples`` (first ``num_examples``).
     """
     if REFERENCE in models:
         raise ValueError(f"{REFERENCE!r} names the reference model; give the model another name")
@@ -114,14 +115,15 @@ def evaluate(
                                            reference), "models": {}}
     summary = dict(tie_tolerance=tie_tolerance, num_samples=num_samples, num_examples=num_examples)
     completions = _compare(models, reference, results["models"], repeated, sampling, rewards, summary, dict(algorithms or {}),
-                           progress, device)
+                           progress, device, on_model)
     if keep_completions:
         results["completions"] = completions
     return results
 
 
 def _compare(models: Mapping[str, ModelSpec], reference: ModelSpec, out: dict, repeated: list, sampling: dict,
-             rewards: tuple, summary: dict, algorithms: dict, progress: bool, device: str | None) -> dict[str, list[dict]]:
+             rewards: tuple, summary: dict, algorithms: dict, progress: bool, device: str | None,
+             on_model: Callable[[str, dict], None] | None = None) -> dict[str, list[dict]]:
     """Fill ``out`` (``results["models"]``) with the reference's and every model's metrics; return every
     model's rows. The reference stays loaded throughout, each model only while it is evaluated."""
     gold_fn, proxy_fn = rewards
@@ -134,12 +136,16 @@ def _compare(models: Mapping[str, ModelSpec], reference: ModelSpec, out: dict, r
         ref_metrics = _summarise(ref_rows, ref_gold, _score(proxy_fn, repeated, ref_rows), None, None, None, **summary)
         out[REFERENCE] = {"spec": _spec_name(reference), "algorithm": REFERENCE, **ref_metrics,
                           "seconds": time.perf_counter() - start}
+        if on_model is not None:
+            on_model(REFERENCE, out[REFERENCE])
         completions[REFERENCE] = _rows_out(ref_rows, ref_gold)
         for name, spec in tqdm(list(models.items()), desc="eval models", unit="model", disable=not progress):
             entry, completions[name] = _evaluate_model(name, spec, (ref_model, ref_tok), repeated, sampling, rewards,
                                                        ref_gold, summary, progress, device)
             algorithm = entry.pop("algorithm")
             out[name] = {"spec": _spec_name(spec), "algorithm": algorithms.get(name) or algorithm, **entry}
+            if on_model is not None:
+                on_model(name, out[name])
     finally:
         if ref_owned:
             del ref_model
@@ -218,7 +224,8 @@ def best_of_n_curve(
 
     Returns:
         ``{"n", "kl", "gold_mean", "gold_se", "proxy_mean", "proxy_se"}`` (lists aligned with sorted
-        ``ns``) plus ``samples_per_prompt``, ``prompts``, ``reward``, ``proxy_reward``.
+        ``ns``), and ``gold_picked_mean`` / ``gold_picked_se``: best-of-n picking by the gold reward
+        instead (the gold best-of-n frontier, at the same KL) plus ``samples_per_prompt``, ``prompts``, ``reward``, ``proxy_reward``.
     """
     ns = sorted({int(n) for n in ns})
     if not ns or ns[0] < 1:
@@ -238,28 +245,33 @@ def best_of_n_curve(
             _free_memory()
     gold, proxy = _score(gold_fn, repeated, rows), _score(proxy_fn, repeated, rows)
     curve: dict = {"n": ns, "kl": [best_of_n_kl(n) for n in ns], "gold_mean": [], "gold_se": [],
-                   "proxy_mean": [], "proxy_se": [], "samples_per_prompt": per_prompt, "prompts": len(texts),
+                   "proxy_mean": [], "proxy_se": [], "gold_picked_mean": [], "gold_picked_se": [],
+                   "samples_per_prompt": per_prompt, "prompts": len(texts),
                    "reward": _describe_reward(reward), "proxy_reward": _describe_reward(proxy_reward)}
     for n in ns:
-        for key, values in zip(("gold", "proxy"), _best_of_n_picks(gold, proxy, n, per_prompt, len(texts))):
+        picks = _best_of_n_picks(gold, proxy, n, per_prompt, len(texts))
+        for key, values in zip(("gold", "proxy", "gold_picked"), picks):
             mean, se = mean_and_se(values)
             curve[f"{key}_mean"].append(mean)
             curve[f"{key}_se"].append(se)
     return curve
 
 
-def _best_of_n_picks(gold: list, proxy: list, n: int, per_prompt: int, prompts: int) -> tuple[list, list]:
-    """Per prompt: the mean gold and proxy reward of the best-by-proxy completion of each group of n."""
-    gold_per_prompt, proxy_per_prompt = [], []
+def _best_of_n_picks(gold: list, proxy: list, n: int, per_prompt: int, prompts: int) -> tuple[list, list, list]:
+    """Per prompt: the mean gold and proxy reward of the best-by-proxy completion of each group of n,
+    and the mean gold reward of the best-by-gold one (best-of-n on the gold reward itself)."""
+    gold_per_prompt, proxy_per_prompt, gold_picked_per_prompt = [], [], []
     for i in range(prompts):
         base = i * per_prompt
-        picks = []
+        picks, gold_picks = [], []
         for g in range(per_prompt // n):
             group = range(base + g * n, base + (g + 1) * n)
             picks.append(max(group, key=lambda j: proxy[j]))  # first of equal proxy scores
+            gold_picks.append(max(group, key=lambda j: gold[j]))
         gold_per_prompt.append(math.fsum(gold[j] for j in picks) / len(picks))
         proxy_per_prompt.append(math.fsum(proxy[j] for j in picks) / len(picks))
-    return gold_per_prompt, proxy_per_prompt
+        gold_picked_per_prompt.append(math.fsum(gold[j] for j in gold_picks) / len(gold_picks))
+    return gold_per_prompt, proxy_per_prompt, gold_picked_per_prompt
 
 
 def describe_model(spec: ModelSpec) -> dict:
@@ -398,10 +410,12 @@ def _summarise(rows, gold, proxy, ref_gold, logps, ref_logps, tie_tolerance, num
         "kl_per_token": kl_per_token,
         "win_rate": win_rate(gold, ref_gold, tie_tolerance=tie_tolerance) if ref_gold is not None else None,
         "length_mean": tokens / len(rows) if rows else math.nan,
+        "length_se": mean_and_se([r["completion_tokens"] for r in rows])[1] if rows else math.nan,
         "eos_rate": sum(r["finished"] for r in rows) / len(rows) if rows else math.nan,
         "distinct_1": distinct_n(texts, 1),
         "distinct_2": distinct_n(texts, 2),
         "repeated_3gram": mean_repeated_ngram_fraction(texts, 3),
+        "repeated_3gram_se": mean_and_se([repeated_ngram_fraction(t, 3) for t in texts if len(t.split()) >= 3])[1],
     }
     if proxy is not None:
         metrics["proxy_reward_mean"], metrics["proxy_reward_se"] = mean_and_se(proxy)

@@ -38,10 +38,12 @@ MODEL_COLUMNS = [
     ("win_rate.ties", "ties"),
     ("win_rate.losses", "losses"),
     ("length_mean", "mean length (tokens)"),
+    ("length_se", "± SE"),
     ("eos_rate", "EOS rate"),
     ("distinct_1", "distinct-1"),
     ("distinct_2", "distinct-2"),
     ("repeated_3gram", "repeated 3-grams"),
+    ("repeated_3gram_se", "± SE"),
     ("proxy_reward_mean", "proxy reward"),
     ("proxy_reward_se", "± SE"),
     ("seconds", "seconds"),
@@ -49,16 +51,20 @@ MODEL_COLUMNS = [
 BEST_OF_N_COLUMNS = [("n", "n"), ("kl", "KL (closed form)"), ("gold_mean", "gold reward"), ("gold_se", "± SE"),
                      ("proxy_mean", "proxy reward"), ("proxy_se", "± SE")]
 _TEXT = ' class="text"'
-_KNOWN_SECTIONS = ("title", "created", "settings", "models", "best_of_n", "configs", "environment")
+_KNOWN_SECTIONS = ("title", "created", "claims", "settings", "models", "best_of_n", "configs", "environment")
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; vertical-align: top; }
 th { background: #f3f3f3; } td.text, th.text { text-align: left; }
-td.text { white-space: pre-wrap; max-width: 40em; }
+td.text { white-space: pre-wrap; max-width: 40em; overflow-wrap: anywhere; }
+.scroll { max-width: 100%; overflow-x: auto; margin: 0.5em 0 1.5em; } .scroll > table { margin: 0; }
 figure { display: inline-block; margin: 0 1em 1em 0; } img { max-width: 100%; }
 pre { background: #f7f7f7; padding: 0.75em; overflow-x: auto; font-size: 0.85em; }
 .caveat { color: #8a4b00; }
+.verdict { font-size: 1.05em; padding: 0.4em 0.6em; border-left: 4px solid #888; background: #f7f7f7; }
+.verdict.confirmed { border-color: #2a7d2a; } .verdict.not-confirmed { border-color: #b03030; }
+.verdict.mixed { border-color: #c08000; }
 """
 
 
@@ -145,6 +151,13 @@ def render_html(data: Mapping, plots: Mapping[str, bytes]) -> str:
         f"<h1>{e(str(data.get('title', 'report')))}</h1>",
         f"<p>Created {e(str(data.get('created', '')))}. All numbers are in <code>results.json</code> next to this file.</p>",
     ]
+    plots = dict(plots)
+    if data.get("claims"):
+        parts += ["<h2>Claims</h2>", _claims_note()]
+        shown: set[str] = set()
+        for claim in data["claims"]:
+            parts += _claim_section(claim, plots, shown)
+        plots = {k: v for k, v in plots.items() if k not in shown}
     settings = data.get("settings") or {}
     if settings:
         parts += ["<h2>Settings</h2>", _key_value_table(settings, "settings")]
@@ -153,9 +166,7 @@ def render_html(data: Mapping, plots: Mapping[str, bytes]) -> str:
                          "is the mean log-ratio on those samples, not KL(π‖π_ref) of the models.</p>")
     if plots:
         parts.append("<h2>Plots</h2>")
-        for name, png in plots.items():
-            uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-            parts.append(f'<figure><img src="{uri}" alt="{e(name)}"><figcaption>{e(name)}</figcaption></figure>')
+        parts += [_figure(name, png) for name, png in plots.items()]
     models = data.get("models") or {}
     if models:
         parts += ["<h2>Models</h2>", _models_table(models), _models_note()]
@@ -178,6 +189,47 @@ def render_html(data: Mapping, plots: Mapping[str, bytes]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _claims_note() -> str:
+    return ("<p>Each verdict is computed from the numbers below: a difference in the claim's direction by more "
+            "than 2 standard errors supports it, one against it by more than 2 SE contradicts it (see "
+            "<code>preftune.experiments.claims</code>).</p>")
+
+
+def _claim_section(claim: Mapping, plots: Mapping[str, bytes], shown: set) -> list[str]:
+    """A claim's section: its one-sentence verdict first, then its plots, comparisons, notes and quotes."""
+    e = html.escape
+    verdict = str(claim.get("verdict", ""))
+    parts = [f'<h3 id="claim-{e(str(claim.get("claim", "")))}">{e(str(claim.get("claim", "")))}. {e(str(claim.get("title", "")))}</h3>',
+             f'<p class="verdict {e(verdict.replace(" ", "-"))}">{e(str(claim.get("sentence", "")))}</p>']
+    for name in claim.get("plots") or []:
+        if name in shown:  # each plot once: later claims point back to it
+            parts.append(f'<p>Plot: <a href="#plot-{e(name)}">{e(name)}</a> (above).</p>')
+        elif name in plots:
+            parts.append(_figure(name, plots[name]))
+            shown.add(name)
+    rows = claim.get("comparisons") or []
+    if rows:
+        head = '<tr><th class="text">comparison (claim\'s direction &gt; 0)</th><th>difference</th><th>± SE</th><th>z</th></tr>'
+        body = "".join(f'<tr><td class="text">{e(str(r.get("comparison")))}</td><td>{e(format_number(r.get("difference")))}</td>'
+                       f'<td>{e(format_number(r.get("se")))}</td><td>{e(format_number(r.get("z")))}</td></tr>' for r in rows)
+        parts.append(_scroll('<table class="comparisons">' + head + body + "</table>"))
+    parts += [f'<p class="caveat">{e(str(note))}</p>' for note in claim.get("notes") or []]
+    quotes = claim.get("quotes") or []
+    if quotes:
+        head = '<tr><th class="text">model</th><th class="text">prompt</th><th class="text">completion</th><th>gold reward</th></tr>'
+        body = "".join(f'<tr><td class="text">{e(str(q.get("model")))}</td><td class="text">{e(_as_text(q.get("prompt")))}</td>'
+                       f'<td class="text">{e(_as_text(q.get("completion")))}</td><td>{e(format_number(q.get("reward")))}</td></tr>'
+                       for q in quotes)
+        parts.append(_scroll('<table class="quotes">' + head + body + "</table>"))
+    return parts
+
+
+def _figure(name: str, png: bytes) -> str:
+    uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    name = html.escape(name)
+    return f'<figure id="plot-{name}"><img src="{uri}" alt="{name}"><figcaption>{name}</figcaption></figure>'
+
+
 def _lookup(metrics: Mapping, key: str):
     value: Any = metrics
     for part in key.split("."):
@@ -196,7 +248,7 @@ def _models_table(models: Mapping) -> str:
             for k, _ in columns
         )
         rows.append(f'<tr data-model="{e(str(name))}"><td class="text">{e(str(name))}</td>{cells}</tr>')
-    return '<table class="models">' + head + "".join(rows) + "</table>"
+    return _scroll('<table class="models">' + head + "".join(rows) + "</table>")
 
 
 def _models_note() -> str:
@@ -218,7 +270,7 @@ def _best_of_n_table(curve: Mapping) -> str:
     note = (f"<p>{e(format_number(curve.get('samples_per_prompt')))} samples per prompt from the reference over "
             f"{e(format_number(curve.get('prompts')))} prompts, picked by the proxy reward "
             f"({e(str(curve.get('proxy_reward')))}); KL = log n − (n − 1)/n.</p>")
-    return '<table class="best-of-n">' + head + "".join(rows) + "</table>" + note
+    return _scroll('<table class="best-of-n">' + head + "".join(rows) + "</table>") + note
 
 
 def _samples_table(name, samples) -> str:
@@ -229,7 +281,7 @@ def _samples_table(name, samples) -> str:
             f'<tr><td class="text">{e(_as_text(s.get("prompt")))}</td><td class="text">{e(_as_text(s.get("completion")))}</td>'
             f"<td>{e(format_number(s.get('reward')))}</td></tr>"
         )
-    return f'<table class="samples" data-model="{e(str(name))}">' + "".join(rows) + "</table>"
+    return _scroll(f'<table class="samples" data-model="{e(str(name))}">' + "".join(rows) + "</table>")
 
 
 def _key_value_table(values: Mapping, cls: str) -> str:
@@ -239,7 +291,12 @@ def _key_value_table(values: Mapping, cls: str) -> str:
         f"{e(format_number(v) if not isinstance(v, (dict, list)) else json.dumps(v, ensure_ascii=False))}</td></tr>"
         for k, v in values.items()
     ]
-    return f'<table class="{cls}">' + "".join(rows) + "</table>"
+    return _scroll(f'<table class="{cls}">' + "".join(rows) + "</table>")
+
+
+def _scroll(table: str) -> str:
+    """A table in its own box: a table wider than the page scrolls inside it, the page never does."""
+    return f'<div class="scroll">{table}</div>'
 
 
 def _as_text(value) -> str:

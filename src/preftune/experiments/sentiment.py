@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Optional
 
 from preftune.config import ConfigError, doc
+from preftune.eval.report import write_report
+from preftune.experiments.claims import judge_claims
+from preftune.experiments.costs import estimate_seconds
+from preftune.experiments.figures import study_plots
 
 log = logging.getLogger("preftune.experiments")
 
@@ -50,14 +54,14 @@ class StudyConfig:
     max_new_tokens: int = doc(24, "Tokens sampled per completion (pairs, rollouts and evaluation).")
     max_length: int = doc(80, "Prompt + completion tokens in training.")
     jobs: list[str] = doc(
-        factory=lambda: ["dpo:beta=0.05", "dpo:beta=0.2", "dpo:beta=1.0", "rloo:kl_coef=0.02", "rloo:kl_coef=0.2"],
+        factory=lambda: ["dpo:beta=0.05", "dpo:beta=1.0", "rloo:kl_coef=0.02"],
         help="Training jobs 'ALGORITHM[:key=value,...]' (keys of the algorithm's section). 'sft' trains on the "
         "preferred completions; offline jobs read the collected pairs, online ones the training prompts.",
     )
     lora: bool = doc(True, "Train LoRA adapters (r=16) instead of all weights.")
     learning_rate: float = doc(5e-4, "Learning rate of every job.")
     offline_epochs: int = doc(2, "Passes over the pairs for offline jobs.")
-    online_steps: int = doc(20, "Optimizer steps (rollouts) of online jobs.")
+    online_steps: int = doc(10, "Optimizer steps (rollouts) of online jobs.")
     micro_batch_size: int = doc(8, "Rows per forward pass.")
     train_overrides: list[str] = doc(factory=list, help="Extra dotted overrides applied to every training job (e.g. model.dtype=bf16).")
     proxy_reward_model: bool = doc(
@@ -72,6 +76,14 @@ class StudyConfig:
     )
     proxy_rl_checkpoints: int = doc(4, "Evenly spaced checkpoints of the proxy_rl job that are evaluated (the last one is its final step).")
     eval_samples: int = doc(2, "Completions per test prompt and model in the evaluation.")
+    tracked_jobs: list[str] = doc(
+        factory=list, help="Jobs (entries of `jobs`) whose checkpoints are evaluated over training too: repetition "
+        "and gold reward by step (the unlikelihood claim). Their runs keep every checkpoint.",
+    )
+    tracked_checkpoints: int = doc(4, "Evenly spaced checkpoints of each tracked job that are evaluated (its final model included).")
+    save_steps: int = doc(
+        10, "Every job writes a checkpoint every N steps, so a killed study continues a job from its newest one. 0 = only at the end.",
+    )
     seed: int = doc(0, "Seed of sampling and training.")
 
     def validate(self, path: str) -> None:
@@ -83,6 +95,11 @@ class StudyConfig:
             name = job.split(":")[0]
             if name not in OFFLINE | ONLINE:
                 raise ConfigError(f"{path}.jobs: unknown algorithm '{name}' in '{job}'. Valid: {', '.join(sorted(OFFLINE | ONLINE))}")
+        for job in self.tracked_jobs:
+            if job not in self.jobs:
+                raise ConfigError(f"{path}.tracked_jobs: '{job}' is not one of jobs ({', '.join(self.jobs)})")
+        if self.tracked_jobs and self.tracked_checkpoints < 2:
+            raise ConfigError(f"{path}.tracked_checkpoints: must be at least 2 (a step before the end and the end), got {self.tracked_checkpoints}")
         if self.proxy_rl is not None:
             name = self.proxy_rl.split(":")[0]
             if name not in ONLINE:
@@ -103,76 +120,220 @@ def parse_job(job: str) -> tuple[str, str, list[str]]:
 
 
 def run_study(cfg: StudyConfig, *, progress: bool = True) -> Path:
-    from preftune.data.loaders import load_records
-    from preftune.eval.evaluate import best_of_n_curve, evaluate
-    from preftune.eval.plots import bar_plot, frontier_plot, overoptimization_plot
-    from preftune.eval.report import write_report
+    """Run (or continue) the study in ``cfg.output_dir``; returns the path of report.html. Every job
+    that finished in an earlier run with the same settings is skipped (see :mod:`.jobs`)."""
+    from preftune.experiments.progress import StudyProgress
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    prompts = load_records(cfg.prompts, "prompts")
-    train, test = split_prompts(cfg, prompts)
+    study = _Study(cfg, out, StudyProgress(plan_stages(cfg), enabled=progress),
+                   progress)
+    try:
+        return study.run()
+    finally:
+        study.progress.close()
 
-    start = time.perf_counter()
-    pairs_path, pair_stats = collect_pairs(cfg, train, out, progress=progress)
-    timings["collect pairs"] = time.perf_counter() - start
 
-    models, configs = {}, {"study": _as_dict(cfg)}
+def plan_stages(cfg: StudyConfig) -> list[tuple[str, float]]:
+    """Every stage of the study in order, with its estimated seconds (:func:`estimate_seconds`)."""
+    stages = [("collect pairs", estimate_seconds(cfg, "pairs"))]
     for job in cfg.jobs:
-        name, label, overrides = parse_job(job)
-        start = time.perf_counter()
-        model_dir, run_cfg = train_job(cfg, name, label, overrides, pairs_path, out)
-        timings[f"train {label}"] = time.perf_counter() - start
-        models[label] = str(model_dir)
-        configs[label] = run_cfg
-
-    proxy, algorithms, proxy_rl_models = None, {}, []
+        name, label, _ = parse_job(job)
+        stages.append((f"train {label}", estimate_seconds(cfg, name)))
+    models = [parse_job(j)[1] for j in cfg.jobs] + [f"checkpoint {i}" for _ in cfg.tracked_jobs for i in range(cfg.tracked_checkpoints - 1)]
     if cfg.proxy_reward_model:
-        start = time.perf_counter()
-        proxy, configs["proxy_reward_model"] = train_proxy(cfg, pairs_path, out)
-        timings["train proxy reward model"] = time.perf_counter() - start
+        stages.append(("train proxy reward model", estimate_seconds(cfg, "reward")))
     if cfg.proxy_rl is not None:
-        start = time.perf_counter()
-        name, label, overrides = parse_job(cfg.proxy_rl)
-        label += "-on-proxy"
-        every = cfg.online_steps // cfg.proxy_rl_checkpoints
-        overrides += [f"{name}.reward={proxy}", f"train.save_steps={every}", f"train.save_total_limit={cfg.proxy_rl_checkpoints + 1}"]
-        run_dir, configs[label] = train_job(cfg, name, label, overrides, pairs_path, out)
-        from preftune.train.checkpoint import list_checkpoints
+        stages.append((f"train {parse_job(cfg.proxy_rl)[1]}-on-proxy", estimate_seconds(cfg, parse_job(cfg.proxy_rl)[0])))
+        models += [f"checkpoint {i}" for i in range(cfg.proxy_rl_checkpoints)]
+    stages += [("evaluate reference", estimate_seconds(cfg, "evaluate"))]
+    stages += [(f"evaluate {m}", estimate_seconds(cfg, "evaluate")) for m in models]
+    if cfg.proxy_reward_model:
+        stages.append(("best-of-n curve", estimate_seconds(cfg, "best_of_n_curve")))
+    return stages
 
-        for checkpoint in list_checkpoints(run_dir.parent)[-cfg.proxy_rl_checkpoints:]:
-            step = int(checkpoint.name.split("-")[1])
-            models[f"{label}@{step}"] = str(checkpoint)
-            algorithms[f"{label}@{step}"] = f"{name} on proxy"
-            proxy_rl_models.append(f"{label}@{step}")
-        timings[f"train {label}"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    results = evaluate(
-        models, cfg.model, [p.prompt for p in test], cfg.gold_reward, proxy_reward=proxy,
-        num_samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=16, progress=progress,
-        algorithms=algorithms,
-    )
-    timings["evaluate"] = time.perf_counter() - start
-    plots = {"frontier": frontier_plot(frontier_points(results), title="Gold reward (VADER) vs KL to π_ref")}
-    plots["reward"] = bar_plot_of(results, bar_plot)
-    if proxy is not None:
-        start = time.perf_counter()
-        curve = best_of_n_curve(cfg.model, [p.prompt for p in test], cfg.gold_reward, proxy, cfg.best_of_n,
-                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=16, progress=progress)
-        results["best_of_n"] = curve
-        rl_points = [{"label": m, "group": algorithms[m], "kl": results["models"][m]["kl"],
-                      "gold": results["models"][m]["reward_mean"], "proxy": results["models"][m].get("proxy_reward_mean")}
-                     for m in proxy_rl_models]
-        plots["overoptimization"] = overoptimization_plot(curve["kl"], curve["gold_mean"], curve["proxy_mean"], ns=curve["n"],
-                                                          points=rl_points)
-        timings["best-of-n curve"] = time.perf_counter() - start
-    timings["total"] = time.perf_counter() - t0
-    results["pairs"] = pair_stats
-    results["timings_seconds"] = {k: round(v, 1) for k, v in timings.items()}
-    return write_report(results, out, title="Sentiment control: preference tuning vs RL", configs=configs, plots=plots)
+class _Study:
+    """One run of the study: its jobs in order, each skipped when done earlier (the ledger)."""
+
+    def __init__(self, cfg: StudyConfig, out: Path, progress_line, progress: bool):
+        from preftune.experiments.jobs import Ledger
+
+        self.cfg, self.out, self.progress, self.show_bars = cfg, out, progress_line, progress
+        self.ledger = Ledger(out)
+        self.timings: dict[str, float] = {}
+        self.cpu: dict[str, float | None] = {}
+        self.configs: dict = {"study": _as_dict(cfg)}
+
+    def job(self, stage: str, key: str, fn) -> dict:
+        record = self.ledger.run(stage, key, fn, on_skip=lambda: self.progress.skip(stage),
+                                 on_start=lambda: self.progress.begin(stage), on_end=self.progress.end)
+        self.timings[stage] = record["seconds"]
+        self.cpu[stage] = record.get("cpu_seconds")
+        return record
+
+    def run(self) -> Path:
+        from preftune.data.loaders import load_records
+        from preftune.experiments.jobs import fingerprint
+
+        cfg, out = self.cfg, self.out
+        t0 = time.perf_counter()
+        train, test = split_prompts(cfg, load_records(cfg.prompts, "prompts"))
+        pairs_key = fingerprint("pairs", cfg.model, cfg.prompts, cfg.held_out, cfg.train_prompts, cfg.max_new_tokens, cfg.gold_reward, cfg.seed)
+        pairs = self.job("collect pairs", pairs_key, lambda: _collect(cfg, train, out, self.show_bars))["result"]
+        models, keys, algorithms = {}, {}, {}
+        tracked: dict[str, list[dict]] = {}
+        for job in cfg.jobs:
+            name, label, overrides = parse_job(job)
+            extra = [f"train.save_total_limit={TRACKED_LIMIT}"] if job in cfg.tracked_jobs else []
+            run_dir, key = self.train(name, label, overrides + extra, pairs_key, pairs["pairs_path"])
+            models[label], keys[label] = str(run_dir / "model"), key
+            if job in cfg.tracked_jobs:
+                tracked[label] = [{"step": 0, "model": "reference"}]
+                for step, checkpoint in _spaced_checkpoints(run_dir, cfg.tracked_checkpoints)[:-1]:
+                    models[f"{label}@{step}"], keys[f"{label}@{step}"] = str(checkpoint), fingerprint(key, step)
+                    tracked[label].append({"step": step, "model": f"{label}@{step}"})
+                tracked[label].append({"step": _last_step(run_dir), "model": label})
+        proxy, proxy_key, proxy_rl_models = None, None, []
+        if cfg.proxy_reward_model:
+            proxy_key = fingerprint("proxy", pairs_key, self._proxy_overrides(pairs["pairs_path"]))
+            record = self.job("train proxy reward model", proxy_key, lambda: train_proxy(cfg, Path(pairs["pairs_path"]), out))
+            proxy, self.configs["proxy_reward_model"] = record["result"]["model_dir"], record["result"]["config"]
+        if cfg.proxy_rl is not None:
+            name, label, overrides = parse_job(cfg.proxy_rl)
+            label += "-on-proxy"
+            every = cfg.online_steps // cfg.proxy_rl_checkpoints
+            overrides += [f"{name}.reward={proxy}", f"train.save_steps={every}", f"train.save_total_limit={cfg.proxy_rl_checkpoints + 1}"]
+            run_dir, key = self.train(name, label, overrides, fingerprint(pairs_key, proxy_key), pairs["pairs_path"])
+            from preftune.train.checkpoint import list_checkpoints
+
+            for checkpoint in list_checkpoints(run_dir)[-cfg.proxy_rl_checkpoints:]:
+                step = int(checkpoint.name.split("-")[1])
+                models[f"{label}@{step}"], keys[f"{label}@{step}"] = str(checkpoint), fingerprint(key, step)
+                algorithms[f"{label}@{step}"] = f"{name} on proxy"
+                proxy_rl_models.append(f"{label}@{step}")
+        results = self.evaluate(models, keys, algorithms, [p.prompt for p in test], proxy, proxy_key)
+        if proxy is not None:
+            key = fingerprint("best-of-n", self._eval_key(proxy_key, [p.prompt for p in test]), sorted(cfg.best_of_n))
+            results["best_of_n"] = self.job("best-of-n curve", key, lambda: self._best_of_n(test, proxy))["result"]
+        results["claims"] = judge_claims(results, tracked=tracked, proxy_rl=proxy_rl_models, max_new_tokens=cfg.max_new_tokens)
+        results["tracked_checkpoints"] = tracked
+        results["pairs"] = pairs["stats"]
+        results["timings_seconds"] = {**{k: round(v, 1) for k, v in self.timings.items()},
+                                      "total (this run)": round(time.perf_counter() - t0, 1),
+                                      "total (all jobs, as they ran)": round(sum(self.timings.values()), 1)}
+        results["cpu_seconds"] = {k: v for k, v in self.cpu.items() if v is not None}
+        results["machine"] = machine()
+        plots = study_plots(results, tracked, proxy_rl_models)
+        return write_report(results, out, title="Sentiment control: preference tuning vs RL", configs=self.configs, plots=plots)
+
+    def train(self, name: str, label: str, overrides: list[str], upstream_key: str, pairs_path: str) -> tuple[Path, str]:
+        from preftune.experiments.jobs import fingerprint, train_run
+
+        args = job_overrides(self.cfg, name, label, overrides, Path(pairs_path), self.out)
+        key = fingerprint("train", upstream_key, args)
+        run_dir = self.out / "runs" / label
+        record = self.job(f"train {label}", key, lambda: train_run(args, run_dir, key))
+        self.configs[label] = record["result"]["config"]
+        return run_dir, key
+
+    def _proxy_overrides(self, pairs_path: str) -> list[str]:
+        return proxy_overrides(self.cfg, Path(pairs_path), self.out)
+
+    def _eval_key(self, proxy_key, prompts: list) -> str:
+        from preftune.experiments.jobs import fingerprint
+
+        cfg = self.cfg
+        return fingerprint("evaluate", cfg.model, prompts, cfg.gold_reward, proxy_key, cfg.eval_samples, cfg.max_new_tokens, cfg.seed)
+
+    def evaluate(self, models: dict, keys: dict, algorithms: dict, prompts: list, proxy, proxy_key) -> dict:
+        """Evaluate every model not evaluated earlier (with the same settings and weights) in one pass
+        that samples the reference once; each model's metrics are stored as soon as it is done."""
+        from preftune.eval.evaluate import REFERENCE, evaluate
+        from preftune.experiments.jobs import fingerprint
+
+        cfg = self.cfg
+        base = self._eval_key(proxy_key, prompts)
+        model_keys = {REFERENCE: base, **{name: fingerprint(base, keys[name]) for name in models}}
+        done = {name: self.ledger.done(f"evaluate {name}", key) for name, key in model_keys.items()}
+        settings = self.ledger.done("evaluate settings", base)
+        pending = {name: spec for name, spec in models.items() if done[name] is None}
+        for name in models:
+            if done[name] is not None:
+                self.progress.skip(f"evaluate {name}")
+        if pending or settings is None or done[REFERENCE] is None:
+            order = [REFERENCE, *pending]
+
+            cpu = [time.process_time()]
+
+            def stored(name: str, metrics: dict) -> None:
+                now = time.process_time()
+                done[name] = self.ledger.record(f"evaluate {name}", model_keys[name], metrics, metrics["seconds"], now - cpu[0])
+                cpu[0] = now
+                self.progress.end()
+                if order.index(name) + 1 < len(order):
+                    self.progress.begin(f"evaluate {order[order.index(name) + 1]}")
+
+            self.progress.begin(f"evaluate {REFERENCE}")
+            fresh = evaluate(pending, cfg.model, prompts, cfg.gold_reward, proxy_reward=proxy, num_samples=cfg.eval_samples,
+                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=16, progress=self.show_bars,
+                             algorithms=algorithms, on_model=stored)
+            settings = self.ledger.record("evaluate settings", base, fresh["settings"], 0.0)
+        else:
+            self.progress.skip(f"evaluate {REFERENCE}")
+        for name, record in done.items():
+            self.timings[f"evaluate {name}"] = record["seconds"]
+            self.cpu[f"evaluate {name}"] = record.get("cpu_seconds")
+        return {"settings": settings["result"], "models": {name: done[name]["result"] for name in [REFERENCE, *models]}}
+
+    def _best_of_n(self, test: list, proxy: str) -> dict:
+        from preftune.eval.evaluate import best_of_n_curve
+
+        cfg = self.cfg
+        return best_of_n_curve(cfg.model, [p.prompt for p in test], cfg.gold_reward, proxy, cfg.best_of_n,
+                               max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=16, progress=self.show_bars)
+
+
+TRACKED_LIMIT = 1000  # a tracked job keeps all its checkpoints (LoRA: a few MB each); evenly spaced ones are evaluated
+
+
+def _spaced_checkpoints(run_dir: Path, count: int) -> list[tuple[int, Path]]:
+    """``count`` evenly spaced checkpoints of a run (its last one included), as (step, path)."""
+    from preftune.train.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    if len(found) > count:
+        found = [found[round(i * (len(found) - 1) / (count - 1))] for i in range(count)] if count > 1 else found[-1:]
+    return [(int(p.name.split("-")[1]), p) for p in found]
+
+
+def _last_step(run_dir: Path) -> int:
+    from preftune.train.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    return int(found[-1].name.split("-")[1]) if found else 0
+
+
+def _collect(cfg: StudyConfig, train: list, out: Path, progress: bool) -> dict:
+    path, stats = collect_pairs(cfg, train, out, progress=progress)
+    return {"pairs_path": str(path), "stats": stats}
+
+
+def machine() -> dict:
+    """Where the numbers were measured: CPU model and count, load average at the end."""
+    import os
+    import platform
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cpus": os.cpu_count(), "load_average_1_5_15_min": [round(x, 2) for x in load] if load else None}
 
 
 def split_prompts(cfg: StudyConfig, prompts: list) -> tuple[list, list]:
@@ -229,15 +390,13 @@ def _common(cfg: StudyConfig, label: str, out: Path) -> list[str]:
         f"output_dir={out / 'runs' / label}", f"model.name={cfg.model}", f"model.lora.enabled={str(cfg.lora).lower()}",
         "model.lora.dropout=0.0", f"data.max_length={cfg.max_length}", f"train.learning_rate={cfg.learning_rate}",
         f"train.micro_batch_size={cfg.micro_batch_size}", f"train.seed={cfg.seed}", "train.overwrite_output_dir=true",
-        "train.lr_scheduler=constant", "train.warmup_steps=1",
+        "train.lr_scheduler=constant", "train.warmup_steps=1", f"train.save_steps={cfg.save_steps}",
     ]
     return common
 
 
-def train_job(cfg: StudyConfig, name: str, label: str, overrides: list[str], pairs: Path, out: Path) -> tuple[Path, dict]:
-    from preftune.config import load_run_config, run_config_to_dict
-    from preftune.train.loop import train
-
+def job_overrides(cfg: StudyConfig, name: str, label: str, overrides: list[str], pairs: Path, out: Path) -> list[str]:
+    """The dotted overrides of one training job (a RunConfig from defaults)."""
     common = [f"algorithm={name}", *_common(cfg, label, out)]
     if name in ONLINE:
         data = out / "train_prompts.jsonl"
@@ -248,43 +407,24 @@ def train_job(cfg: StudyConfig, name: str, label: str, overrides: list[str], pai
             prompts = split_prompts(cfg, load_records(cfg.prompts, "prompts"))[0]
             write_jsonl([{"prompt": p.prompt} for p in prompts], data)
         common += [f"data.path={data}", f"train.max_steps={cfg.online_steps}", f"{name}.reward={cfg.gold_reward}",
-                   f"{name}.max_new_tokens={cfg.max_new_tokens}"]
-        if name == "ppo":
-            common += ["train.grad_accum_steps=1"]
-        else:
-            common += ["train.grad_accum_steps=2"]
+                   f"{name}.max_new_tokens={cfg.max_new_tokens}", f"train.grad_accum_steps={1 if name == 'ppo' else 2}"]
     else:
         data = out / "preferred.jsonl" if name == "sft" else pairs
         common += [f"data.path={data}", f"train.num_epochs={cfg.offline_epochs}"]
-    run = load_run_config(None, [*common, *overrides, *cfg.train_overrides])
-    result = train(run)
-    return result.model_dir, run_config_to_dict(run)
+    return [*common, *overrides, *cfg.train_overrides]
 
 
-def train_proxy(cfg: StudyConfig, pairs: Path, out: Path) -> tuple[str, dict]:
-    from preftune.config import load_run_config, run_config_to_dict
-    from preftune.train.loop import train
-
-    label = "proxy-reward-model"
-    run = load_run_config(None, [
-        "algorithm=reward", *_common(cfg, label, out), f"data.path={pairs}", f"train.num_epochs={cfg.offline_epochs}",
-        *cfg.train_overrides,
-    ])
-    train(run)
-    return str(Path(run.output_dir)), run_config_to_dict(run)
+def proxy_overrides(cfg: StudyConfig, pairs: Path, out: Path) -> list[str]:
+    return ["algorithm=reward", *_common(cfg, "proxy-reward-model", out), f"data.path={pairs}",
+            f"train.num_epochs={cfg.offline_epochs}", *cfg.train_overrides]
 
 
-def frontier_points(results: dict) -> list[dict]:
-    points = []
-    for name, m in results["models"].items():
-        points.append({"algorithm": m.get("algorithm") or name, "label": name, "kl": m.get("kl"), "reward": m.get("reward_mean"),
-                       "kl_se": m.get("kl_se"), "reward_se": m.get("reward_se")})
-    return points
+def train_proxy(cfg: StudyConfig, pairs: Path, out: Path) -> dict:
+    from preftune.experiments.jobs import fingerprint, train_run
 
-
-def bar_plot_of(results: dict, bar_plot) -> bytes:
-    names = list(results["models"])
-    return bar_plot(names, [results["models"][n].get("reward_mean") for n in names], ylabel="mean gold reward")
+    args = proxy_overrides(cfg, pairs, out)
+    result = train_run(args, out / "runs" / "proxy-reward-model", fingerprint("proxy", args))
+    return {"model_dir": str(Path(result["model_dir"]).parent), "config": result["config"]}
 
 
 def _as_dict(cfg: StudyConfig) -> dict:
