@@ -24,7 +24,8 @@ from preftune.data.collate import collate_completions, collate_pairs
 from preftune.data.loaders import load_records
 from preftune.data.source import OfflineSource
 from preftune.data.tokenize import tokenize_pairs, tokenize_sft
-from preftune.models.loading import load_model, save_model
+from preftune.models import loading  # loading.load_model: looked up at call time, so tests can stand in for it
+from preftune.models.loading import save_model
 
 Metrics = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """metric name -> (sum over the micro-batch, count). The loop reports sum / count over the global batch."""
@@ -64,7 +65,7 @@ class Algorithm(nn.Module):
     def load_policy(cls, config: Any, run: Any) -> tuple[nn.Module, Any]:
         """Load the trained model and its tokenizer, before LoRA is applied (a causal LM by default;
         a reward model loads a one-label sequence classifier)."""
-        return load_model(run.model.name, dtype=run.model.dtype, seed=run.train.seed)
+        return loading.load_model(run.model.name, dtype=run.model.dtype, seed=run.train.seed)
 
     @classmethod
     def member_runs(cls, run: Any) -> list:

@@ -34,7 +34,7 @@ from preftune.data.records import DataError, PairRecord
 from preftune.data.tokenize import TruncationReport, tokenize_pairs
 from preftune.losses.mdpo import mdpo_loss
 from preftune.losses.metrics import row_metrics
-from preftune.models.loading import load_model
+from preftune.models import loading  # loading.load_model: looked up at call time, so tests can stand in for it
 from preftune.models.vision import image_conditioned_logps, image_token_id, text_tokenizer
 
 log = logging.getLogger("preftune.algorithms")
@@ -111,7 +111,7 @@ class MDPO(WithReference):
     @classmethod
     def load_policy(cls, config: Any, run: Any, name: str | None = None):
         """The policy as an image-text-to-text model, with its processor in place of the tokenizer."""
-        return load_model(name or run.model.name, dtype=run.model.dtype, seed=run.train.seed,
+        return loading.load_model(name or run.model.name, dtype=run.model.dtype, seed=run.train.seed,
                           model_class=AutoModelForImageTextToText)  # fmt: skip
 
     def reference_setting(self) -> str:

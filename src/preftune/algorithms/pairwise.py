@@ -24,8 +24,10 @@ from preftune.data.collate import collate_pairs, collate_shared_pairs
 from preftune.data.groups import condition_on_group, group_names
 from preftune.data.loaders import load_records, rankings_to_pairs, sniff_kind
 from preftune.losses.metrics import row_metrics
-from preftune.models import reference as refmod
-from preftune.models.loading import load_model
+from preftune.models import (
+    loading,  # loading.load_model: looked up at call time, so tests can stand in for it
+    reference as refmod,
+)
 from preftune.models.logprobs import concatenated_logps, shared_prompt_unsupported
 from preftune.models.lora import reference_context
 from preftune.models.reference import reference_model
@@ -124,7 +126,7 @@ class WithReference(Algorithm):
     @classmethod
     def load_reference(cls, config: Any, run: Any) -> torch.nn.Module:
         """The model named by ``config.reference`` (a causal LM; mdpo loads its image-text model)."""
-        return load_model(config.reference, seed=run.train.seed)[0]
+        return loading.load_model(config.reference, seed=run.train.seed)[0]
 
     def train(self, mode: bool = True):
         super().train(mode)

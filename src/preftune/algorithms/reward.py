@@ -37,8 +37,8 @@ from preftune.data.source import split_eval
 from preftune.data.tokenize import tokenize_pairs, tokenize_sft
 from preftune.losses.metrics import row_metrics
 from preftune.losses.reward import bradley_terry_loss, centering_penalty, plackett_luce_loss
+from preftune.models import loading  # loading.load_model: looked up at call time, so tests can stand in for it
 from preftune.models.cache import write_json
-from preftune.models.loading import load_model
 from preftune.models.reward_head import extra_special_tokens, finish_reward_ids, pooling_kind, sequence_rewards
 from preftune.rewards.base import resolve_function
 from preftune.rewards.evaluation import json_ready
@@ -159,7 +159,7 @@ class RewardModelAlgorithm(Algorithm):
     # -- model -----------------------------------------------------------------------------------
     @classmethod
     def load_policy(cls, config: RewardConfig, run) -> tuple[Any, Any]:
-        model, tokenizer = load_model(
+        model, tokenizer = loading.load_model(
             config.backbone or run.model.name, dtype=run.model.dtype, seed=member_seed(run.train.seed, config.member),
             model_class=AutoModelForSequenceClassification,
         )  # fmt: skip
