@@ -124,7 +124,7 @@ def test_a_write_cut_short_is_set_aside_and_a_corrupt_line_is_an_error(tmp_path)
 
 def test_judge_thumbs_mode_writes_kto_rows(tmp_path):
     s = session_for(tmp_path, mode="thumbs", prompts=2, k=2)
-    from preftune.rollout.rewards import resolve_reward
+    from preftune.rewards.spec import resolve_reward
 
     counts = s.judge(resolve_reward(JUDGE), threshold=0.3, progress=False)
     assert counts == {"labelled": 2, "skipped_all_tied": 0}

@@ -434,17 +434,6 @@ def run_config_to_dict(run: RunConfig) -> dict:
     return data
 
 
-def __getattr__(name: str) -> Any:
-    # ``preftune.config.load_run_config`` moved above the algorithms (preftune/run_config.py: it reads
-    # the algorithm table, which imports this module). Kept reachable here, lazily, for callers not
-    # yet moved; import it from preftune.run_config.
-    if name == "load_run_config":
-        import importlib  # here: a cycle, see above
-
-        return importlib.import_module("preftune.run_config").load_run_config
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Documentation generated from the field help texts
 # ---------------------------------------------------------------------------------------------

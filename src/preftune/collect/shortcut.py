@@ -95,7 +95,7 @@ def build_session(cfg: LabelConfig):
 
 def judge(cfg: LabelConfig) -> dict:
     from preftune.collect.judge import label_session, parse_spec
-    from preftune.rollout.rewards import resolve_reward
+    from preftune.rewards.spec import resolve_reward
 
     session = build_session(cfg)
     result = {"output": cfg.output}

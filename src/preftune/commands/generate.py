@@ -16,7 +16,7 @@ import torch
 from preftune.commands.base import add_settings_command, settings
 from preftune.config import ConfigError, doc, shared
 from preftune.data.loaders import load_records
-from preftune.generate import write_jsonl
+from preftune.models.cache import write_jsonl
 from preftune.models.loading import load_model
 from preftune.rollout.sampling import generate_completions
 from preftune.train.export import resolve_model

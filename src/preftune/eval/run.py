@@ -18,7 +18,7 @@ from preftune.data.loaders import load_records
 from preftune.eval.evaluate import REFERENCE, best_of_n_curve, evaluate
 from preftune.eval.plots import bar_plot, frontier_plot, overoptimization_plot
 from preftune.eval.report import write_report
-from preftune.generate import write_jsonl
+from preftune.models.cache import write_jsonl
 from preftune.models.loading import load_model
 from preftune.rewards.spec import resolve_reward
 from preftune.train.export import resolve_model

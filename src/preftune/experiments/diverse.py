@@ -141,14 +141,14 @@ def _arm_name(mix: float) -> str:
 
 
 def _gold_sources(cfg: DiverseStudyConfig) -> dict:
-    from preftune.rollout.rewards import resolve_reward
+    from preftune.rewards.spec import resolve_reward
 
     return {g: resolve_reward(spec) for g, spec in zip(cfg.groups, cfg.group_rewards)}
 
 
 def _sample_pairs(cfg: DiverseStudyConfig, prompts: list, seed: int, progress: bool) -> list[dict]:
     """Two samples per prompt from π_ref: [{"prompt", "a", "b"}] (identical samples dropped)."""
-    from preftune.generate import generate_completions
+    from preftune.rollout.sampling import generate_completions
     from preftune.models.loading import load_model
 
     model, tok = load_model(cfg.model, seed=cfg.seed)
@@ -177,7 +177,7 @@ def _label(pairs: list[dict], gold, group: str, annotator: str | None = None) ->
 
 def _write_held_out(cfg, samples: list[dict], golds: dict, out: Path) -> tuple[Path, dict]:
     """Every held-out pair labelled by every group (ties dropped per group) -> held_out_pairs.jsonl."""
-    from preftune.generate import write_jsonl
+    from preftune.models.cache import write_jsonl
 
     rows, stats = [], {}
     for g, gold in golds.items():
@@ -219,7 +219,7 @@ def _assign(cfg, mix: float, samples: list[dict], golds: dict) -> list[dict]:
 
 
 def _run_arm(cfg, mix, samples, golds, held_path, test_prompts, out, progress):
-    from preftune.generate import write_jsonl
+    from preftune.models.cache import write_jsonl
 
     name = _arm_name(mix)
     arm_dir = out / name
@@ -260,7 +260,8 @@ def _common(cfg, out: Path) -> list[str]:
 def _train_reward(cfg, method: str, pairs: Path, held: Path, out: Path) -> tuple[dict, dict]:
     """Train the reward model(s) of ``reward.groups = method``; {"groups": {g: held-out report}} + config."""
     from preftune.algorithms import ALGORITHMS
-    from preftune.config import load_run_config, run_config_to_dict
+    from preftune.config import run_config_to_dict
+    from preftune.run_config import load_run_config
     from preftune.train.loop import train
 
     run = load_run_config(None, ["algorithm=reward", *_common(cfg, out), f"data.path={pairs}", f"data.eval_path={held}",
@@ -274,7 +275,8 @@ def _train_reward(cfg, method: str, pairs: Path, held: Path, out: Path) -> tuple
 
 
 def _train_policy(cfg, method: str, pairs: Path, arm_dir: Path, test_prompts: list) -> tuple[Path, dict]:
-    from preftune.config import load_run_config, run_config_to_dict
+    from preftune.config import run_config_to_dict
+    from preftune.run_config import load_run_config
     from preftune.train.loop import train
 
     lora = [f"model.lora.enabled={str(cfg.lora).lower()}", "model.lora.dropout=0.0", f"train.learning_rate={cfg.learning_rate}"]
@@ -282,7 +284,7 @@ def _train_policy(cfg, method: str, pairs: Path, arm_dir: Path, test_prompts: li
         rule = method.split("_")[1]
         prompts = arm_dir.parent / "train_prompts.jsonl"
         if not prompts.exists():
-            from preftune.generate import write_jsonl
+            from preftune.models.cache import write_jsonl
 
             write_jsonl([{"prompt": r["prompt"]} for r in _read_jsonl(pairs)], prompts)
         reward = f"{rule}({' | '.join(cfg.group_rewards)})"

@@ -350,12 +350,13 @@ def collect_pairs(cfg: StudyConfig, prompts: list, out: Path, *, progress: bool)
     """Sample 2 completions per prompt from π_ref and have the gold reward label them, through the
     same judge as ``preftune label judge=...`` (ties dropped). Writes samples.jsonl, labels.jsonl
     (rankings with the judge's scores), pairs.jsonl and preferred.jsonl (the winners, for SFT)."""
-    from preftune.generate import generate_completions, write_jsonl
+    from preftune.rollout.sampling import generate_completions
+    from preftune.models.cache import write_jsonl
     from preftune.label.items import load_items
     from preftune.label.session import LabelSession
     from preftune.label.store import LabelStore
     from preftune.models.loading import load_model
-    from preftune.rollout.rewards import resolve_reward
+    from preftune.rewards.spec import resolve_reward
 
     model, tok = load_model(cfg.model, seed=cfg.seed)
     repeated = [p.prompt for p in prompts for _ in range(2)]
@@ -402,7 +403,7 @@ def job_overrides(cfg: StudyConfig, name: str, label: str, overrides: list[str],
         data = out / "train_prompts.jsonl"
         if not data.exists():
             from preftune.data.loaders import load_records
-            from preftune.generate import write_jsonl
+            from preftune.models.cache import write_jsonl
 
             prompts = split_prompts(cfg, load_records(cfg.prompts, "prompts"))[0]
             write_jsonl([{"prompt": p.prompt} for p in prompts], data)

@@ -37,7 +37,7 @@ from preftune.config import (
     read_yaml,
     to_dict,
 )
-from preftune.rollout.rewards import check_reward_spec
+from preftune.rewards.spec import check_reward_spec
 
 KINDS = ("generate", "label", "train", "evaluate")
 PEOPLE = "people"

@@ -1,5 +1,5 @@
 """Generate, label and evaluate stages, built from the commands' own functions: the generate
-command's sampler (:func:`preftune.generate.generate_completions`), ``preftune label``'s
+command's sampler (:func:`preftune.rollout.sampling.generate_completions`), ``preftune label``'s
 :func:`~preftune.collect.shortcut.label` (any judge) and ``preftune eval``'s :func:`~preftune.eval.run.run_eval`.
 
 Each writes into its own folder: ``samples.jsonl`` (generate: one row per completion, prompt-major,
@@ -21,7 +21,7 @@ from preftune.collect.shortcut import LabelConfig, label
 from preftune.config import ConfigError, from_dict
 from preftune.eval.metrics import win_rate
 from preftune.eval.run import EvalConfig, run_eval
-from preftune.generate import generate_completions
+from preftune.rollout.sampling import generate_completions
 from preftune.label.store import LabelStore
 from preftune.models.loading import load_model
 from preftune.pipeline.people import label_by_people

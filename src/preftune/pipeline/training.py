@@ -21,9 +21,10 @@ from typing import Any
 import yaml
 
 from preftune.algorithms import ALGORITHMS
-from preftune.config import ConfigError, RunConfig, load_run_config
+from preftune.config import ConfigError, RunConfig
+from preftune.run_config import load_run_config
 from preftune.data.convert import ranking_index_pairs
-from preftune.generate import write_jsonl
+from preftune.models.cache import write_jsonl
 from preftune.pipeline.spec import (
     REJECTION_SAMPLING,
     TRAINED,
