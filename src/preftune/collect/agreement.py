@@ -139,7 +139,7 @@ def ranking_alpha(labels: Labels) -> float | None:
 
 def annotator_vs_others(labels: Labels) -> dict[str, float | None]:
     """annotator -> share of their pairwise judgements equal to the Borda consensus of the others."""
-    from preftune.collect.consensus import borda
+    from preftune.collect.consensus import borda  # consensus.py imports this module
 
     agree: Counter = Counter()
     total: Counter = Counter()

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import hmac
 import json
+import logging
 import random
 import socket
 from typing import Any, Callable
 
+import uvicorn
 from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -39,7 +40,9 @@ from starlette.routing import Route
 
 from preftune.collect import pages
 from preftune.collect.project import status as project_status
+from preftune.collect.settings import LOOPBACK
 from preftune.collect.store import Store, StoreError, hash_token
+from preftune.config import ConfigError
 from preftune.data.records import DataError
 from preftune.data.validate import Where, check_ranking
 
@@ -258,10 +261,6 @@ def serve(store: Store, host: str, port: int, *, max_body: int = 64 * 1024, on_r
     to ``on_ready``) until Ctrl-C / SIGTERM.
     On a loopback address the ``Host`` header must name it (a DNS-rebinding page gets 400); any other
     address is refused while the project has no accounts."""
-    import uvicorn
-
-    from preftune.collect.settings import LOOPBACK
-    from preftune.config import ConfigError
 
     loopback = host in LOOPBACK
     if not loopback and not store.annotators():

@@ -12,9 +12,14 @@ two, or "both bad", marked ``both_bad``) is a rankings row of one group, which g
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import Dataset
 
 from preftune.collect.agreement import item_agreement, pair_signs
 from preftune.collect.consensus import consensus, majority_pairs, thumbs_majority
@@ -98,7 +103,6 @@ def consensus_rows(store: Store, fmt: str, method: str, min_agreement: float = 0
 
 def write_jsonl(rows: list[dict], out: Path) -> None:
     """One JSON line per row, replacing ``out`` atomically (a reader sees the old file or the new one)."""
-    import json
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -116,15 +120,10 @@ def write_rows(rows: list[dict], output: str) -> str:
     if out.suffix == ".jsonl":
         write_jsonl(rows, out)
     elif out.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         pq.write_table(pa.Table.from_pylist(rows), out)
     elif out.suffix:
         raise ConfigError(f"collect.output: write .jsonl, .parquet or a folder (datasets.save_to_disk), not {out.suffix}")
     else:
-        from datasets import Dataset
-
         Dataset.from_list(rows).save_to_disk(str(out))
     return str(out)
 

@@ -13,7 +13,11 @@ from __future__ import annotations
 from itertools import combinations
 from typing import Any, Sequence
 
+import torch
+
 from preftune.collect.consensus import ranking_from_scores
+from preftune.config import ConfigError
+from preftune.models.loading import load_model
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 QUESTION = ("Which response is better under the guidelines? Answer with one letter, A or B.")
@@ -48,8 +52,6 @@ def _text(value: Any) -> str:
 
 class LLMJudge:
     def __init__(self, model: str = DEFAULT_MODEL, guidelines: str = "", batch_size: int = 8):
-        from preftune.models.loading import load_model
-
         self.name = model
         self.model, self.tokenizer = load_model(model)
         self.tokenizer.padding_side = "left"
@@ -67,7 +69,6 @@ class LLMJudge:
 
     def margins(self, rows: Sequence[tuple[Any, Any, Any]]) -> list[float]:
         """``logit(A) - logit(B)`` for each (prompt, first, second)."""
-        import torch
 
         out = []
         for start in range(0, len(rows), self.batch_size):
@@ -138,7 +139,6 @@ def agreement_with_gold(results: Sequence[dict], gold_scores: Sequence[Sequence[
 
 def label_session(session, model: str, guidelines: str = "") -> dict:
     """``preftune label judge=llm:MODEL``: rank every pending item of a LabelSession with the judge."""
-    from preftune.config import ConfigError
 
     if session.mode != "rank":
         raise ConfigError("label.judge: an LLM judge ranks; use mode=rank")
@@ -161,7 +161,6 @@ def label_session(session, model: str, guidelines: str = "") -> dict:
 def judge_project(store, spec: str) -> dict:
     """``preftune collect judge``: the LLM ``spec`` joins the project as annotator 'judge:SPEC' and
     answers every item it has not answered yet. Returns {"answered", "asked", "position_consistency"}."""
-    from preftune.config import ConfigError
 
     model = parse_spec(spec)
     if model is None:

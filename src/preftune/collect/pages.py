@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import html
 
+from markdown_it import MarkdownIt
+
 STYLE = """
  *{box-sizing:border-box} body{font-family:system-ui,sans-serif;max-width:1200px;margin:0 auto;padding:0 1em;color:#222}
  header{display:flex;justify-content:space-between;align-items:baseline;gap:1em;flex-wrap:wrap}
@@ -47,8 +49,6 @@ def logged_in(where: str, name: str) -> str:
 
 
 def guidelines(text: str, name: str) -> str:
-    from markdown_it import MarkdownIt
-
     rendered = MarkdownIt("commonmark", {"html": False}).render(text) if text.strip() else "<p>(No guidelines for this project.)</p>"
     return page("Guidelines", f'<header><h2>Guidelines</h2><span class="muted">{html.escape(name)}</span></header>'
                 f'<article id="guidelines">{rendered}</article><p><a id="start" href="/">Start labelling &rarr;</a></p>')

@@ -11,10 +11,13 @@ import secrets
 from pathlib import Path
 
 from preftune.collect import agreement as agr
-from preftune.collect.store import Store, StoreError, db_url
 from preftune.collect.settings import CollectConfig
+from preftune.collect.store import Store, StoreError, db_url, hash_token
 from preftune.config import ConfigError
+from preftune.data.loaders import read_rows
 from preftune.data.validate import Where, check_ranking
+from preftune.label.items import load_items
+
 
 def open_store(project: str | Path, cfg: CollectConfig, *, must_exist: bool = True) -> Store:
     url = db_url(project, cfg.db)
@@ -30,8 +33,6 @@ def open_store(project: str | Path, cfg: CollectConfig, *, must_exist: bool = Tr
 
 
 def _gold(source: str, split: str, items) -> dict[str, list]:
-    from preftune.data.loaders import read_rows
-
     wanted = {it.rows[0]: it for it in items}
     gold = {}
     for row_no, row in read_rows(source, split):
@@ -43,7 +44,6 @@ def _gold(source: str, split: str, items) -> dict[str, list]:
 
 def create(project: str | Path, cfg: CollectConfig) -> dict:
     """Make (or extend with new items) the project in ``project`` from ``cfg.samples``."""
-    from preftune.label.items import load_items
 
     if not cfg.samples:
         raise ConfigError("collect.samples: required (a samples file, e.g. from `preftune generate num_samples=4`)")
@@ -63,7 +63,6 @@ def create(project: str | Path, cfg: CollectConfig) -> dict:
     if old.get("mode") and old["mode"] != cfg.mode:
         raise ConfigError(f"collect.mode: the project in {project} collects {old['mode']}, not {cfg.mode}")
     admin = secrets.token_urlsafe(24) if not old.get("admin_hash") else None
-    from preftune.collect.store import hash_token
 
     meta = {"mode": cfg.mode, "overlap": cfg.overlap, "guidelines": guidelines or old.get("guidelines", ""),
             "csrf_secret": old.get("csrf_secret") or secrets.token_hex(32)}

@@ -11,8 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+from preftune.collect import app
+from preftune.collect.judge import label_session, parse_spec
+from preftune.collect.local import LocalLabels
 from preftune.collect.settings import LOOPBACK
 from preftune.config import ConfigError, doc
+from preftune.label.items import load_items
+from preftune.label.session import LabelSession
+from preftune.label.store import LabelStore
+from preftune.rewards.spec import resolve_reward
 
 log = logging.getLogger("preftune.label")
 
@@ -83,9 +90,6 @@ def label(cfg: LabelConfig, *, on_ready=None) -> dict:
 
 def build_session(cfg: LabelConfig):
     """The judge's LabelSession: the input's items and the labels file."""
-    from preftune.label.items import load_items
-    from preftune.label.session import LabelSession
-    from preftune.label.store import LabelStore
 
     items = load_items(cfg.input, split=cfg.split, min_completions=2 if cfg.mode == "rank" else 1)
     annotator = cfg.annotator or f"judge:{cfg.judge}"
@@ -94,9 +98,6 @@ def build_session(cfg: LabelConfig):
 
 
 def judge(cfg: LabelConfig) -> dict:
-    from preftune.collect.judge import label_session, parse_spec
-    from preftune.rewards.spec import resolve_reward
-
     session = build_session(cfg)
     result = {"output": cfg.output}
     if parse_spec(cfg.judge) is not None:
@@ -113,8 +114,6 @@ def judge(cfg: LabelConfig) -> dict:
 
 def serve(cfg: LabelConfig, *, on_ready=None) -> dict:
     """The web UI: a one-annotator collection project, served on ``cfg.host`` with a printed login link."""
-    from preftune.collect import app
-    from preftune.collect.local import LocalLabels
 
     local = LocalLabels(cfg.input, cfg.output, project=cfg.project, mode=cfg.mode, split=cfg.split, max_items=cfg.max_items,
                         guidelines=cfg.guidelines, annotator=cfg.annotator)

@@ -24,8 +24,9 @@ Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in display pixels
 
 def _figure(width: float = 6.4, height: float = 4.4, panels: int = 1):
     # The object-oriented API with an Agg canvas: no pyplot state, no backend switch for the caller.
+    # matplotlib is imported here, when a plot is drawn: it adds a second to every command's start.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # (the same)
 
     fig = Figure(figsize=(width, height), dpi=110)
     FigureCanvasAgg(fig)
@@ -43,7 +44,7 @@ def _png(fig, *, layout: bool = True) -> bytes:
 
 
 def _colors(n: int) -> list:
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # when a plot is drawn, as in _figure
 
     cmap = colormaps["tab10"]
     return [cmap(i % 10) for i in range(n)]

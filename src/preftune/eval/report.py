@@ -16,8 +16,13 @@ import platform
 import sys
 import tempfile
 from collections.abc import Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from preftune.rewards.evaluation import json_ready
 
 __all__ = ["MODEL_COLUMNS", "environment", "format_number", "write_report"]
 
@@ -83,7 +88,6 @@ def format_number(value: Any) -> str:
 
 def environment() -> dict:
     """Versions of what produced the numbers: Python, platform, torch (+ CUDA), transformers, peft, preftune."""
-    from importlib import metadata
 
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
     for package in ("preftune", "torch", "transformers", "peft", "accelerate", "matplotlib"):
@@ -121,7 +125,6 @@ def write_report(
     Returns:
         The path of ``report.html``.
     """
-    from preftune.rewards.evaluation import json_ready
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -309,8 +312,6 @@ def _as_text(value) -> str:
 
 
 def _yaml(value) -> str:
-    import yaml
-
     return yaml.safe_dump(value, sort_keys=False, allow_unicode=True)
 
 

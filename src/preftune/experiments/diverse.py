@@ -27,7 +27,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from preftune.config import ConfigError, doc
+import torch
+
+from preftune.algorithms import ALGORITHMS
+from preftune.config import ConfigError, apply_overrides, doc, from_dict, read_yaml, run_config_to_dict, to_dict
+from preftune.data.groups import condition_prompt, warn_single_label_annotators
+from preftune.data.loaders import load_records
+from preftune.eval.evaluate import REFERENCE, evaluate
+from preftune.eval.plots import bar_plot, frontier_plot
+from preftune.eval.report import write_report
+from preftune.experiments.sentiment import split_prompts
+from preftune.losses.diverse import fit_bt_mixture
+from preftune.models.cache import write_jsonl
+from preftune.models.loading import load_model
+from preftune.rewards.sentiment import VaderSentiment
+from preftune.rewards.spec import resolve_reward
+from preftune.rollout.sampling import generate_completions
+from preftune.run_config import load_run_config
+from preftune.train.loop import train
 
 log = logging.getLogger("preftune.experiments")
 
@@ -100,20 +117,14 @@ class DiverseStudyConfig:
 
 
 def load_diverse_config(path: str | None, overrides: list[str]) -> DiverseStudyConfig:
-    from preftune.config import apply_overrides, from_dict, read_yaml
-
     data = read_yaml(path) if path else {}
     return from_dict(DiverseStudyConfig, apply_overrides(data, overrides), "study")
 
 
 def run_diverse_study(cfg: DiverseStudyConfig, *, progress: bool = True) -> Path:
-    from preftune.eval.report import write_report
-    from preftune.experiments.sentiment import split_prompts
-
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0, timings = time.perf_counter(), {}
-    from preftune.data.loaders import load_records
 
     train, test = split_prompts(cfg, load_records(cfg.prompts, "prompts"))
     golds = _gold_sources(cfg)
@@ -141,15 +152,11 @@ def _arm_name(mix: float) -> str:
 
 
 def _gold_sources(cfg: DiverseStudyConfig) -> dict:
-    from preftune.rewards.spec import resolve_reward
-
     return {g: resolve_reward(spec) for g, spec in zip(cfg.groups, cfg.group_rewards)}
 
 
 def _sample_pairs(cfg: DiverseStudyConfig, prompts: list, seed: int, progress: bool) -> list[dict]:
     """Two samples per prompt from π_ref: [{"prompt", "a", "b"}] (identical samples dropped)."""
-    from preftune.rollout.sampling import generate_completions
-    from preftune.models.loading import load_model
 
     model, tok = load_model(cfg.model, seed=cfg.seed)
     rows = generate_completions(model, tok, [p for p in prompts for _ in range(2)], max_new_tokens=cfg.max_new_tokens,
@@ -177,7 +184,6 @@ def _label(pairs: list[dict], gold, group: str, annotator: str | None = None) ->
 
 def _write_held_out(cfg, samples: list[dict], golds: dict, out: Path) -> tuple[Path, dict]:
     """Every held-out pair labelled by every group (ties dropped per group) -> held_out_pairs.jsonl."""
-    from preftune.models.cache import write_jsonl
 
     rows, stats = [], {}
     for g, gold in golds.items():
@@ -219,8 +225,6 @@ def _assign(cfg, mix: float, samples: list[dict], golds: dict) -> list[dict]:
 
 
 def _run_arm(cfg, mix, samples, golds, held_path, test_prompts, out, progress):
-    from preftune.models.cache import write_jsonl
-
     name = _arm_name(mix)
     arm_dir = out / name
     pairs = _assign(cfg, mix, samples, golds)
@@ -229,8 +233,6 @@ def _run_arm(cfg, mix, samples, golds, held_path, test_prompts, out, progress):
         raise ConfigError(f"{name}: a group has no labelled training pairs ({counts}); use more train_prompts")
     pairs_path = arm_dir / "pairs.jsonl"
     write_jsonl(pairs, pairs_path)
-    from preftune.data.loaders import load_records
-    from preftune.data.groups import warn_single_label_annotators
 
     warn_single_label_annotators(load_records(str(pairs_path), "pairs"), str(pairs_path))
     arm = {"pairs": counts, "reward_models": {}, "policies": {}, "em": _em(cfg, pairs, arm_dir)}
@@ -259,10 +261,6 @@ def _common(cfg, out: Path) -> list[str]:
 
 def _train_reward(cfg, method: str, pairs: Path, held: Path, out: Path) -> tuple[dict, dict]:
     """Train the reward model(s) of ``reward.groups = method``; {"groups": {g: held-out report}} + config."""
-    from preftune.algorithms import ALGORITHMS
-    from preftune.config import run_config_to_dict
-    from preftune.run_config import load_run_config
-    from preftune.train.loop import train
 
     run = load_run_config(None, ["algorithm=reward", *_common(cfg, out), f"data.path={pairs}", f"data.eval_path={held}",
                                  f"train.num_epochs={cfg.offline_epochs}", f"train.learning_rate={cfg.reward_learning_rate}",
@@ -275,17 +273,11 @@ def _train_reward(cfg, method: str, pairs: Path, held: Path, out: Path) -> tuple
 
 
 def _train_policy(cfg, method: str, pairs: Path, arm_dir: Path, test_prompts: list) -> tuple[Path, dict]:
-    from preftune.config import run_config_to_dict
-    from preftune.run_config import load_run_config
-    from preftune.train.loop import train
-
     lora = [f"model.lora.enabled={str(cfg.lora).lower()}", "model.lora.dropout=0.0", f"train.learning_rate={cfg.learning_rate}"]
     if method.startswith("rloo_"):
         rule = method.split("_")[1]
         prompts = arm_dir.parent / "train_prompts.jsonl"
         if not prompts.exists():
-            from preftune.models.cache import write_jsonl
-
             write_jsonl([{"prompt": r["prompt"]} for r in _read_jsonl(pairs)], prompts)
         reward = f"{rule}({' | '.join(cfg.group_rewards)})"
         extra = ["algorithm=rloo", f"data.path={prompts}", f"train.max_steps={cfg.online_steps}", f"rloo.reward={reward}",
@@ -302,8 +294,6 @@ def _train_policy(cfg, method: str, pairs: Path, arm_dir: Path, test_prompts: li
 
 def _evaluate(cfg, method: str, model_dir: Path, group: str, gold, prompts: list, progress: bool) -> dict:
     """Gold reward of ``group`` and KL to π_ref; a conditioned policy (and π_ref) get the group in the prompt."""
-    from preftune.data.groups import condition_prompt
-    from preftune.eval.evaluate import REFERENCE, evaluate
 
     if method == "dpo_conditioned":
         prompts = [condition_prompt(p, group) for p in prompts]
@@ -315,10 +305,6 @@ def _evaluate(cfg, method: str, model_dir: Path, group: str, gold, prompts: list
 
 def _em(cfg, pairs: list[dict], arm_dir: Path) -> dict:
     """EM over a mixture of K linear BT models on completion features, without the group labels."""
-    import torch
-
-    from preftune.losses.diverse import fit_bt_mixture
-    from preftune.rewards.sentiment import VaderSentiment
 
     texts = sorted({t for r in pairs for t in (r["chosen"], r["rejected"])})
     index = {t: i for i, t in enumerate(texts)}
@@ -362,8 +348,6 @@ def _summary(cfg, arm: dict) -> dict:
 
 
 def _plots(cfg, results: dict) -> dict[str, bytes]:
-    from preftune.eval.plots import bar_plot, frontier_plot
-
     plots = {}
     for g in cfg.groups:
         points = [{"algorithm": label.split("/")[1].split(" @")[0], "label": label.split("/")[0], "kl": m["kl"],
@@ -397,8 +381,6 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _as_dict(cfg) -> dict:
-    from preftune.config import to_dict
-
     return to_dict(cfg)
 
 

@@ -5,6 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from preftune.eval.plots import (
+    bar_plot,
+    curves_plot,
+    frontier_plot,
+    overoptimization_plot,
+)
+
 __all__ = ["frontier_points", "study_plots"]
 
 
@@ -16,13 +23,6 @@ def frontier_points(results: Mapping, y: str = "reward_mean") -> list[dict]:
 
 
 def study_plots(results: Mapping, tracked: Mapping[str, list[dict]], proxy_rl: Sequence[str]) -> dict[str, bytes]:
-    from preftune.eval.plots import (
-        bar_plot,
-        curves_plot,
-        frontier_plot,
-        overoptimization_plot,
-    )
-
     models = results["models"]
     finals = {"models": {n: m for n, m in models.items() if "@" not in n or m.get("algorithm", "").endswith("on proxy")}}
     points = frontier_points(finals)

@@ -20,6 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from preftune.config import run_config_to_dict
+from preftune.run_config import load_run_config
+from preftune.train.checkpoint import list_checkpoints
+from preftune.train.loop import train
+
 log = logging.getLogger("preftune.experiments")
 
 __all__ = ["Ledger", "fingerprint", "train_run"]
@@ -91,10 +96,6 @@ def train_run(overrides: list[str], run_dir: Path, key: str) -> dict:
     """Train the run ``overrides`` describe, continuing from its newest checkpoint when ``run_dir``
     holds checkpoints of a run with the same ``key`` (a killed job), else from the start. Returns
     ``{"model_dir", "config"}``."""
-    from preftune.config import run_config_to_dict
-    from preftune.run_config import load_run_config
-    from preftune.train.checkpoint import list_checkpoints
-    from preftune.train.loop import train
 
     marker = run_dir / "study_job.json"
     resume = False

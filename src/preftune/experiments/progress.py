@@ -15,6 +15,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+from tqdm.auto import tqdm
+
 __all__ = ["StudyProgress", "eta_seconds", "format_duration"]
 
 
@@ -51,8 +53,6 @@ class StudyProgress:
         self._bar = None
         self._stop = threading.Event()
         if enabled:
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(total=len(stages), position=0, bar_format="{desc}", leave=True, file=sys.stderr)
             self._refresh()
             if sys.stderr.isatty():

@@ -19,16 +19,30 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from preftune.config import ConfigError, doc
+from preftune.config import ConfigError, apply_overrides, doc, from_dict, read_yaml, to_dict
+from preftune.data.loaders import load_records
+from preftune.eval.evaluate import REFERENCE, best_of_n_curve, evaluate
 from preftune.eval.report import write_report
 from preftune.experiments.claims import judge_claims
 from preftune.experiments.costs import estimate_seconds
 from preftune.experiments.figures import study_plots
+from preftune.experiments.jobs import Ledger, fingerprint, train_run
+from preftune.experiments.progress import StudyProgress
+from preftune.label.items import load_items
+from preftune.label.session import LabelSession
+from preftune.label.store import LabelStore
+from preftune.models.cache import write_jsonl
+from preftune.models.loading import load_model
+from preftune.rewards.spec import resolve_reward
+from preftune.rollout.sampling import generate_completions
+from preftune.train.checkpoint import list_checkpoints
 
 log = logging.getLogger("preftune.experiments")
 
@@ -122,7 +136,6 @@ def parse_job(job: str) -> tuple[str, str, list[str]]:
 def run_study(cfg: StudyConfig, *, progress: bool = True) -> Path:
     """Run (or continue) the study in ``cfg.output_dir``; returns the path of report.html. Every job
     that finished in an earlier run with the same settings is skipped (see :mod:`.jobs`)."""
-    from preftune.experiments.progress import StudyProgress
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,8 +170,6 @@ class _Study:
     """One run of the study: its jobs in order, each skipped when done earlier (the ledger)."""
 
     def __init__(self, cfg: StudyConfig, out: Path, progress_line, progress: bool):
-        from preftune.experiments.jobs import Ledger
-
         self.cfg, self.out, self.progress, self.show_bars = cfg, out, progress_line, progress
         self.ledger = Ledger(out)
         self.timings: dict[str, float] = {}
@@ -173,9 +184,6 @@ class _Study:
         return record
 
     def run(self) -> Path:
-        from preftune.data.loaders import load_records
-        from preftune.experiments.jobs import fingerprint
-
         cfg, out = self.cfg, self.out
         t0 = time.perf_counter()
         train, test = split_prompts(cfg, load_records(cfg.prompts, "prompts"))
@@ -205,7 +213,6 @@ class _Study:
             every = cfg.online_steps // cfg.proxy_rl_checkpoints
             overrides += [f"{name}.reward={proxy}", f"train.save_steps={every}", f"train.save_total_limit={cfg.proxy_rl_checkpoints + 1}"]
             run_dir, key = self.train(name, label, overrides, fingerprint(pairs_key, proxy_key), pairs["pairs_path"])
-            from preftune.train.checkpoint import list_checkpoints
 
             for checkpoint in list_checkpoints(run_dir)[-cfg.proxy_rl_checkpoints:]:
                 step = int(checkpoint.name.split("-")[1])
@@ -228,8 +235,6 @@ class _Study:
         return write_report(results, out, title="Sentiment control: preference tuning vs RL", configs=self.configs, plots=plots)
 
     def train(self, name: str, label: str, overrides: list[str], upstream_key: str, pairs_path: str) -> tuple[Path, str]:
-        from preftune.experiments.jobs import fingerprint, train_run
-
         args = job_overrides(self.cfg, name, label, overrides, Path(pairs_path), self.out)
         key = fingerprint("train", upstream_key, args)
         run_dir = self.out / "runs" / label
@@ -241,16 +246,12 @@ class _Study:
         return proxy_overrides(self.cfg, Path(pairs_path), self.out)
 
     def _eval_key(self, proxy_key, prompts: list) -> str:
-        from preftune.experiments.jobs import fingerprint
-
         cfg = self.cfg
         return fingerprint("evaluate", cfg.model, prompts, cfg.gold_reward, proxy_key, cfg.eval_samples, cfg.max_new_tokens, cfg.seed)
 
     def evaluate(self, models: dict, keys: dict, algorithms: dict, prompts: list, proxy, proxy_key) -> dict:
         """Evaluate every model not evaluated earlier (with the same settings and weights) in one pass
         that samples the reference once; each model's metrics are stored as soon as it is done."""
-        from preftune.eval.evaluate import REFERENCE, evaluate
-        from preftune.experiments.jobs import fingerprint
 
         cfg = self.cfg
         base = self._eval_key(proxy_key, prompts)
@@ -287,8 +288,6 @@ class _Study:
         return {"settings": settings["result"], "models": {name: done[name]["result"] for name in [REFERENCE, *models]}}
 
     def _best_of_n(self, test: list, proxy: str) -> dict:
-        from preftune.eval.evaluate import best_of_n_curve
-
         cfg = self.cfg
         return best_of_n_curve(cfg.model, [p.prompt for p in test], cfg.gold_reward, proxy, cfg.best_of_n,
                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=16, progress=self.show_bars)
@@ -299,7 +298,6 @@ TRACKED_LIMIT = 1000  # a tracked job keeps all its checkpoints (LoRA: a few MB 
 
 def _spaced_checkpoints(run_dir: Path, count: int) -> list[tuple[int, Path]]:
     """``count`` evenly spaced checkpoints of a run (its last one included), as (step, path)."""
-    from preftune.train.checkpoint import list_checkpoints
 
     found = list_checkpoints(run_dir)
     if len(found) > count:
@@ -308,8 +306,6 @@ def _spaced_checkpoints(run_dir: Path, count: int) -> list[tuple[int, Path]]:
 
 
 def _last_step(run_dir: Path) -> int:
-    from preftune.train.checkpoint import list_checkpoints
-
     found = list_checkpoints(run_dir)
     return int(found[-1].name.split("-")[1]) if found else 0
 
@@ -321,8 +317,6 @@ def _collect(cfg: StudyConfig, train: list, out: Path, progress: bool) -> dict:
 
 def machine() -> dict:
     """Where the numbers were measured: CPU model and count, load average at the end."""
-    import os
-    import platform
 
     cpu = platform.processor() or ""
     try:
@@ -350,13 +344,6 @@ def collect_pairs(cfg: StudyConfig, prompts: list, out: Path, *, progress: bool)
     """Sample 2 completions per prompt from π_ref and have the gold reward label them, through the
     same judge as ``preftune label judge=...`` (ties dropped). Writes samples.jsonl, labels.jsonl
     (rankings with the judge's scores), pairs.jsonl and preferred.jsonl (the winners, for SFT)."""
-    from preftune.rollout.sampling import generate_completions
-    from preftune.models.cache import write_jsonl
-    from preftune.label.items import load_items
-    from preftune.label.session import LabelSession
-    from preftune.label.store import LabelStore
-    from preftune.models.loading import load_model
-    from preftune.rewards.spec import resolve_reward
 
     model, tok = load_model(cfg.model, seed=cfg.seed)
     repeated = [p.prompt for p in prompts for _ in range(2)]
@@ -402,9 +389,6 @@ def job_overrides(cfg: StudyConfig, name: str, label: str, overrides: list[str],
     if name in ONLINE:
         data = out / "train_prompts.jsonl"
         if not data.exists():
-            from preftune.data.loaders import load_records
-            from preftune.models.cache import write_jsonl
-
             prompts = split_prompts(cfg, load_records(cfg.prompts, "prompts"))[0]
             write_jsonl([{"prompt": p.prompt} for p in prompts], data)
         common += [f"data.path={data}", f"train.max_steps={cfg.online_steps}", f"{name}.reward={cfg.gold_reward}",
@@ -421,22 +405,16 @@ def proxy_overrides(cfg: StudyConfig, pairs: Path, out: Path) -> list[str]:
 
 
 def train_proxy(cfg: StudyConfig, pairs: Path, out: Path) -> dict:
-    from preftune.experiments.jobs import fingerprint, train_run
-
     args = proxy_overrides(cfg, pairs, out)
     result = train_run(args, out / "runs" / "proxy-reward-model", fingerprint("proxy", args))
     return {"model_dir": str(Path(result["model_dir"]).parent), "config": result["config"]}
 
 
 def _as_dict(cfg: StudyConfig) -> dict:
-    from preftune.config import to_dict
-
     return to_dict(cfg)
 
 
 def load_study_config(path: Optional[str], overrides: list[str]) -> StudyConfig:
-    from preftune.config import apply_overrides, from_dict, read_yaml
-
     data = read_yaml(path) if path else {}
     return from_dict(StudyConfig, apply_overrides(data, overrides), "study")
 

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from preftune.data.loaders import read_rows
 from preftune.data.records import DataError
 from preftune.data.validate import Where, check_completion, check_prompt, type_name
 
@@ -37,7 +38,6 @@ def item_key(prompt: Any, completions: list) -> str:
 def load_items(source: str, *, split: str = "train", min_completions: int = 2) -> list[Item]:
     """Read ``source`` into items; raises DataError naming the file, row and field of a bad row, or
     of an item with fewer than ``min_completions`` completions."""
-    from preftune.data.loaders import read_rows
 
     items: list[Item] = []
     flat: Item | None = None  # the item flat rows are being appended to

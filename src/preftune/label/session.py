@@ -11,6 +11,8 @@ import random
 import time
 from typing import Any, Callable, Sequence
 
+from tqdm.auto import tqdm
+
 from preftune.data.records import DataError
 from preftune.data.validate import Where, check_ranking
 from preftune.label.items import Item
@@ -129,7 +131,6 @@ class LabelSession:
         """Label every pending item with a reward function (texts in, scores out): rankings by score,
         scores within ``tie_tolerance`` of their neighbour tied; or thumbs up when score > ``threshold``.
         Items whose completions all tie are skipped. Returns counts."""
-        from tqdm.auto import tqdm
 
         pending = self.pending()
         counts = {"labelled": 0, "skipped_all_tied": 0}

@@ -21,12 +21,12 @@ from preftune.collect.shortcut import LabelConfig, label
 from preftune.config import ConfigError, from_dict
 from preftune.eval.metrics import win_rate
 from preftune.eval.run import EvalConfig, run_eval
-from preftune.rollout.sampling import generate_completions
 from preftune.label.store import LabelStore
 from preftune.models.loading import load_model
 from preftune.pipeline.people import label_by_people
 from preftune.pipeline.spec import PEOPLE, Stage, check_reward
 from preftune.pipeline.training import read_rows, write_rows
+from preftune.rollout.sampling import generate_completions
 
 log = logging.getLogger("preftune.pipeline")
 
@@ -66,7 +66,7 @@ def _append(path: Path, rows: list[dict]) -> None:
 
 def run_generate(ctx, stage: Stage, folder: Path) -> dict:
     """``num_samples`` completions per prompt of the round, from the current policy."""
-    s, cfg = stage.settings, ctx.cfg
+    s = stage.settings
     prompts = ctx.round_prompts(stage.round)
     k = s.num_samples
     chunks = [prompts[i : i + s.batch_size] for i in range(0, len(prompts), s.batch_size)]

@@ -22,7 +22,6 @@ import yaml
 
 from preftune.algorithms import ALGORITHMS
 from preftune.config import ConfigError, RunConfig
-from preftune.run_config import load_run_config
 from preftune.data.convert import ranking_index_pairs
 from preftune.models.cache import write_jsonl
 from preftune.pipeline.spec import (
@@ -33,6 +32,7 @@ from preftune.pipeline.spec import (
     check_reward,
     merge,
 )
+from preftune.run_config import load_run_config
 from preftune.train.checkpoint import list_checkpoints
 from preftune.train.loop import train
 
