@@ -12,8 +12,6 @@ two, or "both bad", marked ``both_bad``) is a rankings row of one group, which g
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from preftune.collect.consensus import consensus, majority_pairs, thumbs_majorit
 from preftune.collect.project import CollectConfig, as_ranking, labels_by_item
 from preftune.collect.store import Store
 from preftune.config import ConfigError
+from preftune.models.cache import write_jsonl
 
 
 def thumbs_of(row: dict, k: int) -> list[bool] | None:
@@ -99,18 +98,6 @@ def consensus_rows(store: Store, fmt: str, method: str, min_agreement: float = 0
             winners = majority_pairs(rankings, item["k"]) if method == "majority" else _strict_pairs(result["ranking"])
             rows += _pairs(base, item, winners)
     return rows
-
-
-def write_jsonl(rows: list[dict], out: Path) -> None:
-    """One JSON line per row, replacing ``out`` atomically (a reader sees the old file or the new one)."""
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(out)
 
 
 def write_rows(rows: list[dict], output: str) -> str:

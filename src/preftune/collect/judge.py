@@ -18,6 +18,7 @@ import torch
 from preftune.collect.consensus import ranking_from_scores
 from preftune.config import ConfigError
 from preftune.models.loading import load_model
+from preftune.train.export import resolve_model
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 QUESTION = ("Which response is better under the guidelines? Answer with one letter, A or B.")
@@ -53,7 +54,7 @@ def _text(value: Any) -> str:
 class LLMJudge:
     def __init__(self, model: str = DEFAULT_MODEL, guidelines: str = "", batch_size: int = 8):
         self.name = model
-        self.model, self.tokenizer = load_model(model)
+        self.model, self.tokenizer = load_model(resolve_model(model))
         self.tokenizer.padding_side = "left"
         self.guidelines = guidelines.strip() or "Prefer the response that answers the prompt better."
         self.batch_size = batch_size

@@ -11,10 +11,8 @@ import base64
 import datetime as _dt
 import html
 import json
-import os
 import platform
 import sys
-import tempfile
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from preftune.models.cache import write_text
 from preftune.rewards.evaluation import json_ready
 
 __all__ = ["MODEL_COLUMNS", "environment", "format_number", "write_report"]
@@ -133,13 +132,13 @@ def write_report(
         payload["configs"] = dict(configs)
     payload.setdefault("environment", environment())
     text = json.dumps(json_ready(payload), indent=2, ensure_ascii=False, default=str)
-    _atomic_write(out_dir / "results.json", text.encode("utf-8"))
+    write_text(out_dir / "results.json", text.encode("utf-8"))
     plots = dict(plots or {})
     for name, png in plots.items():
-        _atomic_write(out_dir / f"{name}.png", png)
+        write_text(out_dir / f"{name}.png", png)
     page = render_html(json.loads(text), plots)  # the numbers shown are the numbers written
     path = out_dir / "report.html"
-    _atomic_write(path, page.encode("utf-8"))
+    write_text(path, page.encode("utf-8"))
     return path
 
 
@@ -313,14 +312,3 @@ def _as_text(value) -> str:
 
 def _yaml(value) -> str:
     return yaml.safe_dump(value, sort_keys=False, allow_unicode=True)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 
 from preftune.config import to_dict
 from preftune.eval.plots import frontier_plot
-from preftune.eval.report import _atomic_write, environment, format_number
+from preftune.eval.report import environment, format_number
+from preftune.models.cache import write_text
 from preftune.pipeline import state
 from preftune.pipeline.spec import Pipeline
 
@@ -109,15 +110,15 @@ def write_pipeline_report(ctx, pipeline: Pipeline) -> Path:
     data["settings"] = {k: v for k, v in to_dict(ctx.cfg).items()}
     data["environment"] = environment()
     out = ctx.out
-    _atomic_write(out / "results.json", json.dumps(data, indent=2, ensure_ascii=False, default=str).encode("utf-8"))
+    write_text(out / "results.json", json.dumps(data, indent=2, ensure_ascii=False, default=str).encode("utf-8"))
     evaluated = [r for r in data["rounds"] if r["evaluate"]]
     plots = {}
     if evaluated:
         plots = {"rounds": rounds_plot(evaluated), "frontier": _frontier(evaluated)}
         for name, png in plots.items():
-            _atomic_write(out / f"{name}.png", png)
+            write_text(out / f"{name}.png", png)
     page = render(data, plots, pipeline.source)
-    _atomic_write(out / "report.html", page.encode("utf-8"))
+    write_text(out / "report.html", page.encode("utf-8"))
     return out / "report.html"
 
 
