@@ -180,9 +180,15 @@ def test_shared_settings_have_one_help_text():
     from preftune.config import SHARED_FIELDS, RunConfig
 
     classes = [RunConfig, *(c.Config for c in ALGORITHMS.values()), *(cls for _, cls in COMMAND_SETTINGS)]
-    owned_elsewhere = {"LabelConfig", "CollectConfig", "StudyConfig", "DiverseStudyConfig"}  # moving to commands/
+    from preftune.collect.settings import CollectConfig
+    from preftune.collect.shortcut import LabelConfig
+    from preftune.pipeline.spec import LabelStage
+
+    classes += [LabelConfig, CollectConfig, LabelStage]
+    owned_elsewhere = {"StudyConfig", "DiverseStudyConfig"}
     # β that scales a reward without a reference; training rows whose completions are wrapped too
-    other_meaning = {("ReferenceFreeConfig", "beta"), ("SimPOConfig", "beta"), ("DataConfig", "text_as_chat")}
+    other_meaning = {("ReferenceFreeConfig", "beta"), ("SimPOConfig", "beta"), ("DataConfig", "text_as_chat"),
+                     ("EvalConfig", "tie_tolerance")}  # eval: a win-rate tie
     seen = set()
     todo = list(classes)
     while todo:
@@ -195,7 +201,7 @@ def test_shared_settings_have_one_help_text():
                 seen.add(f.name)
                 assert f.metadata["help"].startswith(SHARED_FIELDS[f.name][1]), \
                     f"{c.__name__}.{f.name}: declare it with config.shared({f.name!r})"
-    assert {"split", "temperature", "top_p", "beta"} <= seen
+    assert {"split", "temperature", "top_p", "beta", "mode", "guidelines", "tie_tolerance", "threshold"} <= seen
 
 
 # Files whose function-level imports are being moved elsewhere (label/collect registration in cli.py).

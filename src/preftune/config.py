@@ -41,6 +41,11 @@ SHARED_FIELDS: dict[str, tuple[Any, str]] = {
     "top_k": (0, "Keep only the k most likely tokens (0 = off)."),
     "text_as_chat": (False, "Wrap plain-text prompts as a user message and apply the chat template."),
     "beta": (0.1, "β: strength of the KL leash to the reference (higher = stay closer)."),
+    "mode": ("rank", "rank: order each item's completions best first (ties allowed); thumbs: up or down for each (KTO)."),
+    "guidelines": ("", "A Markdown/text file with the labelling criterion: shown to people before the first item "
+                       "(as text) and given to the LLM judge."),
+    "tie_tolerance": (0.0, "Judge, rank mode: scores within this of their neighbour are tied (an all-tied item is skipped)."),
+    "threshold": (0.0, "Judge, thumbs mode: thumbs up when the score is above this."),
 }
 """Settings that several configs have, with the same meaning: (default, the one help text)."""
 

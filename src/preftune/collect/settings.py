@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from preftune.config import ConfigError, doc
+from preftune.config import ConfigError, doc, shared
 
 ACTIONS = ("create", "invite", "serve", "status", "export", "judge")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -15,10 +15,10 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class CollectConfig:
     samples: str = doc("", "create: samples to label, rows {prompt, completions: [...]} or flat {prompt, completion} rows "
                            "(`preftune generate num_samples=K`); a row's optional 'gold' ranking makes it a gold item.")
-    guidelines: str = doc("", "create: a Markdown file of labelling guidelines, shown before the first item (text only; HTML in it is shown as text).")
+    guidelines: str = shared("guidelines", note="create: HTML in it is shown as text.")
     overlap: int = doc(1, "create: how many different annotators label each item.")
-    mode: Literal["rank", "thumbs"] = doc("rank", "create: rank = order each item's completions best first (ties allowed); thumbs = up or down for each.")
-    split: str = doc("train", "create: split to read from a datasets directory or hub name.")
+    mode: Literal["rank", "thumbs"] = shared("mode", note="create.")
+    split: str = shared("split", note="create.")
     max_items: Optional[int] = doc(None, "create: use only the first N items of the samples. null = all.")
     db: str = doc("", "Database URL: '' = collect.db (SQLite, WAL) in the project folder; a postgresql://user:pass@host/db URL "
                       "for a team server (create records it in collect.json, so later commands find it).")

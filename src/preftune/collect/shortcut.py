@@ -15,7 +15,7 @@ from preftune.collect import app
 from preftune.collect.judge import label_session, parse_spec
 from preftune.collect.local import LocalLabels
 from preftune.collect.settings import LOOPBACK
-from preftune.config import ConfigError, doc
+from preftune.config import ConfigError, doc, shared
 from preftune.label.items import load_items
 from preftune.label.session import LabelSession
 from preftune.label.store import LabelStore
@@ -31,16 +31,14 @@ class LabelConfig:
         "Samples to label: rows {prompt, completions: [...]}, or flat rows {prompt, completion} (e.g. `preftune "
         "generate num_samples=K` output; consecutive rows with the same prompt form one item). Any data file type.",
     )
-    split: str = doc("train", "Split to read from a datasets directory or hub name.")
+    split: str = shared("split")
     output: str = doc(
         "labels.jsonl",
         "Labels file (JSONL), written as each label is given; an existing file is resumed, never lost. rank mode writes "
         "rankings rows (DPO family, reward models; a tie of all completions is a ranking of one group), thumbs mode "
         "unpaired rows (KTO); skipped items go to OUTPUT.skipped.jsonl.",
     )
-    mode: Literal["rank", "thumbs"] = doc(
-        "rank", "rank: order the completions of a prompt best first (ties allowed); thumbs: up or down for each."
-    )
+    mode: Literal["rank", "thumbs"] = shared("mode")
     project: str = doc("", "Web UI: the collection project (SQLite) that holds the labels; '' = OUTPUT.collect next to the "
                            "labels file. `preftune collect status` and `export` work on it.")
     judge: Optional[str] = doc(
@@ -50,10 +48,9 @@ class LabelConfig:
         "in each row. 'llm' / 'llm:MODEL': an LLM asked which of two completions is better, in both orders "
         "(see preftune.collect.judge). null = a person labels in the web UI.",
     )
-    guidelines: str = doc("", "A text/Markdown file with the labelling criterion: shown before the first item in the web UI; "
-                              "given to the LLM judge (judge=llm).")
-    tie_tolerance: float = doc(0.0, "Judge, rank mode: scores within this of their neighbour are tied; an all-tied item is skipped.")
-    threshold: float = doc(0.0, "Judge, thumbs mode: thumbs up when the score is above this.")
+    guidelines: str = shared("guidelines", note="Web UI and judge=llm.")
+    tie_tolerance: float = shared("tie_tolerance")
+    threshold: float = shared("threshold")
     annotator: str = doc("", "Name stored with every label (who labelled it; '' = 'local' in the web UI, 'judge:SPEC' for a judge).")
     shuffle: bool = doc(True, "Web UI: show each item's completions in a random (per-item, seeded) order, so position gives nothing away.")
     seed: int = doc(0, "Seed of that order.")

@@ -35,6 +35,7 @@ from preftune.config import (
     doc,
     from_dict,
     read_yaml,
+    shared,
     to_dict,
 )
 from preftune.rewards.spec import check_reward_spec
@@ -72,10 +73,10 @@ class LabelStage:
         "'llm' / 'llm:MODEL' (the LLM judge), or 'people' (a `preftune collect` project in the stage folder; the "
         "pipeline waits, showing progress, until `quota` items are labelled or `deadline_minutes` pass).",
     )
-    mode: Literal["rank", "thumbs"] = doc("rank", "rank: each prompt's completions best first; thumbs: up or down for each (KTO).")
-    tie_tolerance: float = doc(0.0, "Judge, rank mode: scores within this of their neighbour are tied (all-tied items are skipped).")
-    threshold: float = doc(0.0, "Judge, thumbs mode: thumbs up when the score is above this.")
-    guidelines: str = doc("", "A text/Markdown file of labelling guidelines (the LLM judge and people are shown it).")
+    mode: Literal["rank", "thumbs"] = shared("mode")
+    tie_tolerance: float = shared("tie_tolerance")
+    threshold: float = shared("threshold")
+    guidelines: str = shared("guidelines")
     quota: Optional[int] = doc(None, "people: items that must be labelled before the pipeline goes on. null = all.")
     overlap: int = doc(1, "people: annotators per item.")
     deadline_minutes: Optional[float] = doc(
