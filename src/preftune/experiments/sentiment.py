@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from preftune.algorithms import ALGORITHMS
 from preftune.config import ConfigError, apply_overrides, doc, from_dict, read_yaml, to_dict
 from preftune.data.loaders import load_records
 from preftune.eval.evaluate import REFERENCE, best_of_n_curve, evaluate
@@ -46,8 +47,13 @@ from preftune.train.checkpoint import list_checkpoints
 
 log = logging.getLogger("preftune.experiments")
 
-OFFLINE = {"dpo", "cdpo", "robust_dpo", "ipo", "hinge", "ref_free_dpo", "simpo", "orpo", "unlikelihood", "kto", "sft"}
-ONLINE = {"rloo", "ppo", "best_of_n", "reinforce"}
+# What a job may train, read from the algorithm table: online algorithms on the prompts with the gold
+# reward; text policies on the labelled pairs (KTO splits them into thumbs up/down, SFT takes the
+# preferred completions). Not study jobs: reward models (not a policy), mDPO (needs images), grDPO
+# (needs annotator groups: the diverse-preferences study).
+_NOT_JOBS = {"reward", "mdpo", "grdpo"}
+ONLINE = {name for name, cls in ALGORITHMS.items() if cls.online}
+OFFLINE = {name for name, cls in ALGORITHMS.items() if not cls.online and name not in _NOT_JOBS}
 
 
 @dataclass
