@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)
-    add_settings_command(sub, "demo", "The short sentiment-control study on the default model (~10 min on a 2-core CPU); writes report.html.",
+    add_settings_command(sub, "demo", "The short sentiment-control study on the default model (~8 min on a 2-core CPU); writes report.html.",
                          StudyConfig, "output_dir=runs/demo2", study.run)
     return parser
 

@@ -81,7 +81,7 @@ class StudyConfig:
     lora: bool = doc(True, "Train LoRA adapters (r=16) instead of all weights.")
     learning_rate: float = doc(5e-4, "Learning rate of every job.")
     offline_epochs: int = doc(2, "Passes over the pairs for offline jobs.")
-    online_steps: int = doc(10, "Optimizer steps (rollouts) of online jobs.")
+    online_steps: int = doc(20, "Optimizer steps (rollouts) of online jobs.")
     micro_batch_size: int = doc(8, "Rows per forward pass.")
     train_overrides: list[str] = doc(factory=list, help="Extra dotted overrides applied to every training job (e.g. model.dtype=bf16).")
     proxy_reward_model: bool = doc(
