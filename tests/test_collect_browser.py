@@ -114,6 +114,18 @@ def thumbs_by_text(page, good_text):
     page.click("#submit")
 
 
+def thumbs_up_each(page, login_url: str, good_text: str, items: int) -> None:
+    """Log in by link, start, and give thumbs up to the completion reading ``good_text`` on ``items`` items."""
+    page.goto(login_url)
+    page.wait_for_url("**/guidelines")
+    page.click("#start")
+    for _ in range(items):
+        page.wait_for_selector("#card2")
+        prompt = page.inner_text(".prompt")
+        thumbs_by_text(page, good_text)
+        page.wait_for_function("t => !document.querySelector('.prompt') || document.querySelector('.prompt').textContent !== t", arg=prompt)
+
+
 def test_thumbs_in_chromium_land_on_the_right_completion(tmp_path):
     samples = write_jsonl(tmp_path / "s.jsonl", [{"prompt": f"P{i}", "completions": ["bad one", "so-so", "good one"]} for i in range(3)])
     project = tmp_path / "p"
@@ -124,15 +136,7 @@ def test_thumbs_in_chromium_land_on_the_right_completion(tmp_path):
     server = ThreadServer(project)
     pw, chromium = browser()
     try:
-        page = chromium.new_page()
-        page.goto(f"{server.url}/login?token={token}")
-        page.wait_for_url("**/guidelines")
-        page.click("#start")
-        for _ in range(3):
-            page.wait_for_selector("#card2")
-            prompt = page.inner_text(".prompt")
-            thumbs_by_text(page, "good one")
-            page.wait_for_function("t => !document.querySelector('.prompt') || document.querySelector('.prompt').textContent !== t", arg=prompt)
+        thumbs_up_each(chromium.new_page(), f"{server.url}/login?token={token}", "good one", 3)
     finally:
         chromium.close()
         pw.stop()

@@ -3,7 +3,6 @@ the test that shows it fixed (cross-site POSTs, DNS rebinding, backlog, Content-
 newline-less labels files, binding to every interface, keyboard handling, layout). The page is now
 the collection app over a one-annotator project (preftune.collect.local)."""
 
-import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -131,21 +130,13 @@ def test_keys_in_chromium_enter_after_skip_and_ctrl_s(served, tmp_path):
 
 def test_thumbs_in_chromium_land_on_the_right_completion(tmp_path):
     """The page showed shuffled cards but sent thumbs in display order: labels landed on the wrong completion."""
-    from tests.test_collect_browser import browser, thumbs_by_text
+    from tests.test_collect_browser import browser, thumbs_up_each
 
     samples = write_jsonl(tmp_path / "s.jsonl", [{"prompt": f"P{i}", "completions": ["bad one", "so-so", "good one"]} for i in range(4)])
     with label_server(tmp_path, samples, mode="thumbs") as (local, server, _):
         pw, chromium = browser()
         try:
-            page = chromium.new_page()
-            page.goto(f"{server.url}/login?token={local.token}")
-            page.wait_for_url("**/guidelines")
-            page.click("#start")
-            for _ in range(4):
-                page.wait_for_selector("#card2")
-                prompt = page.inner_text(".prompt")
-                thumbs_by_text(page, "good one")
-                page.wait_for_function("t => !document.querySelector('.prompt') || document.querySelector('.prompt').textContent !== t", arg=prompt)
+            thumbs_up_each(chromium.new_page(), f"{server.url}/login?token={local.token}", "good one", 4)
         finally:
             chromium.close()
             pw.stop()
