@@ -185,11 +185,13 @@ class TrainConfig:
         factory=list, help="Extra metric trackers: any of [tensorboard, wandb]. metrics.jsonl is always written."
     )
     progress_bar: bool = doc(True, "Show a live progress bar with ETA.")
-    sharding: Literal["none", "fsdp2"] = doc(
+    sharding: Literal["none", "fsdp2", "zero2", "zero3"] = doc(
         "none",
         "'fsdp2': with several processes, shard weights, gradients and optimizer state over them (torch FSDP2, "
         "per decoder layer; the loop applies it, on CPU/gloo too); checkpoints and model/ stay whole. An Accelerate "
-        "launch config with FSDP version 2 implies it. 'none': every process holds the whole model (DDP).",
+        "launch config with FSDP version 2 implies it. 'zero2' / 'zero3': DeepSpeed ZeRO stage 2 (gradients and "
+        "optimizer state sharded) / 3 (weights too), engine built by the loop (needs preftune[deepspeed]); an "
+        "Accelerate DeepSpeed launch config implies it. 'none': every process holds the whole model (DDP).",
     )
     nonfinite: Literal["stop", "skip"] = doc(
         "stop",

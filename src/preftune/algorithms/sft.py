@@ -44,7 +44,10 @@ class SFT(Algorithm):
     def chance_loss(self) -> float | None:
         """ln |V|: the next-token loss of a uniform prediction over the vocabulary."""
         embeddings = self.policy.get_output_embeddings()
-        return math.log(embeddings.weight.shape[0]) if embeddings is not None else None
+        if embeddings is None:
+            return None
+        # out_features: a ZeRO-3 partition's weight tensor is empty outside a forward
+        return math.log(getattr(embeddings, "out_features", None) or embeddings.weight.shape[0])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
         mask = batch["completion_mask"]

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from preftune.models import zero
+
 
 def fsdp_modules(model: nn.Module) -> list:
     if not torch.distributed.is_available():
@@ -27,8 +29,13 @@ def fsdp_modules(model: nn.Module) -> list:
 
 @contextlib.contextmanager
 def full_weights(model: nn.Module) -> Iterator[None]:
-    """Collective (every process enters it): gather ``model``'s FSDP2 shards, keep them gathered
-    through any number of forwards, reshard on exit. A no-op for a model that is not sharded."""
+    """Collective (every process enters it): gather ``model``'s FSDP2 shards (or ZeRO-3 partitions:
+    preftune/models/zero.py), keep them gathered through any number of forwards, reshard on exit.
+    A no-op for a model that is not sharded."""
+    if zero.is_partitioned(model):
+        with zero.full_weights(model):
+            yield
+        return
     mods = fsdp_modules(model)
     if not mods:
         yield

@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from preftune.models.zero import is_partitioned
+
 __all__ = [
     "per_token_logps",
     "sequence_logps",
@@ -106,6 +108,8 @@ def _fast_parts(model):
     """(backbone, head, logit_transform) for the chunked path, or None for the plain path."""
     inner = _unwrap_peft(model)
     if _is_fsdp_sharded(inner):  # the root unit gathers only in the model's own forward (preftune/train/sharding.py)
+        return None
+    if is_partitioned(inner):  # ZeRO-3: a gather per head call, and each process scores its own number of chunks
         return None
     config = getattr(inner, "config", None)
     builder = _HEAD_TRANSFORMS.get(getattr(config, "model_type", None))

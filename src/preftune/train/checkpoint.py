@@ -6,11 +6,13 @@ Layout of ``OUTPUT_DIR/checkpoints/step-000123/``:
     rng_state_<rank>.pt     python / numpy / torch (and CUDA) generators of each process
     source_state_<rank>.pt  each process's batch-source position (and rollout buffer, online)
     algorithm_state_<rank>.pt  what the algorithm keeps between steps, if anything (e.g. grdpo's group weights)
-    trainer_state.json      step, world size ("sharding": "fsdp2" when written by a sharded run)
+    trainer_state.json      step, world size ("sharding": "fsdp2", "zero2" or "zero3" when written by a sharded run)
     manifest.json           size and sha256 of every file above, written last
 
 Under FSDP2 (preftune/train/sharding.py) the same files hold full state dicts gathered to rank 0;
 its optimizer.pt is keyed by parameter name (torch.distributed.checkpoint.state_dict's layout).
+Under DeepSpeed ZeRO (preftune/train/zero.py) trainable.safetensors is gathered to rank 0 too, and
+each process writes its optimizer partition to optimizer_<rank>.pt instead of optimizer.pt.
 
 A checkpoint is written into ``.step-000123.tmp`` and renamed into place only when complete, so a
 crash mid-write never leaves something that looks like a checkpoint. Loading verifies the manifest;
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from preftune.train import zero
 from preftune.train.sharding import gather_states, is_sharded, load_states
 
 
@@ -112,19 +115,25 @@ def save_checkpoint(
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp"
     main = accelerator.is_main_process
-    sharded = is_sharded(module)
+    sharded, stage = is_sharded(module), zero.stage_of(optimizer)
     if sharded:  # the same files, gathered from every process's shards (optimizer state keyed by parameter name)
         weights, optim_state = gather_states(module, optimizer)
         trainer_state = {**trainer_state, "sharding": "fsdp2"}
+    elif stage:  # the same weights file, gathered; the optimizer state stays per partition
+        weights = zero.gather_trainable(module, main)
+        trainer_state = {**trainer_state, "sharding": f"zero{stage}"}
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(weights if sharded else trainable_state(module), str(tmp / "trainable.safetensors"))
-        torch.save(optim_state if sharded else optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights if sharded or stage else trainable_state(module), str(tmp / "trainable.safetensors"))
+        if not stage:
+            torch.save(optim_state if sharded else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if stage:
+        torch.save(zero.optimizer_state(optimizer), tmp / f"optimizer_{accelerator.process_index}.pt")
     if source_state is not None:
         torch.save(source_state, tmp / f"source_state_{accelerator.process_index}.pt")
     if algorithm_state:
@@ -162,7 +171,10 @@ def verify_checkpoint(path: Path) -> dict:
 def load_trainable(path: Path, module: torch.nn.Module) -> None:
     """Copy a checkpoint's ``trainable.safetensors`` into ``module``'s trainable parameters; the names
     must match exactly (same algorithm, model and LoRA setting)."""
-    weights = _checked_weights(path, module)
+    _copy_weights(_checked_weights(path, module), module)
+
+
+def _copy_weights(weights: dict[str, torch.Tensor], module: torch.nn.Module) -> None:
     params = dict(module.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
@@ -197,15 +209,21 @@ def load_checkpoint(
             f"{path} was written by {state['world_size']} processes; resume with the same number "
             f"(now {accelerator.num_processes}) so the data order and RNG streams continue exactly"
         )
-    sharded = is_sharded(module)
-    if (state.get("sharding") == "fsdp2") != sharded:
-        written = "with train.sharding=fsdp2" if state.get("sharding") else "without sharding"
+    sharded, stage = is_sharded(module), zero.stage_of(optimizer)
+    if state.get("sharding") != ("fsdp2" if sharded else f"zero{stage}" if stage else None):
+        written = f"with train.sharding={state['sharding']}" if state.get("sharding") else "without sharding"
         raise CheckpointError(f"{path} was written {written}; resume it with the same train.sharding (its optimizer "
                               "state is laid out for that)")
-    optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-    if sharded:
-        load_states(module, optimizer, _checked_weights(path, module), optim_state)
+    if stage:
+        weights = _checked_weights(path, module)
+        if stage != 3:  # ZeRO-2 holds whole weights; ZeRO-3's partitions come back with the optimizer state
+            _copy_weights(weights, module)
+        optim_file = path / f"optimizer_{accelerator.process_index}.pt"
+        zero.load_optimizer_state(optimizer, torch.load(optim_file, map_location="cpu", weights_only=False))
+    elif sharded:
+        load_states(module, optimizer, _checked_weights(path, module), torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
     else:
+        optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
         load_trainable(path, module)
         optimizer.load_state_dict(optim_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from preftune.models.zero import is_partitioned
 from preftune.train.sharding import is_sharded
 
 
@@ -19,7 +20,7 @@ def evaluate(algo, inner, examples: list[dict], batch_size: int, accelerator) ->
     sums: dict[str, torch.Tensor] = {}
     order = sorted(range(len(mine)), key=lambda i: inner.example_length(mine[i]))
     starts = list(range(0, len(order), batch_size))
-    if sharded := is_sharded(inner):
+    if sharded := is_sharded(inner) or is_partitioned(inner):
         # A sharded forward is collective in every layer: every process runs as many as the busiest one
         # (extra ones on a real row, their results dropped).
         most = accelerator.reduce(torch.tensor(float(len(starts)), device=device), reduction="max")

@@ -10,6 +10,8 @@ Launch (the same config runs on one CPU, one GPU or many processes):
     torchrun --nproc_per_node 2 -m preftune train ...            # same, with torchrun
     torchrun --nproc_per_node 2 -m preftune train ... train.sharding=fsdp2   # FSDP2 (train/sharding.py)
     accelerate launch --config_file configs/accelerate/fsdp2.yaml -m preftune train ...   # same, on GPUs
+    torchrun --nproc_per_node 2 -m preftune train ... train.sharding=zero3   # DeepSpeed ZeRO (train/zero.py)
+    accelerate launch --config_file configs/accelerate/zero3.yaml -m preftune train ...   # same
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from preftune.config import ConfigError, RunConfig, run_config_to_dict
 from preftune.data.records import DataError
 from preftune.data.source import split_eval
 from preftune.models.lora import apply_lora, enable_gradient_checkpointing
-from preftune.train import sharding
+from preftune.train import sharding, zero
 from preftune.train.checkpoint import (
     checkpoints_dir,
     list_checkpoints,
@@ -47,6 +49,7 @@ from preftune.train.evaluate import evaluate
 from preftune.train.guard import StepGuard, step_rows
 from preftune.train.metrics import MetricsLog
 from preftune.train.optim import build_optimizer, build_scheduler
+from preftune.train.zero import ZeroPlan
 
 log = logging.getLogger("preftune.train")
 
@@ -172,15 +175,22 @@ def _start(run: RunConfig) -> _Session:
         # which a sharded forward, collective in every layer, could not do.
         inner = algo.to(accelerator.device)
         both = inner.prepare_examples(examples + eval_examples, accelerator)
-        sharding.shard(algo, plan)  # Accelerate never sees the model, so it cannot wrap it a second time
-        params = [p for p in algo.parameters() if p.requires_grad]  # the sharded (DTensor) parameters
-        # Not handed to accelerator.prepare either: under an FSDP2 launch config Accelerate refuses an
-        # optimizer without its model, and there is nothing for it to do (no grad scaler: bf16 or fp32).
-        optimizer = build_optimizer(params, t)
+        if isinstance(plan, ZeroPlan):
+            optimizer = build_optimizer([p for p in algo.parameters() if p.requires_grad], t)
+            algo = zero.initialize(algo, optimizer, plan, t)  # the engine: DeepSpeed partitions the optimizer's groups
+            params = [p for p in inner.parameters() if p.requires_grad]
+        else:
+            sharding.shard(algo, plan)  # Accelerate never sees the model, so it cannot wrap it a second time
+            params = [p for p in algo.parameters() if p.requires_grad]  # the sharded (DTensor) parameters
+            # Not handed to accelerator.prepare either: under an FSDP2 launch config Accelerate refuses an
+            # optimizer without its model, and there is nothing for it to do (no grad scaler: bf16 or fp32).
+            optimizer = build_optimizer(params, t)
     examples, eval_examples = both[: len(examples)], both[len(examples) :]
     source = inner.make_source(examples, accelerator)
     total_steps = t.max_steps or t.num_epochs * source.steps_per_epoch
     scheduler = build_scheduler(optimizer, t, total_steps)  # stepped by us, once per optimizer step
+    if zero.is_engine(algo):
+        optimizer = algo.optimizer  # ZeRO's: its state is per partition (checkpoints); the scheduler drives its groups
     step = 0
     if resume_path is not None:
         state = load_checkpoint(resume_path, module=inner, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator)
@@ -233,7 +243,9 @@ def train(run: RunConfig) -> TrainResult:
     bar.close()
     model_dir = out / "model"
     s.accelerator.wait_for_everyone()
-    if s.sharded:
+    if zero.is_engine(s.algo):
+        zero.save_final(run, s.inner, model_dir, s.accelerator.is_main_process)  # whole weights on rank 0
+    elif s.sharded:
         sharding.save_final(run, s.inner, model_dir, s.accelerator.is_main_process)  # gathered: one whole model
     elif s.accelerator.is_main_process:
         s.inner.save(model_dir)
@@ -248,14 +260,19 @@ def _optimizer_step(s: _Session) -> tuple[dict, float, float, bool]:
     Returns (step metrics, gradient norm, learning rate, whether the update was applied)."""
     micro_batches = s.source.next_step()
     sums = _run_step(s.algo, micro_batches, s.accelerator, s.source.pop_metrics(), sharded=s.sharded)
-    if s.sharded:
+    engine = zero.is_engine(s.algo)
+    if engine:
+        grad_norm = zero.grad_norm(s.algo)  # DeepSpeed clips inside its step, by the same rule
+    elif s.sharded:
         grad_norm = sharding.clip_(s.params, s.run.train.max_grad_norm)
     else:
         grad_norm = _clip(s.accelerator, s.params, s.run.train.max_grad_norm)
     lr = s.scheduler.get_last_lr()[0]
     describe = lambda: step_rows(s.source.last_step_rows(), s.inner.tokenizer)  # noqa: E731
     applied = s.guard.check(s.step + 1, sums, grad_norm, s.accelerator, describe)
-    if applied:
+    if engine:
+        zero.step(s.algo, applied)
+    elif applied:
         s.optimizer.step()
     s.scheduler.step()  # the schedule follows the step count, applied or skipped
     s.optimizer.zero_grad(set_to_none=True)
@@ -323,19 +340,23 @@ def _run_step(algo, micro_batches: list[dict], accelerator: Accelerator, source_
         name: [s.detach().float().to(device), c.detach().float().to(device)] for name, (s, c) in source_metrics.items()
     }
     tokens = 0
+    engine = zero.is_engine(algo)
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device) for k, v in batch.items()}
         tokens += inner.count_tokens(batch)
         last = i == len(micro_batches) - 1
-        if last:
+        if last or engine:  # the engine reduces at the boundary the loop marks
             sync = contextlib.nullcontext()
         else:
             sync = sharding.no_gradient_sync(algo) if sharded else accelerator.no_sync(algo)
         with sync:
             with accelerator.autocast():
                 loss_sum, metrics = algo(batch)
-            # DDP and FSDP2 average gradients over processes; x world turns that into the global sum.
-            accelerator.backward(loss_sum * world / global_units)
+            # DDP, FSDP2 and ZeRO average gradients over processes; x world turns that into the global sum.
+            if engine:
+                zero.backward(algo, loss_sum * world / global_units, last)
+            else:
+                accelerator.backward(loss_sum * world / global_units)
         loss_total += loss_sum.detach().float()
         for name, (s, c) in metrics.items():
             acc = metric_sums.setdefault(name, [torch.zeros((), device=device), torch.zeros((), device=device)])

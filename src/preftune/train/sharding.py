@@ -32,6 +32,8 @@ from torch import nn
 from preftune.config import ConfigError
 from preftune.models.fsdp import fsdp_modules
 from preftune.models.lora import enable_gradient_checkpointing, is_peft_model
+from preftune.train import zero
+from preftune.train.zero import ZeroPlan
 
 # torch.distributed.* is imported inside the functions that shard: builds without distributed support
 # (and every unsharded run) never load it.
@@ -49,11 +51,20 @@ class ShardPlan:
     """Class names of the modules sharded one by one; empty = the model's ``_no_split_modules``."""
 
 
-def plan_for(run: Any, accelerator: Any) -> ShardPlan | None:
-    """The sharding this run asks for (None = none): ``train.sharding`` or an Accelerate FSDP launch
-    config (on GPU Accelerate's FSDP2 state; on CPU the FSDP_* variables its launcher exported)."""
+def plan_for(run: Any, accelerator: Any) -> ShardPlan | ZeroPlan | None:
+    """The sharding this run asks for (None = none): ``train.sharding`` or an Accelerate FSDP or
+    DeepSpeed launch config (on GPU Accelerate's state; on CPU the variables its launcher exported).
+    A ZeroPlan is DeepSpeed's (preftune/train/zero.py)."""
 
     kind = accelerator.distributed_type
+    zero_plan = zero.plan_from_launch(run, accelerator)
+    if zero_plan is not None:
+        # Under Accelerate's DeepSpeed state (GPU) even one process goes through the loop's engine:
+        # handed the model, Accelerate would build one with DeepSpeed's loss scaling and step.
+        if accelerator.num_processes == 1 and kind != DistributedType.DEEPSPEED:
+            log.info("ZeRO asked for with one process: nothing to shard, training unsharded")
+            return None
+        return zero_plan
     plugin = accelerator.state.fsdp_plugin if kind == DistributedType.FSDP else _launch_fsdp_plugin()
     asked = plugin is not None or run.train.sharding == "fsdp2"
     # Under Accelerate's FSDP state (GPU) even one process is sharded by the loop: handed the model,
@@ -61,12 +72,6 @@ def plan_for(run: Any, accelerator: Any) -> ShardPlan | None:
     if asked and accelerator.num_processes == 1 and kind != DistributedType.FSDP:
         log.info("FSDP2 asked for with one process: nothing to shard, training unsharded")
         return None
-    if kind == DistributedType.DEEPSPEED or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise ConfigError(
-            "DeepSpeed (the Accelerate launch config) is not supported by preftune's loop yet: its engine steps the "
-            "optimizer inside backward, past the loop's loss normalisation and non-finite guard; use "
-            "configs/accelerate/fsdp2.yaml (FSDP2 shards like ZeRO-3)"
-        )
     if plugin is not None:
         if int(getattr(plugin, "fsdp_version", 1)) != 2:
             raise ConfigError("the Accelerate launch config asks for FSDP version 1; preftune shards with FSDP2: set "
@@ -223,8 +228,12 @@ def save_final(run: Any, algo: nn.Module, out_dir, is_main: bool) -> None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict  # here: see the note above
 
     full = get_model_state_dict(algo, options=_options(cpu_offload=True))
-    if not is_main:
-        return
+    if is_main:
+        save_fresh(run, full, out_dir)
+
+
+def save_fresh(run: Any, full: dict, out_dir) -> None:
+    """Load gathered whole weights into a fresh unsharded module of ``run`` and save it."""
     from preftune.train.loop import build_module  # here: the loop imports this module
 
     fresh = build_module(run)
