@@ -159,6 +159,8 @@ def _start(run: RunConfig) -> _Session:
     accelerator = _make_accelerator(run)
     resume_path = _check_output_dir(run, accelerator)
     plan = sharding.plan_for(run, accelerator)  # before any model loads: a refused launch config costs nothing
+    if isinstance(plan, ZeroPlan):
+        zero.import_deepspeed()  # not installed: one line, before the model loads
     set_seed(t.seed)
     algo, examples, eval_examples, report = build_algorithm(run)
     if accelerator.is_main_process:

@@ -14,6 +14,9 @@ What changes under sharding, and where it is handled:
 - the final model: rank 0 loads the gathered weights into a fresh, unsharded module and saves it;
 - generation: the whole model is gathered once for the decode (preftune/models/fsdp.py);
 - reference log-probs are precomputed before sharding (each process scores its own batches).
+
+DeepSpeed ZeRO (``train.sharding=zero2|zero3`` or an Accelerate DeepSpeed launch config) is planned
+here too and driven by preftune/train/zero.py.
 """
 
 from __future__ import annotations

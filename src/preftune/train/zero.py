@@ -60,7 +60,7 @@ def plan_from_launch(run: Any, accelerator: Any) -> ZeroPlan | None:
         raise ConfigError(f"the DeepSpeed launch config asks for ZeRO stage {stage}; preftune runs stages 2 and 3 "
                           "(configs/accelerate/zero2.yaml, zero3.yaml; plain data parallel: ddp.yaml)")
     offload = lambda key: str((z.get(key) or {}).get("device", "none")).lower() == "cpu"  # noqa: E731
-    if str((z.get("offload_param") or {}).get("device", "none")).lower() == "nvme":
+    if any(str((z.get(key) or {}).get("device", "none")).lower() == "nvme" for key in ("offload_optimizer", "offload_param")):
         raise ConfigError("the DeepSpeed launch config offloads to NVMe; preftune offloads to CPU RAM only")
     return ZeroPlan(stage, offload("offload_optimizer"), offload("offload_param"))
 
@@ -77,12 +77,13 @@ def _launch_plugin(accelerator: Any):
     return DeepSpeedPlugin()
 
 
-def _import_deepspeed():
+def import_deepspeed():
+    """deepspeed, or a one-line ConfigError saying how to install it."""
     try:
         import deepspeed
     except ImportError:
-        raise ConfigError("ZeRO sharding needs DeepSpeed: pip install 'preftune[deepspeed]' "
-                          "(or scripts/install.sh --deepspeed)") from None
+        raise ConfigError("ZeRO sharding needs DeepSpeed: bash scripts/install.sh --deepspeed (or pip install "
+                          "'preftune[deepspeed]' and then pip install --no-deps deepspeed==0.19.8)") from None
     return deepspeed
 
 
@@ -118,7 +119,7 @@ def initialize(algo: nn.Module, optimizer: torch.optim.Optimizer, plan: ZeroPlan
     """The DeepSpeed engine over ``algo`` (policy, live reference, heads) and the loop's optimizer;
     DeepSpeed takes the optimizer's parameter groups over as flat partitions (the scheduler built
     on it keeps working: the groups are the same dicts)."""
-    deepspeed = _import_deepspeed()
+    deepspeed = import_deepspeed()
     _init_distributed(deepspeed)
     engine, *_ = deepspeed.initialize(model=algo, optimizer=optimizer, config=ds_config(plan, t))
     if plan.stage == 3:
