@@ -2,6 +2,7 @@
 # The GPU paths end to end, in a few minutes, on a machine with CUDA GPUs:
 #   bf16 SFT on one GPU; SFT with DDP and with FSDP2 on all GPUs (NCCL, configs/accelerate/);
 #   DPO (reference precompute) and RLOO (rollouts on gathered weights) on SmolLM2 under FSDP2;
+#   if deepspeed is importable, SFT under ZeRO-2 and RLOO under ZeRO-3 (configs/accelerate/zero*.yaml);
 #   vLLM rollouts only if vLLM is importable (preftune has no vLLM backend yet: reported, skipped).
 # Then prints tokens/s, MFU and peak memory per run (scripts/gpu_report.py).
 #
@@ -48,13 +49,22 @@ run dpo_fsdp2 launch fsdp2.yaml configs/dpo_smollm2_lora.yaml $MODEL $COMMON mod
 run rloo_fsdp2 launch fsdp2.yaml configs/rloo_smollm2_vader.yaml $MODEL $COMMON model.lora.enabled=false train.max_steps=6 \
   train.learning_rate=1e-6 output_dir="$OUT/rloo_fsdp2"
 run rloo_ddp_lora launch ddp.yaml configs/rloo_smollm2_vader.yaml $MODEL $COMMON train.max_steps=6 output_dir="$OUT/rloo_ddp_lora"
+zero_runs=()
+if "$PY" -c 'import deepspeed' 2>/dev/null; then
+  run sft_zero2 launch zero2.yaml configs/sft_smollm2_quick.yaml $MODEL $COMMON train.max_steps=20 output_dir="$OUT/sft_zero2"
+  run rloo_zero3 launch zero3.yaml configs/rloo_smollm2_vader.yaml $MODEL $COMMON model.lora.enabled=false train.max_steps=6 \
+    train.learning_rate=1e-6 output_dir="$OUT/rloo_zero3"
+  zero_runs=("$OUT/sft_zero2" "$OUT/rloo_zero3")
+else
+  echo "== deepspeed: not importable (bash scripts/install.sh --deepspeed): the ZeRO runs are skipped"
+fi
 # The exported folders load as ordinary models.
 run load_models "$PY" -c "
 import sys
 from transformers import AutoModelForCausalLM
 for d in sys.argv[1:]:
     AutoModelForCausalLM.from_pretrained(d); print('loaded', d)
-" "$OUT/sft_fsdp2/model" "$OUT/dpo_fsdp2/model" "$OUT/rloo_fsdp2/model"
+" "$OUT/sft_fsdp2/model" "$OUT/dpo_fsdp2/model" "$OUT/rloo_fsdp2/model" "${zero_runs[@]/%//model}"
 
 if "$PY" -c 'import vllm' 2>/dev/null; then
   echo "== vllm: importable ($("$PY" -c 'import vllm; print(vllm.__version__)')), but preftune has no vLLM rollout backend yet: skipped"
@@ -63,7 +73,7 @@ else
 fi
 
 echo
-GPUS_sft_bf16=1 "$PY" scripts/gpu_report.py "$OUT"/sft_bf16 "$OUT"/sft_ddp "$OUT"/sft_fsdp2 "$OUT"/dpo_fsdp2 "$OUT"/rloo_fsdp2 "$OUT"/rloo_ddp_lora
+GPUS_sft_bf16=1 "$PY" scripts/gpu_report.py "$OUT"/sft_bf16 "$OUT"/sft_ddp "$OUT"/sft_fsdp2 "$OUT"/dpo_fsdp2 "$OUT"/rloo_fsdp2 "$OUT"/rloo_ddp_lora "${zero_runs[@]}"
 if [ "${#failed[@]}" -gt 0 ]; then
   echo "gpu_check: FAILED: ${failed[*]} (logs in $OUT)" >&2
   exit 1

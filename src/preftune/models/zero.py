@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-_OFFLOAD: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+_OFFLOAD: weakref.WeakKeyDictionary[nn.Module, object] = weakref.WeakKeyDictionary()
 """model -> the DeepSpeed parameter-offload object (hook owner) of the engine that partitions it."""
 
 
