@@ -147,25 +147,26 @@ def test_zero_refused_step_is_not_applied(runs, stage):
 
 
 def test_zero_plan_from_setting_and_launch_config(monkeypatch):
-    from types import SimpleNamespace
-
+    """On GPU as on CPU, the loop reads the variables `accelerate launch --config_file zero*.yaml`
+    exported; the Accelerator is made without seeing them (in its DeepSpeed state Accelerate would
+    turn bf16 autocast off and leave the model to an engine of its own)."""
     from preftune.config import ConfigError
     from preftune.train.sharding import plan_for
-    from preftune.train.zero import ZeroPlan
+    from preftune.train.zero import ZeroPlan, hidden_from_accelerate
 
     assert plan_for(_run("train.sharding=zero3"), _Accelerator("MULTI_CPU")) == ZeroPlan(3)
     assert plan_for(_run("train.sharding=zero2"), _Accelerator("NO", processes=1)) is None  # nothing to shard
-    gpu = _Accelerator("DEEPSPEED", processes=1)  # Accelerate's DeepSpeed state (GPU): the loop's engine even for one
-    gpu.state.deepspeed_plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}})
-    assert plan_for(_run(), gpu) == ZeroPlan(2, offload_optimizer=True)
-    gpu.state.deepspeed_plugin.deepspeed_config = {"zero_optimization": {"stage": 1}}
-    with pytest.raises(ConfigError, match="ZeRO stage 1"):
-        plan_for(_run(), gpu)
-    # on a CPU-only machine Accelerate drops its DeepSpeed plugin; the loop reads what the launcher exported
-    for key, value in {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
-                       "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"}.items():
+    launch_env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+                  "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"}
+    for key, value in launch_env.items():
         monkeypatch.setenv(key, value)
-    assert plan_for(_run(), _Accelerator("MULTI_CPU")) == ZeroPlan(3, offload_optimizer=True, offload_params=True)
+    assert plan_for(_run(), _Accelerator("MULTI_GPU")) == ZeroPlan(3, offload_optimizer=True, offload_params=True)
+    with hidden_from_accelerate():
+        assert "ACCELERATE_USE_DEEPSPEED" not in os.environ
+    assert os.environ["ACCELERATE_USE_DEEPSPEED"] == "true"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    with pytest.raises(ConfigError, match="ZeRO stage 1"):
+        plan_for(_run(), _Accelerator("MULTI_GPU"))
 
 
 @pytest.mark.parametrize("config,stage,offload", [("zero2_offload", "zero2", "optimizer"), ("zero3_offload", "zero3", "optimizer, weights")])

@@ -146,10 +146,11 @@ def _make_accelerator(run: RunConfig) -> Accelerator:
         # process-wide singleton, so drop it when there is no process group to keep.
         AcceleratorState._reset_state(reset_partial_state=True)
     # cpu=True without CUDA: that is how Accelerate recognises a multi-process CPU (gloo) launch.
-    return Accelerator(
-        mixed_precision="bf16" if run.model.dtype == "bf16" else "no", log_with=run.train.report_to or None,
-        project_dir=str(run.output_dir), cpu=not torch.cuda.is_available(),
-    )
+    with zero.hidden_from_accelerate():  # a DeepSpeed launch config is the loop's to act on (train/zero.py)
+        return Accelerator(
+            mixed_precision="bf16" if run.model.dtype == "bf16" else "no", log_with=run.train.report_to or None,
+            project_dir=str(run.output_dir), cpu=not torch.cuda.is_available(),
+        )
 
 
 def _start(run: RunConfig) -> _Session:

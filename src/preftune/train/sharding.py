@@ -60,11 +60,9 @@ def plan_for(run: Any, accelerator: Any) -> ShardPlan | ZeroPlan | None:
     A ZeroPlan is DeepSpeed's (preftune/train/zero.py)."""
 
     kind = accelerator.distributed_type
-    zero_plan = zero.plan_from_launch(run, accelerator)
+    zero_plan = zero.plan_from_launch(run)  # Accelerate never sees a DeepSpeed launch (zero.hidden_from_accelerate)
     if zero_plan is not None:
-        # Under Accelerate's DeepSpeed state (GPU) even one process goes through the loop's engine:
-        # handed the model, Accelerate would build one with DeepSpeed's loss scaling and step.
-        if accelerator.num_processes == 1 and kind != DistributedType.DEEPSPEED:
+        if accelerator.num_processes == 1:
             log.info("ZeRO asked for with one process: nothing to shard, training unsharded")
             return None
         return zero_plan

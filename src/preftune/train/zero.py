@@ -1,9 +1,11 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 driven by the loop itself: the same code on CPU (gloo) and GPU (NCCL).
 
-Accelerate 1.15 enables DeepSpeed only on GPU (with ``cpu=True`` it reports MULTI_CPU), and handed
-the model it would let DeepSpeed's engine scale the loss by its own accumulation count and step
-inside its own bookkeeping. So, as for FSDP2 (preftune/train/sharding.py), the loop builds the
-engine (``deepspeed.initialize``) from ``train.sharding=zero2|zero3`` or from what an Accelerate
+Accelerate 1.15 enables DeepSpeed only on GPU (with ``cpu=True`` it reports MULTI_CPU); in its
+DeepSpeed state it turns bf16 autocast off and, handed the model, would let DeepSpeed's engine scale
+the loss by its own accumulation count. So the Accelerator is made without seeing a DeepSpeed launch
+(:func:`hidden_from_accelerate`: on GPU it is then a plain NCCL process group, as on CPU a gloo one)
+and, as for FSDP2 (preftune/train/sharding.py), the loop builds the engine (``deepspeed.initialize``)
+from ``train.sharding=zero2|zero3`` or from the ACCELERATE_DEEPSPEED_* variables an Accelerate
 DeepSpeed launch config exported, and keeps its own semantics:
 
 - loss: the loop's global-batch normalisation, passed as is (``backward(scale_wrt_gas=False)``);
@@ -33,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
 from torch import nn
 
 from preftune.config import ConfigError
@@ -49,9 +50,9 @@ class ZeroPlan:
     offload_params: bool = False
 
 
-def plan_from_launch(run: Any, accelerator: Any) -> ZeroPlan | None:
+def plan_from_launch(run: Any) -> ZeroPlan | None:
     """The ZeRO plan of ``train.sharding=zero2|zero3`` or of an Accelerate DeepSpeed launch config."""
-    plugin = _launch_plugin(accelerator)
+    plugin = _launch_plugin()
     if plugin is None:
         return {"zero2": ZeroPlan(2), "zero3": ZeroPlan(3)}.get(run.train.sharding)
     z = plugin.deepspeed_config.get("zero_optimization", {})
@@ -65,16 +66,28 @@ def plan_from_launch(run: Any, accelerator: Any) -> ZeroPlan | None:
     return ZeroPlan(stage, offload("offload_optimizer"), offload("offload_param"))
 
 
-def _launch_plugin(accelerator: Any):
-    """Accelerate's DeepSpeed plugin (GPU), or one read from the ACCELERATE_DEEPSPEED_* variables its
-    launcher exported where Accelerate did not act on them (a CPU-only machine)."""
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return accelerator.state.deepspeed_plugin
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+_LAUNCH_FLAG = "ACCELERATE_USE_DEEPSPEED"
+
+
+def _launch_plugin():
+    """The DeepSpeed plugin an ``accelerate launch --config_file zero*.yaml`` exported (its
+    ACCELERATE_DEEPSPEED_* variables), or None."""
+    if os.environ.get(_LAUNCH_FLAG, "").lower() != "true":
         return None
     from accelerate.utils import DeepSpeedPlugin  # here: reads the variables
 
     return DeepSpeedPlugin()
+
+
+@contextlib.contextmanager
+def hidden_from_accelerate():
+    """Inside, Accelerate does not see a DeepSpeed launch (it reads the flag when its state is made)."""
+    flag = os.environ.pop(_LAUNCH_FLAG, None)
+    try:
+        yield
+    finally:
+        if flag is not None:
+            os.environ[_LAUNCH_FLAG] = flag
 
 
 def import_deepspeed():
