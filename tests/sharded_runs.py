@@ -1,5 +1,5 @@
-"""Driver for tests/test_sharding.py: several training runs inside ONE torchrun launch, so the
-2-process tests pay for starting torch and the process group once.
+"""Driver for tests/test_sharding.py and tests/test_sharding_deepspeed.py: several training runs
+inside ONE torchrun launch, so the 2-process tests pay for starting torch and the process group once.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/sharded_runs.py PLAN.json
 

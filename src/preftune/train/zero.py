@@ -104,9 +104,9 @@ def _init_distributed(deepspeed: Any) -> None:
     """DeepSpeed's communication layer over the process group Accelerate made. On CPU (gloo) its
     shared-memory all-reduce kernel, compiled with g++ on first use (minutes), is not wanted: gloo
     does the reductions, so the op is marked unavailable before the backend is built."""
-    if not torch.cuda.is_available():
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "gloo"
+    if backend == "gloo":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend)
 
 
@@ -137,9 +137,9 @@ def initialize(algo: nn.Module, optimizer: torch.optim.Optimizer, plan: ZeroPlan
     engine, *_ = deepspeed.initialize(model=algo, optimizer=optimizer, config=ds_config(plan, t))
     if plan.stage == 3:
         zero_models.register(algo.policy, engine.optimizer.parameter_offload)
+    offloaded = [name for name, on in (("optimizer", plan.offload_optimizer), ("weights", plan.offload_params)) if on]
     log.info("DeepSpeed ZeRO-%d over %d processes%s", plan.stage, torch.distributed.get_world_size(),
-             " (offload: " + ", ".join(k for k, v in (("optimizer", plan.offload_optimizer), ("weights", plan.offload_params)) if v) + ")"
-             if plan.offload_optimizer or plan.offload_params else "")
+             f" (offload: {', '.join(offloaded)})" if offloaded else "")
     return engine
 
 
@@ -163,7 +163,8 @@ def backward(engine: Any, loss: torch.Tensor, last: bool) -> None:
 
 def grad_norm(engine: Any) -> float:
     """Collective: the global L2 norm of the accumulated gradients, before the step, by the routine
-    the ZeRO optimizer's own step clips with (inf when any gradient is not finite)."""
+    the ZeRO optimizer's own step clips with (inf when any gradient is not finite). The step computes
+    it once more (a local pass over the partition and one scalar all-reduce per parameter group)."""
     from deepspeed.runtime.utils import is_invalid_grad_norm  # here: only a ZeRO run reaches this
 
     opt = engine.optimizer
