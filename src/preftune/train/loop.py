@@ -153,6 +153,33 @@ def _make_accelerator(run: RunConfig) -> Accelerator:
         )
 
 
+def _distribute(algo, plan, rows: list[dict], accelerator: Accelerator, t):
+    """Place ``algo`` as ``plan`` says (DDP through Accelerate, FSDP2 shards, or a DeepSpeed engine)
+    and prepare ``rows`` (train + held-out, one call: the hook may free what it used, e.g. a
+    reference model). Returns (algo as trained, the bare module, trainable parameters, the torch
+    optimizer, prepared rows)."""
+    if plan is None:
+        params = [p for p in algo.parameters() if p.requires_grad]
+        optimizer = build_optimizer(params, t)
+        algo, optimizer = accelerator.prepare(algo, optimizer)
+        inner = accelerator.unwrap_model(algo)
+        return algo, inner, params, optimizer, inner.prepare_examples(rows, accelerator)
+    # Before sharding: each process scores its own share of rows there (e.g. reference log-probs),
+    # which a sharded forward, collective in every layer, could not do.
+    inner = algo.to(accelerator.device)
+    rows = inner.prepare_examples(rows, accelerator)
+    if isinstance(plan, ZeroPlan):
+        params = [p for p in algo.parameters() if p.requires_grad]
+        optimizer = build_optimizer(params, t)
+        algo = zero.initialize(algo, optimizer, plan, t)  # the engine: DeepSpeed partitions the optimizer's groups
+        return algo, inner, params, optimizer, rows
+    sharding.shard(algo, plan)  # Accelerate never sees the model, so it cannot wrap it a second time
+    params = [p for p in algo.parameters() if p.requires_grad]  # the sharded (DTensor) parameters
+    # Not handed to accelerator.prepare either: under an FSDP2 launch config Accelerate refuses an
+    # optimizer without its model, and there is nothing for it to do (no grad scaler: bf16 or fp32).
+    return algo, inner, params, build_optimizer(params, t), rows
+
+
 def _start(run: RunConfig) -> _Session:
     """Data, model, optimizer, schedule and batch source of ``run``, resumed if asked."""
     t, out = run.train, Path(run.output_dir)
@@ -166,28 +193,7 @@ def _start(run: RunConfig) -> _Session:
     algo, examples, eval_examples, report = build_algorithm(run)
     if accelerator.is_main_process:
         log.info("data: %d training rows, %d held out, from %s; %s", len(examples), len(eval_examples), run.data.path, report)
-    if plan is None:
-        params = [p for p in algo.parameters() if p.requires_grad]
-        optimizer = build_optimizer(params, t)
-        algo, optimizer = accelerator.prepare(algo, optimizer)
-        inner = accelerator.unwrap_model(algo)
-        # One call over train + held-out rows: the hook may free what it used (e.g. a reference model).
-        both = inner.prepare_examples(examples + eval_examples, accelerator)
-    else:
-        # Before sharding: each process scores its own share of rows there (e.g. reference log-probs),
-        # which a sharded forward, collective in every layer, could not do.
-        inner = algo.to(accelerator.device)
-        both = inner.prepare_examples(examples + eval_examples, accelerator)
-        if isinstance(plan, ZeroPlan):
-            optimizer = build_optimizer([p for p in algo.parameters() if p.requires_grad], t)
-            algo = zero.initialize(algo, optimizer, plan, t)  # the engine: DeepSpeed partitions the optimizer's groups
-            params = [p for p in inner.parameters() if p.requires_grad]
-        else:
-            sharding.shard(algo, plan)  # Accelerate never sees the model, so it cannot wrap it a second time
-            params = [p for p in algo.parameters() if p.requires_grad]  # the sharded (DTensor) parameters
-            # Not handed to accelerator.prepare either: under an FSDP2 launch config Accelerate refuses an
-            # optimizer without its model, and there is nothing for it to do (no grad scaler: bf16 or fp32).
-            optimizer = build_optimizer(params, t)
+    algo, inner, params, optimizer, both = _distribute(algo, plan, examples + eval_examples, accelerator, t)
     examples, eval_examples = both[: len(examples)], both[len(examples) :]
     source = inner.make_source(examples, accelerator)
     total_steps = t.max_steps or t.num_epochs * source.steps_per_epoch
