@@ -17,7 +17,7 @@ def test_quick_study_runs_and_its_report_shows_its_results(tmp_path):
     results = json.loads((out / "results.json").read_text())
     arm = results["arms"]["mix80"]
     assert arm["pairs"]["A"] > arm["pairs"]["B"] > 0  # 5 of 6 annotators in A
-    assert set(arm["reward_models"]) == {"pooled", "conditioned"}
+    assert set(arm["reward_models"]) == {"pooled", "conditioned", "mixture"}
     assert all(set(acc) == {"A", "B"} and all(0 <= v <= 1 for v in acc.values()) for acc in arm["reward_models"].values())
     assert set(arm["policies"]) == {"dpo", "grdpo", "dpo_conditioned", "rloo_min"}
     for per_group in arm["policies"].values():
@@ -26,13 +26,19 @@ def test_quick_study_runs_and_its_report_shows_its_results(tmp_path):
     em = json.loads((out / "mix80" / "em_components.json").read_text())
     assert em == arm["em"] and len(em["annotators"]) == 6 and 0 <= em["assignment_accuracy"] <= 1
     assert (out / "mix80" / "grdpo" / "model" / "group_weights.json").is_file()
+    neural, mixture = arm["neural_em"], json.loads((out / "mix80" / "reward-mixture" / "reward_eval.json").read_text())
+    assert sorted(a for c in neural["components"].values() for a in c["annotators"]) == sorted(em["annotators"])
+    for k, c in neural["components"].items():  # each component's accuracy per group is its reward_eval.json's
+        assert c["accuracy"] == {g: v["accuracy"] for g, v in mixture["components"][k]["groups"].items()}
+    assert arm["reward_models"]["mixture"] == {g: neural["components"][str(k)]["accuracy"][g] for g, k in neural["serves"].items()}
+    assert "mix80 mixture component 0" in proc.stdout
     page = (out / "report.html").read_text()
     for name, m in results["models"].items():  # every (arm, method, group) row: its numbers are results.json's
         row = page.split(f'<tr data-model="{html.escape(name)}">')[1].split("</tr>")[0]
         for key in ("reward_mean", "kl", "reward_se"):
             assert f'data-key="{key}">{html.escape(format_number(m[key]))}</td>' in row, (name, key)
     assert html.escape(json.dumps(results["arms"], indent=2, ensure_ascii=False)) in page
-    assert page.count('src="data:image/png;base64,') == 4  # reward vs KL for A and B, EM components, RM accuracy
+    assert page.count('src="data:image/png;base64,') == 5  # reward vs KL for A and B, EM components (linear, neural), RM accuracy
     assert sum(1 for name in results["models"] if name.endswith("@B")) == 4
 
 
