@@ -6,8 +6,8 @@ groups are unknown (Chakraborty et al. 2024, "MaxMin-RLHF", §4, Algorithm 1), o
     start    each annotator's preferred direction in the backbone's feature space, mean h(y_w) − h(y_l)
              over their pairs (``losses.diverse.annotator_directions``), split into K by spherical
              k-means: responsibilities 0.9 on the annotator's cluster. This breaks the symmetry of the
-             heads; EM started from uniform responsibilities (or one network told a latent component
-             in its prompt) keeps every head on the majority's taste
+             heads, which the warm-up trained alike (an earlier design, one network told a latent
+             component in its prompt, collapsed into a single component on builtin:diverse_pairs)
     E-step   every ``reward.em_interval_steps`` steps, over all training pairs:
              γ[a, k] ∝ π_k · Π_{pairs i of a} σ(r_k(x_i, y_w) − r_k(x_i, y_l)), π = mean_a γ[a]
              (``losses.diverse.mixture_responsibilities``)
