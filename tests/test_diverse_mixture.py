@@ -78,6 +78,9 @@ def test_em_schedule_start_then_e_steps_and_loss_weights():
     p = F.logsigmoid(torch.tensor(2.0)).exp()
     assert float(mix.gamma[2, 1]) == pytest.approx(float(prior[1] * p**2 / (prior[1] * p**2 + prior[0] * (1 - p) ** 2)), rel=1e-3)
     assert [e["event"] for e in mix.trace] == ["start", "e_step", "e_step"]
+    again = RewardMixture(["a", "b", "c"], {}, 2, warmup_steps=2, interval_steps=3, seed=0)
+    again.load_state_dict(mix.state_dict())  # what a checkpoint carries: a resumed run continues the schedule
+    assert torch.equal(again.gamma, mix.gamma) and again.steps == 9 and again.trace == mix.trace
     # The M-step loss: Σ_k γ[a_i, k] · −log σ(Δ_k); an unknown annotator (−1) is weighted by the prior.
     rewards = torch.cat([chosen[:2], rejected[:2]])
     loss, metrics = mix.loss(rewards, torch.tensor([0, -1]), 0.0)

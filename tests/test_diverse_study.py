@@ -3,6 +3,8 @@
 import html
 import json
 
+import pytest
+
 from preftune.eval.report import format_number
 from tests.conftest import cli
 
@@ -48,3 +50,15 @@ def test_study_config_errors_are_one_line():
     assert "study.policy_methods: unknown method 'ppo'. Valid: dpo, grdpo, dpo_conditioned, rloo_mean, rloo_min" in proc.stderr
     proc = cli("study", "configs/studies/diverse_quick.yaml", "mixes=[1.0]")
     assert proc.returncode == 2 and "study.mixes: each share must lie strictly between 0 and 1, got 1.0" in proc.stderr
+
+
+def test_full_study_is_sized_for_a_cpu_afternoon():
+    """configs/studies/diverse.yaml says it takes about 2.1 h on a quiet 2-core CPU; the estimate keeps it true."""
+    from preftune.experiments.diverse import load_diverse_config, plan_stages
+
+    cfg = load_diverse_config("configs/studies/diverse.yaml", [])
+    stages = plan_stages(cfg)
+    names = [n for n, _ in stages]
+    assert "mix80 reward-mixture" in names and "mix50 evaluate rloo_min @B" in names and all(s > 0 for _, s in stages)
+    assert sum(s for _, s in stages) / 3600 == pytest.approx(2.1, abs=0.1)
+    assert sum(s for _, s in stages) < sum(s for _, s in plan_stages(load_diverse_config("configs/studies/diverse.yaml", ["online_steps=40"])))

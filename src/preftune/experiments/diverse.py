@@ -23,6 +23,7 @@ Built only from the public API, like ``preftune.experiments.sentiment``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -38,6 +39,7 @@ from preftune.data.loaders import load_records
 from preftune.eval.evaluate import REFERENCE, evaluate
 from preftune.eval.plots import bar_plot, frontier_plot
 from preftune.eval.report import write_report
+from preftune.experiments.costs import LOAD, estimate_seconds
 from preftune.experiments.sentiment import split_prompts
 from preftune.losses.diverse import fit_bt_mixture
 from preftune.models.cache import write_jsonl
@@ -124,9 +126,31 @@ def load_diverse_config(path: str | None, overrides: list[str]) -> DiverseStudyC
     return from_dict(DiverseStudyConfig, apply_overrides(data, overrides), "study")
 
 
+def plan_stages(cfg: DiverseStudyConfig) -> list[tuple[str, float]]:
+    """Every stage of the study with its estimated seconds on a quiet 2-core CPU, from the per-row costs of
+    ``preftune.experiments.costs`` (measured on the sentiment study's SmolLM2 LoRA runs; this study's reward
+    models train all weights, its RLOO steps accumulate 2 micro-batches, and each policy is evaluated per
+    group together with π_ref). The mixture adds ~8 forward passes over the pairs (its E-steps)."""
+    sample = estimate_seconds(cfg, "pairs") + estimate_seconds(dataclasses.replace(cfg, train_prompts=cfg.test_prompts), "pairs")
+    reward = estimate_seconds(cfg, "reward")
+    rewards = {"pooled": reward, "conditioned": reward, "per_group": reward + LOAD * (len(cfg.groups) - 1),
+               "mixture": LOAD + (reward - LOAD) * (1 + 8 / (3 * cfg.offline_epochs))}
+    stages = [("sample pairs", sample)]
+    for mix in cfg.mixes:
+        arm = _arm_name(mix)
+        stages += [(f"{arm} reward-{m}", rewards[m]) for m in cfg.reward_methods]
+        for m in cfg.policy_methods:
+            rloo = LOAD + 2 * (estimate_seconds(cfg, "rloo") - LOAD)
+            stages.append((f"{arm} {m}", rloo if m.startswith("rloo_") else estimate_seconds(cfg, "dpo")))
+            stages += [(f"{arm} evaluate {m} @{g}", 2 * estimate_seconds(cfg, "evaluate")) for g in cfg.groups]
+    return stages
+
+
 def run_diverse_study(cfg: DiverseStudyConfig, *, progress: bool = True) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    log.info("diverse study: about %.0f minutes on a quiet 2-core CPU (estimated from preftune.experiments.costs)",
+             sum(sec for _, sec in plan_stages(cfg)) / 60)
     t0, timings = time.perf_counter(), {}
 
     train, test = split_prompts(cfg, load_records(cfg.prompts, "prompts"))
