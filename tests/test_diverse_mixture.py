@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from preftune.algorithms.reward_mixture import RewardMixture
 from preftune.data.groups import assignment_accuracy
 from preftune.losses.diverse import annotator_directions, mixture_log_likelihood, spherical_kmeans
-from tests.conftest import cli, write_jsonl
+from tests.conftest import assert_resume_equals_uninterrupted, cli, write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -176,35 +176,14 @@ def test_mixture_refuses_rows_without_annotators_and_too_many_components(tmp_pat
 
 def test_mixture_resume_equals_uninterrupted(tmp_path, monkeypatch):
     """The responsibilities, prior, log-likelihood trace and EM schedule travel in the checkpoint."""
-    from safetensors.torch import load_file
-
-    import preftune.train.loop as loop_mod
     from preftune.run_config import load_run_config
-    from preftune.train.metrics import read_metrics
 
     def cfg(name, *extra):
         return load_run_config("configs/reward_mixture_tiny.yaml", [
             f"output_dir={tmp_path / name}", "train.max_steps=8", "reward.em_warmup_steps=2", "reward.em_interval_steps=2",
             "train.save_steps=4", "train.eval_steps=0", "train.progress_bar=false", "data.max_rows=64", *extra])
 
-    full = loop_mod.train(cfg("full"))
-    real_save = loop_mod.save_checkpoint
-
-    def save_then_crash(out, step, **kw):
-        path = real_save(out, step, **kw)
-        if step == 4:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loop_mod, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        loop_mod.train(cfg("cut"))
-    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
-    resumed = loop_mod.train(cfg("cut", "train.resume_from=latest"))
-    strip = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
-    assert strip(read_metrics(resumed.metrics_path)) == strip(read_metrics(full.metrics_path))
-    a, b = load_file(str(full.model_dir / "model.safetensors")), load_file(str(resumed.model_dir / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_equals_uninterrupted(cfg, monkeypatch, crash_step=4)
     em = json.loads((tmp_path / "full" / "em_components.json").read_text())
     assert em == json.loads((tmp_path / "cut" / "em_components.json").read_text())
     assert [e["step"] for e in em["log_likelihood"]] == [2, 4, 6, 8]  # start, E-steps, the final E-step

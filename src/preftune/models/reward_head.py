@@ -15,6 +15,10 @@ What the reward is read at: :func:`finish_reward_ids` drops trailing pad-id toke
 pad token. transformers' pad-id search then lands on the same token as the mask, and a model saved
 by preftune scores identically in plain transformers, with or without that EOS (causal attention:
 the hidden state of a token does not depend on what follows).
+
+A reward mixture (``reward.groups=mixture``) is one backbone with K heads, a K-label classifier:
+:func:`sequence_scores` reads all K (and, for the EM's start, the features the heads read), and
+:func:`component_classifier` cuts one head out as a plain one-label reward model.
 """
 
 from __future__ import annotations
