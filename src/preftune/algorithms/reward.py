@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from preftune.algorithms.base import Algorithm, Metrics, Needs
+from preftune.algorithms.reward_distributional import distributional_loss, save_distributional
 from preftune.algorithms.reward_ensemble import member_runs, member_seed, save_ensemble
 from preftune.algorithms.reward_groups import apply_groups, check_eval_groups
 from preftune.algorithms.reward_mixture import RewardMixture, save_components, score_pairs
@@ -109,14 +110,16 @@ class RewardConfig:
         "reward with it. null = none.",
     )
     calibration_bins: int = doc(10, "Bins of the calibration table in reward_eval.json.")
-    groups: Literal["pooled", "per_group", "conditioned", "mixture"] = doc(
+    groups: Literal["pooled", "per_group", "conditioned", "mixture", "distributional"] = doc(
         "pooled",
         "Annotator groups (the rows' 'group' field): 'pooled' = one model of everyone's pairs (groups only reported, "
         "per group, in reward_eval.json); 'per_group' = one model per group, trained on its rows only, into "
         "OUTPUT_DIR/group-G/; 'conditioned' = one model for all groups with each prompt carrying its group "
         "('[preferences of group G] ' / a system message), so it can learn opposite tastes; 'mixture' = groups "
         "unknown: K reward heads on one backbone fitted by EM over the rows' 'annotator' field, into "
-        "OUTPUT_DIR/component-k/, with em_components.json saying which annotators each component got.",
+        "OUTPUT_DIR/component-k/, with em_components.json saying which annotators each component got; "
+        "'distributional' = groups hidden: a mean and a spread per completion, u ~ N(μ, σ²), P(y_w ≻ y_l) = "
+        "Φ((μ_w − μ_l)/√(σ_w² + σ_l²)) (Siththaranjan et al. 2023); μ is OUTPUT_DIR/mean/, σ flags contested pairs.",
     )
     group: Optional[str] = doc(None, "With groups=per_group: the group this run trains (set for each group by `preftune train`).")
     num_components: int = doc(2, "With groups=mixture: K, the number of reward models (at most the number of annotators).")
@@ -137,6 +140,9 @@ class RewardConfig:
             raise ConfigError(f"{path}.groups: per_group trains one model per group; use ensemble_size=1 with it")
         if self.groups == "mixture":
             self._validate_mixture(path)
+        if self.groups == "distributional" and (self.ensemble_size > 1 or self.loss != "bt" or self.margin_column is not None):
+            raise ConfigError(f"{path}.groups: distributional fits a mean and a spread per completion on pairs; use it "
+                              "with loss=bt, no margin_column and ensemble_size=1")
         if self.calibration_bins < 1:
             raise ConfigError(f"{path}.calibration_bins: must be >= 1, got {self.calibration_bins}")
         if self.margin_column is not None and self.loss != "bt":
@@ -184,7 +190,7 @@ class RewardModelAlgorithm(Algorithm):
     def load_policy(cls, config: RewardConfig, run) -> tuple[Any, Any]:
         model, tokenizer = loading.load_model(
             config.backbone or run.model.name, dtype=run.model.dtype, seed=member_seed(run.train.seed, config.member),
-            model_class=AutoModelForSequenceClassification, num_labels=config.num_components if config.groups == "mixture" else 1,
+            model_class=AutoModelForSequenceClassification, num_labels=_heads(config),
         )  # fmt: skip
         if tokenizer.chat_template is None:
             tokenizer.chat_template = PLAIN_CHAT_TEMPLATE  # saved with the model, so scoring renders alike
@@ -330,8 +336,10 @@ class RewardModelAlgorithm(Algorithm):
             self.mixture.load_state_dict(state["mixture"])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
-        if self.mixture is not None:
+        if self.mixture is not None or self.config.groups == "distributional":
             scores = sequence_scores(self.policy, batch["input_ids"], batch["attention_mask"]).float()
+            if self.mixture is None:
+                return distributional_loss(scores, self.config.centering_coef)
             return self.mixture.loss(scores, batch["annotator"], self.config.centering_coef)
         rewards = sequence_rewards(self.policy, batch["input_ids"], batch["attention_mask"]).float()
         if "ranking_index" in batch:
@@ -375,6 +383,13 @@ class RewardModelAlgorithm(Algorithm):
         pairs, split = report_pairs(self._data, d, self.run.train.seed)
         if self.mixture is not None:
             return self._save_mixture(out_dir, spec, pairs, split)
+        if self.config.groups == "distributional":
+            spec.save(out_dir)
+            report = save_distributional(self.policy, self.tokenizer, spec, Path(self.run.output_dir), pairs,
+                                         lambda m: self._report(m, pairs, split), self.run.train.eval_batch_size)
+            log.info("distributional reward: %s accuracy %.4f of μ, mean pair σ %.3f; μ in %s", split.split(" ")[0],
+                     report["accuracy"], report["std"]["pairs"].get("mean", float("nan")), Path(self.run.output_dir) / "mean")
+            return
         report = self._report(RewardModel([RewardMember(self.policy, self.tokenizer, spec)]), pairs, split)
         spec.offset = report["rewards"].get("mean", 0.0)
         spec.save(out_dir)
@@ -408,6 +423,11 @@ class RewardModelAlgorithm(Algorithm):
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------
+
+
+def _heads(config: RewardConfig) -> int:
+    """Score heads of the classifier: K for a mixture, μ and σ for the distributional reward, else one."""
+    return {"mixture": config.num_components, "distributional": 2}.get(config.groups, 1)
 
 
 def _survivors(records: list, examples: list[dict], tokenize) -> list:

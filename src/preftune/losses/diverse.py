@@ -8,6 +8,8 @@
 - ``group_robust_dpo_loss`` / ``group_robust_weights``: group-robust DPO (Ramesh et al. 2024, "Group
   Robust Preference Optimization in Reward-free RLHF", Algorithm 1): min_θ max_α Σ_g α_g · L_g(θ),
   α updated by exponentiated gradient, α_g ← α_g · exp(η · L_g), then normalised.
+- ``mean_variance_preference_loss``: distributional preference learning's mean-and-variance reward
+  (Siththaranjan et al. 2023): P(y_w ≻ y_l) = Φ((μ_w − μ_l)/√(σ_w² + σ_l²)); σ flags contested prompts.
 - ``aggregate_rewards``: several rewards -> one, utilitarian ``mean``, MaxMin-RLHF's egalitarian
   ``min`` (eq. 6), or ``weighted``.
 
@@ -219,6 +221,32 @@ def _m_step(params: Tensor, features: Tensor | None, chosen: Tensor, rejected: T
         (losses.sum() / len(chosen) + 1e-3 * params.square().mean()).backward()
         opt.step()
     return params.detach()
+
+
+def mean_variance_preference_loss(chosen_mean: Tensor, chosen_std: Tensor, rejected_mean: Tensor,
+                                  rejected_std: Tensor) -> tuple[Tensor, Metrics]:
+    """Distributional preference learning, the mean-and-variance model (Siththaranjan et al. 2023,
+    "Distributional Preference Learning: Understanding and Accounting for Hidden Context in RLHF", §4):
+    a completion's utility over the hidden context (e.g. who is asked) is u(y) ~ N(μ(y), σ(y)²), so
+
+        P(y_w ≻ y_l) = Φ((μ_w − μ_l) / √(σ_w² + σ_l²)),   loss = −log Φ(z).
+
+    A large σ marks a completion whose value depends on whom you ask (a contested prompt); μ is the
+    reward. (The paper's code trains −log σ(√(2π)·z), a logistic stand-in for Φ; this is Φ itself.)
+
+    Args:
+        chosen_mean, rejected_mean: Tensor[B], μ; chosen_std, rejected_std: Tensor[B], σ > 0.
+
+    Returns:
+        losses Tensor[B]; metrics: accuracies (μ_w > μ_l), margins (μ_w − μ_l), log_likelihood (log Φ(z)),
+        pair_std (√(σ_w² + σ_l²)).
+    """
+    pair_std = (chosen_std.square() + rejected_std.square()).sqrt()
+    margins = chosen_mean - rejected_mean
+    log_likelihood = torch.special.log_ndtr(margins / pair_std)
+    metrics = {"accuracies": (margins > 0).to(margins.dtype), "margins": margins.detach(),
+               "log_likelihood": log_likelihood.detach(), "pair_std": pair_std.detach()}
+    return -log_likelihood, metrics
 
 
 def group_robust_dpo_loss(

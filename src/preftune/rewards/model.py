@@ -229,7 +229,7 @@ def _check_one_output(folder: Path | str) -> None:
     if labels > 1:
         raise ModelLoadError(f"{folder}: a classifier with {labels} outputs, a reward model has one; a reward mixture's "
                              "shared model (reward.groups=mixture) is scored per component, OUTPUT_DIR/component-k, or "
-                             "all components as one ensemble, OUTPUT_DIR")
+                             "all components as one ensemble, OUTPUT_DIR; a distributional reward's mean is OUTPUT_DIR/mean")
 
 
 def resolve_reward_paths(path: str | Path) -> tuple[list[Path | str], dict]:
