@@ -11,7 +11,8 @@ Ensembles (``reward.ensemble_size: N``, members trained one after another into
 (``OUTPUT_DIR/reward_eval.json``: held-out accuracy, margin, BT log-likelihood, calibration, reward
 statistics, correlation with ``reward.gold_reward``): algorithms/reward_report.py. Pair loading and
 validation: data/reward_pairs.py. Annotator groups: algorithms/reward_groups.py; a mixture of K reward
-models fitted by EM over the annotators (``reward.groups: mixture``): algorithms/reward_mixture.py.
+models fitted by EM over the annotators (``reward.groups: mixture``): algorithms/reward_mixture.py; the
+mean-and-variance reward (``reward.groups: distributional``): algorithms/reward_distributional.py.
 """
 
 from __future__ import annotations
@@ -180,6 +181,9 @@ class RewardModelAlgorithm(Algorithm):
         if config.groups == "per_group" and config.group is None:
             raise ConfigError("reward.groups=per_group: each group trains in OUTPUT_DIR/group-G; run `preftune train`, or "
                               "from Python `preftune.train.ensemble.train_members(run)`")
+        if config.groups in ("mixture", "distributional") and run.train.sharding == "fsdp2":
+            raise ConfigError(f"reward.groups={config.groups} under train.sharding=fsdp2 is not supported (its heads are "
+                              "cut into reward models from the training process's own data and model); use DDP")
         super().__init__(config, policy, tokenizer, run)
         self._data: dict[str, tuple[list, list[dict]]] = {}  # source -> (records, examples), aligned
         self.mixture: RewardMixture | None = None  # groups=mixture: the EM state, from the training records
