@@ -39,3 +39,33 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None):
     return subprocess.run(
         [sys.executable, "-m", "preftune", *args], cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=600
     )
+
+
+def assert_resume_equals_uninterrupted(cfg, monkeypatch, crash_step: int):
+    """Train ``cfg("full")``; train ``cfg("cut")`` until its checkpoint at ``crash_step``, crash, resume it;
+    assert both runs logged the same metrics and saved the same weights. Returns (full, resumed) results."""
+    import torch
+    from safetensors.torch import load_file
+
+    import preftune.train.loop as loop_mod
+    from preftune.train.metrics import read_metrics
+
+    full = loop_mod.train(cfg("full"))
+    real_save = loop_mod.save_checkpoint
+
+    def save_then_crash(out, step, **kw):
+        path = real_save(out, step, **kw)
+        if step == crash_step:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop_mod, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        loop_mod.train(cfg("cut"))
+    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
+    resumed = loop_mod.train(cfg("cut", "train.resume_from=latest"))
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("tokens_per_s",)} for m in ms]  # noqa: E731
+    assert strip(read_metrics(resumed.metrics_path)) == strip(read_metrics(full.metrics_path))
+    a, b = load_file(str(full.model_dir / "model.safetensors")), load_file(str(resumed.model_dir / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    return full, resumed

@@ -3,6 +3,8 @@
 import html
 import json
 
+import pytest
+
 from preftune.eval.report import format_number
 from tests.conftest import cli
 
@@ -17,7 +19,7 @@ def test_quick_study_runs_and_its_report_shows_its_results(tmp_path):
     results = json.loads((out / "results.json").read_text())
     arm = results["arms"]["mix80"]
     assert arm["pairs"]["A"] > arm["pairs"]["B"] > 0  # 5 of 6 annotators in A
-    assert set(arm["reward_models"]) == {"pooled", "conditioned"}
+    assert set(arm["reward_models"]) == {"pooled", "conditioned", "mixture"}
     assert all(set(acc) == {"A", "B"} and all(0 <= v <= 1 for v in acc.values()) for acc in arm["reward_models"].values())
     assert set(arm["policies"]) == {"dpo", "grdpo", "dpo_conditioned", "rloo_min"}
     for per_group in arm["policies"].values():
@@ -26,13 +28,19 @@ def test_quick_study_runs_and_its_report_shows_its_results(tmp_path):
     em = json.loads((out / "mix80" / "em_components.json").read_text())
     assert em == arm["em"] and len(em["annotators"]) == 6 and 0 <= em["assignment_accuracy"] <= 1
     assert (out / "mix80" / "grdpo" / "model" / "group_weights.json").is_file()
+    neural, mixture = arm["neural_em"], json.loads((out / "mix80" / "reward-mixture" / "reward_eval.json").read_text())
+    assert sorted(a for c in neural["components"].values() for a in c["annotators"]) == sorted(em["annotators"])
+    for k, c in neural["components"].items():  # each component's accuracy per group is its reward_eval.json's
+        assert c["accuracy"] == {g: v["accuracy"] for g, v in mixture["components"][k]["groups"].items()}
+    assert arm["reward_models"]["mixture"] == {g: neural["components"][str(k)]["accuracy"][g] for g, k in neural["serves"].items()}
+    assert "mix80 mixture component 0" in proc.stdout
     page = (out / "report.html").read_text()
     for name, m in results["models"].items():  # every (arm, method, group) row: its numbers are results.json's
         row = page.split(f'<tr data-model="{html.escape(name)}">')[1].split("</tr>")[0]
         for key in ("reward_mean", "kl", "reward_se"):
             assert f'data-key="{key}">{html.escape(format_number(m[key]))}</td>' in row, (name, key)
     assert html.escape(json.dumps(results["arms"], indent=2, ensure_ascii=False)) in page
-    assert page.count('src="data:image/png;base64,') == 4  # reward vs KL for A and B, EM components, RM accuracy
+    assert page.count('src="data:image/png;base64,') == 5  # reward vs KL for A and B, EM components (linear, neural), RM accuracy
     assert sum(1 for name in results["models"] if name.endswith("@B")) == 4
 
 
@@ -42,3 +50,15 @@ def test_study_config_errors_are_one_line():
     assert "study.policy_methods: unknown method 'ppo'. Valid: dpo, grdpo, dpo_conditioned, rloo_mean, rloo_min" in proc.stderr
     proc = cli("study", "configs/studies/diverse_quick.yaml", "mixes=[1.0]")
     assert proc.returncode == 2 and "study.mixes: each share must lie strictly between 0 and 1, got 1.0" in proc.stderr
+
+
+def test_full_study_is_sized_for_a_cpu_afternoon():
+    """configs/studies/diverse.yaml says it takes about 2.1 h on a quiet 2-core CPU; the estimate keeps it true."""
+    from preftune.experiments.diverse import load_diverse_config, plan_stages
+
+    cfg = load_diverse_config("configs/studies/diverse.yaml", [])
+    stages = plan_stages(cfg)
+    names = [n for n, _ in stages]
+    assert "mix80 reward-mixture" in names and "mix50 evaluate rloo_min @B" in names and all(s > 0 for _, s in stages)
+    assert sum(s for _, s in stages) / 3600 == pytest.approx(2.1, abs=0.1)
+    assert sum(s for _, s in stages) < sum(s for _, s in plan_stages(load_diverse_config("configs/studies/diverse.yaml", ["online_steps=40"])))

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tests.conftest import cli, write_jsonl
+from tests.conftest import assert_resume_equals_uninterrupted, cli, write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -110,12 +110,7 @@ def test_grdpo_accumulation_invariance(tmp_path):
 
 def test_grdpo_resume_equals_uninterrupted(tmp_path, monkeypatch):
     """The group weights and the losses gathered since their last update travel in the checkpoint."""
-    import torch
-    from safetensors.torch import load_file
-
-    import preftune.train.loop as loop_mod
     from preftune.run_config import load_run_config
-    from preftune.train.metrics import read_metrics
 
     def cfg(name, *extra):
         return load_run_config(None, [
@@ -124,21 +119,4 @@ def test_grdpo_resume_equals_uninterrupted(tmp_path, monkeypatch):
             "train.micro_batch_size=8", "train.save_steps=2", "grdpo.step_size=2.0", *extra,
         ])  # fmt: skip
 
-    full = loop_mod.train(cfg("full"))
-    real_save = loop_mod.save_checkpoint
-
-    def save_then_crash(out, step, **kw):
-        path = real_save(out, step, **kw)
-        if step == 2:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loop_mod, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        loop_mod.train(cfg("cut"))
-    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
-    resumed = loop_mod.train(cfg("cut", "train.resume_from=latest"))
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("tokens_per_s",)} for m in ms]  # noqa: E731
-    assert strip(read_metrics(resumed.metrics_path)) == strip(read_metrics(full.metrics_path))
-    a, b = load_file(str(full.model_dir / "model.safetensors")), load_file(str(resumed.model_dir / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_equals_uninterrupted(cfg, monkeypatch, crash_step=2)

@@ -10,7 +10,9 @@ Ensembles (``reward.ensemble_size: N``, members trained one after another into
 ``OUTPUT_DIR/member-i/``): algorithms/reward_ensemble.py. The end-of-training report
 (``OUTPUT_DIR/reward_eval.json``: held-out accuracy, margin, BT log-likelihood, calibration, reward
 statistics, correlation with ``reward.gold_reward``): algorithms/reward_report.py. Pair loading and
-validation: data/reward_pairs.py. Annotator groups: algorithms/reward_groups.py.
+validation: data/reward_pairs.py. Annotator groups: algorithms/reward_groups.py; a mixture of K reward
+models fitted by EM over the annotators (``reward.groups: mixture``): algorithms/reward_mixture.py; the
+mean-and-variance reward (``reward.groups: distributional``): algorithms/reward_distributional.py.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from preftune.algorithms.base import Algorithm, Metrics, Needs
+from preftune.algorithms.reward_distributional import distributional_loss, save_distributional
 from preftune.algorithms.reward_ensemble import member_runs, member_seed, save_ensemble
 from preftune.algorithms.reward_groups import apply_groups, check_eval_groups
+from preftune.algorithms.reward_mixture import RewardMixture, save_components, score_pairs
 from preftune.algorithms.reward_report import REPORT_FILE, report_pairs, reward_report
 from preftune.config import ConfigError, doc
 from preftune.data.collate import collate_completions, collate_pairs
@@ -39,7 +43,7 @@ from preftune.losses.metrics import row_metrics
 from preftune.losses.reward import bradley_terry_loss, centering_penalty, plackett_luce_loss
 from preftune.models import loading  # loading.load_model: looked up at call time, so tests can stand in for it
 from preftune.models.cache import write_json
-from preftune.models.reward_head import extra_special_tokens, finish_reward_ids, pooling_kind, sequence_rewards
+from preftune.models.reward_head import extra_special_tokens, finish_reward_ids, pooling_kind, sequence_rewards, sequence_scores
 from preftune.rewards.base import resolve_function
 from preftune.rewards.evaluation import json_ready
 from preftune.rewards.model import RewardMember, RewardModel, ScoreSpec, reward_limits
@@ -107,14 +111,24 @@ class RewardConfig:
         "reward with it. null = none.",
     )
     calibration_bins: int = doc(10, "Bins of the calibration table in reward_eval.json.")
-    groups: Literal["pooled", "per_group", "conditioned"] = doc(
+    groups: Literal["pooled", "per_group", "conditioned", "mixture", "distributional"] = doc(
         "pooled",
         "Annotator groups (the rows' 'group' field): 'pooled' = one model of everyone's pairs (groups only reported, "
         "per group, in reward_eval.json); 'per_group' = one model per group, trained on its rows only, into "
         "OUTPUT_DIR/group-G/; 'conditioned' = one model for all groups with each prompt carrying its group "
-        "('[preferences of group G] ' / a system message), so it can learn opposite tastes.",
+        "('[preferences of group G] ' / a system message), so it can learn opposite tastes; 'mixture' = groups "
+        "unknown: K reward heads on one backbone fitted by EM over the rows' 'annotator' field, into "
+        "OUTPUT_DIR/component-k/, with em_components.json saying which annotators each component got; "
+        "'distributional' = groups hidden: a mean and a spread per completion, u ~ N(μ, σ²), P(y_w ≻ y_l) = "
+        "Φ((μ_w − μ_l)/√(σ_w² + σ_l²)) (Siththaranjan et al. 2023); μ is OUTPUT_DIR/mean/, σ flags contested pairs.",
     )
     group: Optional[str] = doc(None, "With groups=per_group: the group this run trains (set for each group by `preftune train`).")
+    num_components: int = doc(2, "With groups=mixture: K, the number of reward models (at most the number of annotators).")
+    em_warmup_steps: int = doc(
+        20, "With groups=mixture: pooled steps (every head on every pair) before the EM starts from k-means on the "
+            "annotators' preferred directions in the backbone's features.",
+    )
+    em_interval_steps: int = doc(10, "With groups=mixture: optimizer steps (M-step) between two E-steps over all training pairs.")
 
     def validate(self, path: str) -> None:
         if self.ensemble_size < 1:
@@ -125,6 +139,11 @@ class RewardConfig:
             raise ConfigError(f"{path}.centering_coef / combine_k: must be >= 0")
         if self.groups == "per_group" and self.ensemble_size > 1:
             raise ConfigError(f"{path}.groups: per_group trains one model per group; use ensemble_size=1 with it")
+        if self.groups == "mixture":
+            self._validate_mixture(path)
+        if self.groups == "distributional" and (self.ensemble_size > 1 or self.loss != "bt" or self.margin_column is not None):
+            raise ConfigError(f"{path}.groups: distributional fits a mean and a spread per completion on pairs; use it "
+                              "with loss=bt, no margin_column and ensemble_size=1")
         if self.calibration_bins < 1:
             raise ConfigError(f"{path}.calibration_bins: must be >= 1, got {self.calibration_bins}")
         if self.margin_column is not None and self.loss != "bt":
@@ -135,6 +154,15 @@ class RewardConfig:
                 resolve_function(self.gold_reward)
             except ValueError as err:
                 raise ConfigError(f"{path}.gold_reward: {err}") from None
+
+    def _validate_mixture(self, path: str) -> None:
+        if self.num_components < 2:
+            raise ConfigError(f"{path}.num_components: a mixture needs >= 2 components (1 is groups=pooled), got {self.num_components}")
+        if self.em_warmup_steps < 0 or self.em_interval_steps < 1:
+            raise ConfigError(f"{path}.em_warmup_steps / em_interval_steps: need >= 0 and >= 1")
+        if self.ensemble_size > 1 or self.loss != "bt" or self.margin_column is not None:
+            raise ConfigError(f"{path}.groups: mixture fits K Bradley-Terry heads on pairs; use it with loss=bt, no "
+                              "margin_column and ensemble_size=1")
 
 
 class RewardModelAlgorithm(Algorithm):
@@ -153,15 +181,20 @@ class RewardModelAlgorithm(Algorithm):
         if config.groups == "per_group" and config.group is None:
             raise ConfigError("reward.groups=per_group: each group trains in OUTPUT_DIR/group-G; run `preftune train`, or "
                               "from Python `preftune.train.ensemble.train_members(run)`")
+        if config.groups in ("mixture", "distributional") and run.train.sharding == "fsdp2":
+            raise ConfigError(f"reward.groups={config.groups} under train.sharding=fsdp2 is not supported (its heads are "
+                              "cut into reward models from the training process's own data and model); use DDP")
         super().__init__(config, policy, tokenizer, run)
         self._data: dict[str, tuple[list, list[dict]]] = {}  # source -> (records, examples), aligned
+        self.mixture: RewardMixture | None = None  # groups=mixture: the EM state, from the training records
+        self._train_examples: list[dict] = []
 
     # -- model -----------------------------------------------------------------------------------
     @classmethod
     def load_policy(cls, config: RewardConfig, run) -> tuple[Any, Any]:
         model, tokenizer = loading.load_model(
             config.backbone or run.model.name, dtype=run.model.dtype, seed=member_seed(run.train.seed, config.member),
-            model_class=AutoModelForSequenceClassification,
+            model_class=AutoModelForSequenceClassification, num_labels=_heads(config),
         )  # fmt: skip
         if tokenizer.chat_template is None:
             tokenizer.chat_template = PLAIN_CHAT_TEMPLATE  # saved with the model, so scoring renders alike
@@ -211,6 +244,10 @@ class RewardModelAlgorithm(Algorithm):
             check_eval_groups(self.config.groups, self._data[d.path][0], records, source)
         if source == d.path and self.config.member > 0:
             kept, examples = self._member_order(kept, examples)
+        if self.config.groups == "mixture":
+            if source == d.path:
+                self.mixture = RewardMixture.from_records(self.config, kept, source, self.run.train.seed)
+            examples = [{**ex, "annotator": a} for ex, a in zip(examples, self.mixture.annotator_ids(kept))]
         self._data[source] = (kept, examples)
         return examples, report
 
@@ -262,6 +299,10 @@ class RewardModelAlgorithm(Algorithm):
             new_records[dst], new_examples[dst] = records[src], examples[src]
         return new_records, new_examples
 
+    def make_source(self, examples: list[dict], accelerator):
+        self._train_examples = examples  # the mixture's E-step scores every training pair
+        return super().make_source(examples, accelerator)
+
     def example_length(self, example: dict) -> int:
         if "tie_levels" in example:
             return max(len(p) + len(c) for p, c in zip(example["item_prompt_ids"], example["item_completion_ids"]))
@@ -284,7 +325,26 @@ class RewardModelAlgorithm(Algorithm):
             return int(batch["ranking_index"].max()) + 1
         return batch["input_ids"].shape[0] // 2
 
+    def before_step(self, micro_batches: list[dict], accelerator) -> None:
+        if self.mixture is not None:
+            self.mixture.before_step(self._score_training_pairs)
+
+    def _score_training_pairs(self, with_features: bool) -> tuple:
+        return score_pairs(self.policy, self._train_examples, self.collate, self.run.train.eval_batch_size, with_features)
+
+    def extra_state(self) -> dict:
+        return {"mixture": self.mixture.state_dict()} if self.mixture is not None else {}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.mixture is not None and "mixture" in state:
+            self.mixture.load_state_dict(state["mixture"])
+
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        if self.mixture is not None or self.config.groups == "distributional":
+            scores = sequence_scores(self.policy, batch["input_ids"], batch["attention_mask"]).float()
+            if self.mixture is None:
+                return distributional_loss(scores, self.config.centering_coef)
+            return self.mixture.loss(scores, batch["annotator"], self.config.centering_coef)
         rewards = sequence_rewards(self.policy, batch["input_ids"], batch["attention_mask"]).float()
         if "ranking_index" in batch:
             return self._ranking_loss(batch, rewards)
@@ -325,6 +385,15 @@ class RewardModelAlgorithm(Algorithm):
         d = self.run.data
         spec = ScoreSpec(max_length=d.max_length, max_prompt_length=d.max_prompt_length, text_as_chat=d.text_as_chat)
         pairs, split = report_pairs(self._data, d, self.run.train.seed)
+        if self.mixture is not None:
+            return self._save_mixture(out_dir, spec, pairs, split)
+        if self.config.groups == "distributional":
+            spec.save(out_dir)
+            report = save_distributional(self.policy, self.tokenizer, spec, Path(self.run.output_dir), pairs,
+                                         lambda m: self._report(m, pairs, split), self.run.train.eval_batch_size)
+            log.info("distributional reward: %s accuracy %.4f of μ, mean pair σ %.3f; μ in %s", split.split(" ")[0],
+                     report["accuracy"], report["std"]["pairs"].get("mean", float("nan")), Path(self.run.output_dir) / "mean")
+            return
         report = self._report(RewardModel([RewardMember(self.policy, self.tokenizer, spec)]), pairs, split)
         spec.offset = report["rewards"].get("mean", 0.0)
         spec.save(out_dir)
@@ -336,6 +405,21 @@ class RewardModelAlgorithm(Algorithm):
             save_ensemble(out.parent, self.config, lambda model: self._report(model, pairs, split), device,
                           self.run.train.eval_batch_size)
 
+    def _save_mixture(self, out_dir: Path, spec: ScoreSpec, pairs: list[PairRecord], split: str) -> None:
+        """The shared K-head model stays in OUTPUT_DIR/model; each head becomes OUTPUT_DIR/component-k."""
+        spec.save(out_dir)
+        if self.mixture.start_components is None:
+            log.warning("reward mixture: training ended before the EM started (train steps <= reward.em_warmup_steps "
+                        "= %d); the components start from k-means now and were never trained apart", self.config.em_warmup_steps)
+            self.mixture.start(*self._score_training_pairs(True))
+        self.mixture.e_step(*self._score_training_pairs(False)[:3], step=self.mixture.steps)  # the final heads' γ
+        out = Path(self.run.output_dir)
+        report = save_components(self.policy, self.tokenizer, spec, self.mixture, out, lambda m: self._report(m, pairs, split),
+                                 self.config.combine, self.config.combine_k)
+        log.info("reward mixture of %d: annotators per component %s; %s accuracy per group %s; in %s", self.mixture.k,
+                 {k: c["annotators"] for k, c in report["components"].items()}, split.split(" ")[0],
+                 {g: round(v["accuracy"], 4) for g, v in report["groups"].items()}, out)
+
     def _report(self, model, pairs: list[PairRecord], split: str) -> dict:
         return reward_report(model, pairs, split, self.config, self.run.train.eval_batch_size)
 
@@ -343,6 +427,11 @@ class RewardModelAlgorithm(Algorithm):
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------
+
+
+def _heads(config: RewardConfig) -> int:
+    """Score heads of the classifier: K for a mixture, μ and σ for the distributional reward, else one."""
+    return {"mixture": config.num_components, "distributional": 2}.get(config.groups, 1)
 
 
 def _survivors(records: list, examples: list[dict], tokenize) -> list:

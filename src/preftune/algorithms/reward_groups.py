@@ -9,6 +9,9 @@
 
 Whenever the evaluated pairs carry groups, ``reward_eval.json`` gets ``groups``: accuracy, pairs and
 mean margin per group, so the minority's accuracy under pooling is visible.
+
+- ``mixture``: groups unknown; K reward heads fitted by EM over the annotators (algorithms/reward_mixture.py).
+- ``distributional``: groups hidden; a mean and a spread per completion (algorithms/reward_distributional.py).
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ from preftune.data.records import DataError
 
 log = logging.getLogger("preftune.algorithms")
 
-GROUP_MODES = ("pooled", "per_group", "conditioned")
+GROUP_MODES = ("pooled", "per_group", "conditioned", "mixture", "distributional")
 
 
 def apply_groups(mode: str, records: list, source: str, group: str | None = None) -> list:
     """The training (or held-out) records for ``reward.groups = mode`` (``group``: per_group's group)."""
-    if mode == "pooled":
+    if mode in ("pooled", "mixture", "distributional"):  # the mixture's annotators: checked on the training rows (RewardMixture)
         return records
     names = group_names(records, source)  # every row has a group, at least two of them
     if mode == "per_group":

@@ -82,6 +82,17 @@ def warn_single_label_annotators(records: Sequence[Record], source: str) -> list
     return lonely
 
 
+def assignment_accuracy(groups: Sequence[str], components: Sequence[int]) -> tuple[float, dict[int, str]]:
+    """How well a mixture's components recover known groups, up to the components' labels: each
+    component is named after the group most of its annotators belong to, and the accuracy is the share
+    of annotators whose component bears their group's name. Returns (accuracy, component -> name)."""
+    names = {}
+    for k in sorted(set(components)):
+        members = [g for g, c in zip(groups, components) if c == k]
+        names[k] = max(sorted(set(members)), key=members.count)
+    return sum(names[c] == g for g, c in zip(groups, components)) / max(len(groups), 1), names
+
+
 def condition_prompt(prompt, group: str, template: str = GROUP_TEMPLATE):
     """The prompt with the group written into it: text gets ``template`` in front; a conversation gets
     it as a system message (prepended to an existing first system message)."""

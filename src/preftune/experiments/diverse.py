@@ -7,7 +7,9 @@ group-aware methods recover (seed 000's assignment, "Analyze the case with diver
                who labels it with their group's gold reward (ties dropped); the annotators are split
                between the groups by each ``mixes`` entry (0.8 = 80% of the annotators, and pairs, in A)
     held out   pairs on the test prompts labelled by every group: each group's reward-model accuracy
-    reward     BT pooled vs group-conditioned (``reward.groups``), accuracy per group on the held-out pairs
+    reward     BT pooled, per group, group-conditioned and a mixture of K = #groups neural BT models fitted
+               by EM without the group labels (``reward.groups``): accuracy per group on the held-out pairs;
+               for the mixture, which annotators each component got and each component's accuracy per group
     EM         a mixture of K = #groups linear BT models over simple features of the completions, fitted by
                EM without the group labels (``fit_bt_mixture``): which annotators land in which component
     policies   DPO on the pooled pairs, group-robust DPO (grdpo), group-conditioned DPO, RLOO on the
@@ -21,6 +23,7 @@ Built only from the public API, like ``preftune.experiments.sentiment``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -31,11 +34,12 @@ import torch
 
 from preftune.algorithms import ALGORITHMS
 from preftune.config import ConfigError, apply_overrides, doc, from_dict, read_yaml, run_config_to_dict, to_dict
-from preftune.data.groups import condition_prompt, warn_single_label_annotators
+from preftune.data.groups import assignment_accuracy, condition_prompt, warn_single_label_annotators
 from preftune.data.loaders import load_records
 from preftune.eval.evaluate import REFERENCE, evaluate
 from preftune.eval.plots import bar_plot, frontier_plot
 from preftune.eval.report import write_report
+from preftune.experiments.costs import LOAD, estimate_seconds
 from preftune.experiments.sentiment import split_prompts
 from preftune.losses.diverse import fit_bt_mixture
 from preftune.models.cache import write_jsonl
@@ -49,7 +53,7 @@ from preftune.train.loop import train
 log = logging.getLogger("preftune.experiments")
 
 POLICY_METHODS = ("dpo", "grdpo", "dpo_conditioned", "rloo_mean", "rloo_min")
-REWARD_METHODS = ("pooled", "per_group", "conditioned")
+REWARD_METHODS = ("pooled", "per_group", "conditioned", "mixture")
 
 
 def calm(prompts, completions) -> list[float]:
@@ -78,8 +82,9 @@ class DiverseStudyConfig:
     )
     mixes: list[float] = doc(factory=lambda: [0.8, 0.5], help="Share of the annotators (and pairs) in the first group, one study arm each.")
     annotators: int = doc(10, "Annotators in all; each mix splits them between the groups.")
-    reward_methods: list[str] = doc(factory=lambda: ["pooled", "per_group", "conditioned"],
-                                    help="Reward models (reward.groups): 'pooled', 'per_group', 'conditioned'.")
+    reward_methods: list[str] = doc(factory=lambda: ["pooled", "per_group", "conditioned", "mixture"],
+                                    help="Reward models (reward.groups): 'pooled', 'per_group', 'conditioned', 'mixture' "
+                                         "(K = #groups neural BT models fitted by EM without the group labels).")
     policy_methods: list[str] = doc(
         factory=lambda: ["dpo", "grdpo", "dpo_conditioned", "rloo_mean", "rloo_min"],
         help=f"Policies: {', '.join(POLICY_METHODS)}.",
@@ -121,9 +126,31 @@ def load_diverse_config(path: str | None, overrides: list[str]) -> DiverseStudyC
     return from_dict(DiverseStudyConfig, apply_overrides(data, overrides), "study")
 
 
+def plan_stages(cfg: DiverseStudyConfig) -> list[tuple[str, float]]:
+    """Every stage of the study with its estimated seconds on a quiet 2-core CPU, from the per-row costs of
+    ``preftune.experiments.costs`` (measured on the sentiment study's SmolLM2 LoRA runs; this study's reward
+    models train all weights, its RLOO steps accumulate 2 micro-batches, and each policy is evaluated per
+    group together with π_ref). The mixture adds ~8 forward passes over the pairs (its E-steps)."""
+    sample = estimate_seconds(cfg, "pairs") + estimate_seconds(dataclasses.replace(cfg, train_prompts=cfg.test_prompts), "pairs")
+    reward = estimate_seconds(cfg, "reward")
+    rewards = {"pooled": reward, "conditioned": reward, "per_group": reward + LOAD * (len(cfg.groups) - 1),
+               "mixture": LOAD + (reward - LOAD) * (1 + 8 / (3 * cfg.offline_epochs))}
+    stages = [("sample pairs", sample)]
+    for mix in cfg.mixes:
+        arm = _arm_name(mix)
+        stages += [(f"{arm} reward-{m}", rewards[m]) for m in cfg.reward_methods]
+        for m in cfg.policy_methods:
+            rloo = LOAD + 2 * (estimate_seconds(cfg, "rloo") - LOAD)
+            stages.append((f"{arm} {m}", rloo if m.startswith("rloo_") else estimate_seconds(cfg, "dpo")))
+            stages += [(f"{arm} evaluate {m} @{g}", 2 * estimate_seconds(cfg, "evaluate")) for g in cfg.groups]
+    return stages
+
+
 def run_diverse_study(cfg: DiverseStudyConfig, *, progress: bool = True) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    log.info("diverse study: about %.0f minutes on a quiet 2-core CPU (estimated from preftune.experiments.costs)",
+             sum(sec for _, sec in plan_stages(cfg)) / 60)
     t0, timings = time.perf_counter(), {}
 
     train, test = split_prompts(cfg, load_records(cfg.prompts, "prompts"))
@@ -238,8 +265,11 @@ def _run_arm(cfg, mix, samples, golds, held_path, test_prompts, out, progress):
     arm = {"pairs": counts, "reward_models": {}, "policies": {}, "em": _em(cfg, pairs, arm_dir)}
     configs = {}
     for method in cfg.reward_methods:
-        report, configs[f"{name}/reward-{method}"] = _train_reward(cfg, method, pairs_path, held_path, arm_dir / f"reward-{method}")
+        report, configs[f"{name}/reward-{method}"] = _train_reward(cfg, method, pairs_path, held_path, arm_dir / f"reward-{method}",
+                                                                   len(pairs))
         arm["reward_models"][method] = {g: v["accuracy"] for g, v in report["groups"].items()}
+        if method == "mixture":
+            arm["neural_em"] = _neural_em(report)
     models = {}
     for method in cfg.policy_methods:
         model_dir, configs[f"{name}/{method}"] = _train_policy(cfg, method, pairs_path, arm_dir, test_prompts)
@@ -259,17 +289,40 @@ def _common(cfg, out: Path) -> list[str]:
             "train.warmup_steps=1", "train.progress_bar=false"]
 
 
-def _train_reward(cfg, method: str, pairs: Path, held: Path, out: Path) -> tuple[dict, dict]:
-    """Train the reward model(s) of ``reward.groups = method``; {"groups": {g: held-out report}} + config."""
+def _train_reward(cfg, method: str, pairs: Path, held: Path, out: Path, num_pairs: int) -> tuple[dict, dict]:
+    """Train the reward model(s) of ``reward.groups = method``; {"groups": {g: held-out report}} + config
+    (the mixture's: {"groups": {g: its component's report}, "components", "em"})."""
 
+    extra = [f"reward.groups={method}"]
+    if method == "mixture":
+        # The EM's schedule follows the run's length: a quarter pooled warm-up, then 6 E-steps or so.
+        steps = -(-num_pairs // cfg.micro_batch_size) * cfg.offline_epochs
+        extra += [f"reward.num_components={len(cfg.groups)}", f"reward.em_warmup_steps={max(1, steps // 4)}",
+                  f"reward.em_interval_steps={max(1, steps // 8)}"]
     run = load_run_config(None, ["algorithm=reward", *_common(cfg, out), f"data.path={pairs}", f"data.eval_path={held}",
                                  f"train.num_epochs={cfg.offline_epochs}", f"train.learning_rate={cfg.reward_learning_rate}",
-                                 f"reward.groups={method}", *cfg.train_overrides])
-    groups = {}
+                                 *extra, *cfg.train_overrides])
+    report = {"groups": {}}
     for member in ALGORITHMS["reward"].member_runs(run):  # per_group: one run per group
         train(member)
-        groups.update(json.loads((Path(member.output_dir) / "reward_eval.json").read_text())["groups"])
-    return {"groups": groups}, run_config_to_dict(run)
+        result = json.loads((Path(member.output_dir) / "reward_eval.json").read_text())
+        report["groups"].update(result["groups"])
+    if method == "mixture":
+        report["components"] = result["components"]
+        report["em"] = json.loads((out / "em_components.json").read_text())
+    return report, run_config_to_dict(run)
+
+
+def _neural_em(report: dict) -> dict:
+    """The neural mixture's components: their annotators, prior and held-out accuracy per group; which
+    component serves each group; how many annotators landed with their own group (up to labels)."""
+    return {"assignment_accuracy": report["em"].get("assignment_accuracy"),
+            "components": {k: {"annotators": c["annotators"], "prior": c["prior"],
+                               "accuracy": {g: v["accuracy"] for g, v in c["groups"].items()}}
+                           for k, c in report["components"].items()},
+            "serves": {g: v["component"] for g, v in report["groups"].items()},
+            "annotators": {a: {"component": v["component"], "responsibilities": v["responsibilities"]}
+                           for a, v in report["em"]["annotators"].items()}}
 
 
 def _train_policy(cfg, method: str, pairs: Path, arm_dir: Path, test_prompts: list) -> tuple[Path, dict]:
@@ -319,12 +372,7 @@ def _em(cfg, pairs: list[dict], arm_dir: Path) -> dict:
     truth = {a: a.rsplit("-", 1)[0] for a in annotators}
     resp = fit["responsibilities"].tolist()
     component = [max(range(len(r)), key=r.__getitem__) for r in resp]
-    # Name each component by the group most of its annotators belong to; accuracy = annotators in their group's component.
-    names = {}
-    for k in set(component):
-        members = [truth[a] for a, c in zip(annotators, component) if c == k]
-        names[k] = max(set(members), key=members.count)
-    correct = sum(names[c] == truth[a] for a, c in zip(annotators, component)) / len(annotators)
+    correct, names = assignment_accuracy([truth[a] for a in annotators], component)
     em = {"features": ["vader", "words/10", "exclamations", "chars/50"], "weights": fit["weights"].tolist(),
           "prior": fit["prior"].tolist(), "assignment_accuracy": correct,
           "annotators": {a: {"group": truth[a], "component": c, "component_group": names[c], "responsibilities": r}
@@ -364,6 +412,11 @@ def _plots(cfg, results: dict) -> dict[str, bytes]:
             names.append(f"{arm} {a}")
             values.append(info["responsibilities"][0])
     plots["em_components"] = bar_plot(names, values, ylabel="P(component 0 | labels)", title="EM: annotators' responsibilities")
+    neural = [(f"{arm} {a} ({info['component']})", info["responsibilities"][0]) for arm, data in results["arms"].items()
+              for a, info in data.get("neural_em", {}).get("annotators", {}).items()]
+    if neural:
+        plots["neural_em_components"] = bar_plot([n for n, _ in neural], [v for _, v in neural], ylabel="P(component 0 | labels)",
+                                                 title="Neural reward mixture: annotators' responsibilities (component)")
     rm_names, rm_values = [], []
     for arm, data in results["arms"].items():
         for method, acc in data["reward_models"].items():
@@ -390,6 +443,9 @@ def summary(report: Path) -> str:
     for arm, a in data["arms"].items():
         for method, acc in a["reward_models"].items():
             lines.append(f"{arm + ' reward-' + method:28s} " + " ".join(f"{acc.get(g, float('nan')):10.3f} {'':>9s} {'':>7s}" for g in data["settings"]["groups"]))
+        for k, c in a.get("neural_em", {}).get("components", {}).items():
+            accuracy = ", ".join(f"{g} {v:.3f}" for g, v in c["accuracy"].items())
+            lines.append(f"{arm + ' mixture component ' + k:28s} annotators {', '.join(c['annotators'])}; accuracy {accuracy}")
         for method, per_group in a["policies"].items():
             lines.append(f"{arm + ' ' + method:28s} " + " ".join(
                 f"{'':>10s} {per_group[g]['gold_reward']:9.3f} {per_group[g]['kl']:7.2f}" for g in data["settings"]["groups"]))

@@ -8,6 +8,8 @@
 - ``group_robust_dpo_loss`` / ``group_robust_weights``: group-robust DPO (Ramesh et al. 2024, "Group
   Robust Preference Optimization in Reward-free RLHF", Algorithm 1): min_θ max_α Σ_g α_g · L_g(θ),
   α updated by exponentiated gradient, α_g ← α_g · exp(η · L_g), then normalised.
+- ``mean_variance_preference_loss``: distributional preference learning's mean-and-variance reward
+  (Siththaranjan et al. 2023): P(y_w ≻ y_l) = Φ((μ_w − μ_l)/√(σ_w² + σ_l²)); σ flags contested prompts.
 - ``aggregate_rewards``: several rewards -> one, utilitarian ``mean``, MaxMin-RLHF's egalitarian
   ``min`` (eq. 6), or ``weighted``.
 
@@ -67,6 +69,94 @@ def mixture_responsibilities(pair_log_likelihood: Tensor, annotator_index: Tenso
     return torch.softmax(totals + log_prior, dim=-1)
 
 
+def mixture_log_likelihood(pair_log_likelihood: Tensor, annotator_index: Tensor, num_annotators: int,
+                           log_prior: Tensor) -> Tensor:
+    """The observed-data log-likelihood of a BT mixture: Σ_a log Σ_k π_k · Π_{pairs i of a} σ(Δ_k(i)).
+
+    Args: as ``mixture_responsibilities`` (``log_prior`` required). Returns Tensor[] (EM never lowers it).
+    """
+    k = pair_log_likelihood.shape[1]
+    totals = pair_log_likelihood.new_zeros(num_annotators, k).index_add_(0, annotator_index.long(), pair_log_likelihood)
+    return (totals + log_prior).logsumexp(-1).sum()
+
+
+def annotator_directions(feature_differences: Tensor, annotator_index: Tensor, num_annotators: int) -> Tensor:
+    """Each annotator's preferred direction in feature space, to start a mixture from the data.
+
+    d_a = mean over a's pairs of h(x, y_w) − h(x, y_l): the direction a linear BT reward r = w·h of a's
+    pairs alone climbs first (the gradient of their BT log-likelihood at w = 0 is Σ_i d_i / 2). The
+    directions are centred over annotators (what everyone shares says nothing about who differs) and
+    scaled to unit length; an annotator without pairs gets 0.
+
+    Args:
+        feature_differences: Tensor[N, H], h(x_i, y_w) − h(x_i, y_l) per pair.
+        annotator_index: LongTensor[N].
+
+    Returns:
+        Tensor[A, H].
+    """
+    idx = annotator_index.long()
+    sums = feature_differences.new_zeros(num_annotators, feature_differences.shape[1]).index_add_(0, idx, feature_differences)
+    counts = torch.bincount(idx, minlength=num_annotators).to(sums.dtype)
+    means = sums / counts.clamp(min=1)[:, None]
+    centred = means - means[counts > 0].mean(0, keepdim=True)
+    centred[counts == 0] = 0
+    return F.normalize(centred, dim=-1)
+
+
+def spherical_kmeans(points: Tensor, num_clusters: int, *, iterations: int = 50, restarts: int = 8,
+                     seed: int = 0) -> Tensor:
+    """k-means on the unit sphere (cosine similarity), k-means++ starts, the best of ``restarts``
+    (highest total similarity to the assigned centres). Deterministic for a seed.
+
+    Args:
+        points: Tensor[A, H] (normalised inside).
+        num_clusters: K ≤ A.
+
+    Returns:
+        LongTensor[A], each point's cluster 0..K-1; every cluster non-empty, numbered by first member.
+    """
+    a = points.shape[0]
+    if not 1 <= num_clusters <= a:
+        raise ValueError(f"{num_clusters} clusters for {a} points; need 1 <= K <= {a}")
+    x = F.normalize(points.float(), dim=-1)
+    gen = torch.Generator().manual_seed(seed)
+    best, best_score = None, -math.inf
+    for _ in range(restarts):
+        centres = x[_kmeanspp(x, num_clusters, gen)]
+        for _ in range(iterations):
+            labels = (x @ centres.T).argmax(-1)
+            new = F.normalize(torch.stack([x[labels == c].sum(0) for c in range(num_clusters)]), dim=-1)
+            empty = torch.bincount(labels, minlength=num_clusters) == 0
+            new[empty] = centres[empty]
+            if torch.equal(new, centres):
+                break
+            centres = new
+        score = float((x * centres[labels]).sum())
+        if labels.unique().numel() == num_clusters and score > best_score + 1e-6:
+            best, best_score = labels, score
+    if best is None:
+        raise ValueError(f"could not split {a} points into {num_clusters} non-empty clusters (too many equal points)")
+    first = {}
+    for c in best.tolist():
+        first.setdefault(c, len(first))
+    return torch.tensor([first[c] for c in best.tolist()])
+
+
+def _kmeanspp(x: Tensor, k: int, gen: torch.Generator) -> list[int]:
+    """k-means++ seeding on the sphere: each next centre drawn ∝ (1 − max cosine to the chosen)²."""
+    chosen = [int(torch.randint(x.shape[0], (1,), generator=gen))]
+    for _ in range(k - 1):
+        dist = (1 - (x @ x[chosen].T).max(-1).values).clamp(min=0).square()
+        dist[chosen] = 0
+        if float(dist.sum()) <= 0:
+            remaining = [i for i in range(x.shape[0]) if i not in chosen]
+            chosen.append(remaining[int(torch.randint(len(remaining), (1,), generator=gen))])
+            continue
+        chosen.append(int(torch.multinomial(dist, 1, generator=gen)))
+    return chosen
+
+
 def fit_bt_mixture(chosen_items: Tensor, rejected_items: Tensor, annotator_index: Tensor, *, num_items: int,
                    num_annotators: int, num_components: int, features: Tensor | None = None, iterations: int = 30,
                    m_steps: int = 50, lr: float = 0.5, restarts: int = 4, seed: int = 0) -> dict[str, Tensor]:
@@ -105,9 +195,7 @@ def fit_bt_mixture(chosen_items: Tensor, rejected_items: Tensor, annotator_index
                 rewards = params if features is None else params @ features.T
                 loglik = _pair_log_likelihood(rewards, chosen_items, rejected_items)
                 gamma = mixture_responsibilities(loglik, annotator_index, num_annotators, prior.log())
-        with torch.no_grad():
-            totals = torch.zeros(num_annotators, num_components).index_add_(0, annotator_index, loglik)
-            observed = (totals + prior.log()).logsumexp(-1).sum()
+        observed = mixture_log_likelihood(loglik, annotator_index, num_annotators, prior.log())
         if best is None or observed > best["log_likelihood"]:
             centred = rewards - rewards.mean(-1, keepdim=True)
             best = {"rewards": centred, "responsibilities": gamma, "prior": prior, "log_likelihood": observed}
@@ -133,6 +221,32 @@ def _m_step(params: Tensor, features: Tensor | None, chosen: Tensor, rejected: T
         (losses.sum() / len(chosen) + 1e-3 * params.square().mean()).backward()
         opt.step()
     return params.detach()
+
+
+def mean_variance_preference_loss(chosen_mean: Tensor, chosen_std: Tensor, rejected_mean: Tensor,
+                                  rejected_std: Tensor) -> tuple[Tensor, Metrics]:
+    """Distributional preference learning, the mean-and-variance model (Siththaranjan et al. 2023,
+    "Distributional Preference Learning: Understanding and Accounting for Hidden Context in RLHF", §4):
+    a completion's utility over the hidden context (e.g. who is asked) is u(y) ~ N(μ(y), σ(y)²), so
+
+        P(y_w ≻ y_l) = Φ((μ_w − μ_l) / √(σ_w² + σ_l²)),   loss = −log Φ(z).
+
+    A large σ marks a completion whose value depends on whom you ask (a contested prompt); μ is the
+    reward. (The paper's code trains −log σ(√(2π)·z), a logistic stand-in for Φ; this is Φ itself.)
+
+    Args:
+        chosen_mean, rejected_mean: Tensor[B], μ; chosen_std, rejected_std: Tensor[B], σ > 0.
+
+    Returns:
+        losses Tensor[B]; metrics: accuracies (μ_w > μ_l), margins (μ_w − μ_l), log_likelihood (log Φ(z)),
+        pair_std (√(σ_w² + σ_l²)).
+    """
+    pair_std = (chosen_std.square() + rejected_std.square()).sqrt()
+    margins = chosen_mean - rejected_mean
+    log_likelihood = torch.special.log_ndtr(margins / pair_std)
+    metrics = {"accuracies": (margins > 0).to(margins.dtype), "margins": margins.detach(),
+               "log_likelihood": log_likelihood.detach(), "pair_std": pair_std.detach()}
+    return -log_likelihood, metrics
 
 
 def group_robust_dpo_loss(

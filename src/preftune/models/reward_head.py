@@ -15,14 +15,19 @@ What the reward is read at: :func:`finish_reward_ids` drops trailing pad-id toke
 pad token. transformers' pad-id search then lands on the same token as the mask, and a model saved
 by preftune scores identically in plain transformers, with or without that EOS (causal attention:
 the hidden state of a token does not depend on what follows).
+
+A reward mixture (``reward.groups=mixture``) is one backbone with K heads, a K-label classifier:
+:func:`sequence_scores` reads all K (and, for the EM's start, the features the heads read), and
+:func:`component_classifier` cuts one head out as a plain one-label reward model.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from preftune.models.logprobs import _is_fsdp_sharded
 from preftune.models.lora import unwrap
@@ -63,11 +68,23 @@ def sequence_rewards(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor
         input_ids: LongTensor[B, T]; attention_mask: LongTensor[B, T], 1 on real tokens. Every row
             must have at least one real token.
     """
+    scores = sequence_scores(model, input_ids, attention_mask)
+    if scores.shape[-1] != 1:
+        raise ValueError(f"this reward model has {scores.shape[-1]} score heads (a mixture's shared model); score "
+                         "one component's folder (OUTPUT_DIR/component-k) or the run's OUTPUT_DIR")
+    return scores[:, 0]
+
+
+def sequence_scores(model, input_ids: Tensor, attention_mask: Tensor, *, with_features: bool = False):
+    """Every label's score per row, Tensor[B, L] (L = 1 for a reward model, K for a mixture's K heads);
+    with ``with_features`` also the representation the head reads, Tensor[B, H] (decoders: the last
+    real token's final hidden state; encoders: the final hidden state of the first, [CLS], token)."""
     if bool((attention_mask.sum(-1) == 0).any()):
         raise ValueError("a row has no tokens (empty prompt and completion)")
     inner = base_classifier(model)
     if pooling_kind(model) == "model":
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_features)
+        return (out.logits, out.hidden_states[-1][:, 0]) if with_features else out.logits
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
 
     if _is_fsdp_sharded(inner):
@@ -78,7 +95,27 @@ def sequence_rewards(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor
         hidden = getattr(inner, inner.base_model_prefix)(**inputs).last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     last = hidden[rows, last_token_index(attention_mask).to(hidden.device)]  # [B, H]
-    return inner.score(last)[:, 0]
+    scores = inner.score(last)
+    return (scores, last) if with_features else scores
+
+
+def component_classifier(model, component: int):
+    """A plain one-label classifier scoring with head ``component`` of a K-label one (a mixture's shared
+    backbone): a copy, LoRA merged in, whose output layer keeps that row only. ``model`` is unchanged."""
+    single = copy.deepcopy(unwrap(model))  # merge_and_unload folds an adapter in place
+    if hasattr(single, "merge_and_unload"):
+        single = single.merge_and_unload()
+    k = single.config.num_labels
+    name, head = [(n, m) for n, m in single.named_modules() if isinstance(m, nn.Linear) and m.out_features == k][-1]
+    one = nn.Linear(head.in_features, 1, bias=head.bias is not None).to(head.weight.device, head.weight.dtype)
+    with torch.no_grad():
+        one.weight.copy_(head.weight[component : component + 1])
+        if head.bias is not None:
+            one.bias.copy_(head.bias[component : component + 1])
+    parent, _, attr = name.rpartition(".")
+    setattr(single.get_submodule(parent) if parent else single, attr, one)
+    single.config.num_labels = 1
+    return single
 
 
 def finish_reward_ids(prompt_ids: list[int], completion_ids: list[int], tokenizer, kind: PoolingKind) -> tuple[list[int], list[int]]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from preftune.data.collate import collate_completions
 from preftune.data.records import SFTRecord, is_conversational
@@ -194,6 +194,7 @@ class RewardModel:
             saved = saved or rule
         members = []
         for folder in folders:
+            _check_one_output(folder)
             model, tokenizer = load_model(str(folder), model_class=AutoModelForSequenceClassification)
             if device is not None:
                 model = model.to(device)
@@ -219,6 +220,16 @@ class RewardModel:
         member = self.member_scores(prompts, completions, batch_size)
         combined, mean, std = combine_scores(member, self.combine, self.k)
         return RewardScores(combined.tolist(), mean.tolist(), std.tolist(), member.tolist())
+
+
+def _check_one_output(folder: Path | str) -> None:
+    """A local classifier with several outputs (e.g. a reward mixture's shared K-head model) is no reward model."""
+    config = Path(folder) / "config.json"
+    labels = AutoConfig.from_pretrained(str(folder)).num_labels if config.is_file() else 1
+    if labels > 1:
+        raise ModelLoadError(f"{folder}: a classifier with {labels} outputs, a reward model has one; a reward mixture's "
+                             "shared model (reward.groups=mixture) is scored per component, OUTPUT_DIR/component-k, or "
+                             "all components as one ensemble, OUTPUT_DIR; a distributional reward's mean is OUTPUT_DIR/mean")
 
 
 def resolve_reward_paths(path: str | Path) -> tuple[list[Path | str], dict]:
