@@ -11,13 +11,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import preftune.train.loop as loop_mod
 from preftune.run_config import load_run_config
 from preftune.train.metrics import read_metrics
 from tests.conftest import ROOT
-from tests.test_sharding import _Accelerator, _run, data_files, dpo, launch, losses, rloo, sft, weights
+from tests.test_sharding import (
+    _Accelerator, _run, assert_resumed_run_equals, data_files, dpo, launch, losses, rloo, sft, weights)
 from tests.test_train import _free_port, assert_same_weights
 
 NAN_REWARD = f"{ROOT / 'tests' / 'rl_reward.py'}:nan_when_flagged"
@@ -103,12 +103,7 @@ def test_sft_zero_equals_one_process(runs, one_sft, stage, tmp_path):
 @STAGES
 def test_zero_resume_equals_uninterrupted(runs, stage):
     two, _ = runs
-    full, resumed = two / f"sft_{stage}", two / f"sft_{stage}_resumed"
-    strip = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
-    assert strip(read_metrics(resumed / "metrics.jsonl")) == strip(read_metrics(full / "metrics.jsonl"))[2:]
-    a, b = weights(full), weights(resumed)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k  # bit for bit
+    assert_resumed_run_equals(two / f"sft_{stage}", two / f"sft_{stage}_resumed")
 
 
 def test_dpo_zero_equals_one_process(runs, tmp_path, monkeypatch):
