@@ -9,8 +9,9 @@ The rollout batch of ``rl_step_profile.py`` (4 movie-review prompts x 4 samples 
 <= 32 new tokens, T = 1, the sampler's log-probs kept), decoded by:
 
 * ``fp32 sampler``: the ``hf`` rollout backend (the policy's own ``generate``, what RLOO/GRPO run);
-* ``int8 sampler``: the ``int8`` backend (an int8 dynamically quantized copy, ``sampler=int8``);
-* ``fp32 limit`` / ``int8 limit``: a prefill and ``max_new_tokens - 1`` bare single-token cached
+* ``int8 sampler`` / ``fp16 sampler``: the ``int8`` / ``fp16`` backends (a dynamically quantized copy
+  with int8 / fp16 linear weights, ``sampler=int8`` / ``fp16``);
+* ``fp32 limit`` / ``int8 limit`` / ``fp16 limit``: a prefill and ``max_new_tokens - 1`` bare single-token cached
   forwards of the same model over the same batch, nothing else (``rl_step_profile.decode_limit``);
 * ``fp32 static+compile`` (``--compile``): ``generate`` with a static KV cache and the decode step
   compiled by ``torch.compile`` (inductor, CPU); its compile time is reported separately.
@@ -21,9 +22,9 @@ ratios, while the absolute tokens/s are only indicative (the CPU share of other 
 Rates are **row-steps/s**: rows x decode steps (the batch decodes until its last row ends), the work
 the decode loop does; ``tokens/s`` (generated tokens up to each row's EOS) is reported next to it.
 
-The int8 copy's mismatch with the fp32 policy is measured on its own samples: the fp32 training
-forward's log-probs of the int8 sampler's tokens give the mean ratio π_fp32/π_int8 and the k3 estimate
-of KL(π_int8‖π_fp32) per token, the quantities ``tis/ratio`` and ``tis/kl`` of a training run.
+Each quantized copy's mismatch with the fp32 policy is measured on its own samples: the fp32 training
+forward's log-probs of its sampled tokens give the mean ratio π_fp32/π_q and the k3 estimate of
+KL(π_q‖π_fp32) per token, the quantities ``tis/ratio`` and ``tis/kl`` of a training run.
 """
 
 from __future__ import annotations
@@ -131,30 +132,39 @@ def main() -> None:
 
     policy, tok, prompt_ids = rollout_batch(args.model, args.prompts, args.k, args.lora)
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=1.0, batch_size=len(prompt_ids))
-    fp32, int8 = make_backend("hf", tok), make_backend("int8", tok)
+    fp32 = make_backend("hf", tok)
     fp32.sync(policy)
-    t = time.perf_counter()
-    int8.sync(policy)
-    build_s = time.perf_counter() - t
-    t = time.perf_counter()
-    with torch.no_grad():  # an update, so that the refresh re-quantizes every linear layer as it does in training
-        for q in policy.parameters():
-            if q.requires_grad:
-                q.add_(0.0)
-    int8.sync(policy)
-    refresh_s = time.perf_counter() - t
-    last_int8: list = []
+    quantized, build_s, refresh_s, last = {}, {}, {}, {}
+    for name in ("int8", "fp16"):
+        quantized[name] = make_backend(name, tok)
+        t = time.perf_counter()
+        quantized[name].sync(policy)
+        build_s[name] = time.perf_counter() - t
+        with torch.no_grad():  # an update, so that the refresh re-quantizes every linear layer as in training
+            for q in policy.parameters():
+                if q.requires_grad:
+                    q.add_(0.0)
+        t = time.perf_counter()
+        quantized[name].sync(policy)
+        refresh_s[name] = time.perf_counter() - t
 
-    def int8_sampler(seed):
-        rate, tokens, rows = sampler_run(int8, prompt_ids, settings, seed)
-        last_int8[:] = rows
-        return rate, tokens
+    def quantized_sampler(name):
+        def run(seed):
+            rate, tokens, rows = sampler_run(quantized[name], prompt_ids, settings, seed)
+            last[name] = rows
+            return rate, tokens
+        return run
+
+    def limit(model):
+        return lambda seed: (decode_limit(model, tok, prompt_ids, args.max_new_tokens), None)
 
     variants = {
         "fp32 sampler": lambda seed: sampler_run(fp32, prompt_ids, settings, seed)[:2],
-        "int8 sampler": int8_sampler,
-        "fp32 limit": lambda seed: (decode_limit(policy, tok, prompt_ids, args.max_new_tokens), None),
-        "int8 limit": lambda seed: (decode_limit(int8.model, tok, prompt_ids, args.max_new_tokens), None),
+        "int8 sampler": quantized_sampler("int8"),
+        "fp16 sampler": quantized_sampler("fp16"),
+        "fp32 limit": limit(policy),
+        "int8 limit": limit(quantized["int8"].model),
+        "fp16 limit": limit(quantized["fp16"].model),
     }
     compile_s = None
     if args.compile:
@@ -181,8 +191,9 @@ def main() -> None:
     def ratio(a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
 
-    pairs = [("int8 sampler", "fp32 sampler"), ("fp32 sampler", "fp32 limit"), ("int8 sampler", "fp32 limit"),
-             ("int8 sampler", "int8 limit"), ("int8 limit", "fp32 limit")]
+    pairs = [("int8 sampler", "fp32 sampler"), ("fp16 sampler", "fp32 sampler"), ("fp32 sampler", "fp32 limit"),
+             ("int8 sampler", "fp32 limit"), ("fp16 sampler", "fp32 limit"), ("int8 limit", "fp32 limit"),
+             ("fp16 limit", "fp32 limit")]
     if args.compile:
         pairs += [("fp32 static+compile", "fp32 sampler"), ("fp32 static+compile", "fp32 limit")]
     result = {
@@ -190,8 +201,8 @@ def main() -> None:
         "threads": torch.get_num_threads(), "rounds": args.rounds, "other_processes_cpu_share": others,
         "row_steps_per_s": rates, "tokens_per_s": {n: v for n, v in tokens.items() if v},
         "ratios": {f"{a} / {b}": ratio(a, b) for a, b in pairs},
-        "int8_build_s": build_s, "int8_refresh_s": refresh_s, "compile_s": compile_s,
-        "int8_mismatch": mismatch(policy, tok, last_int8),
+        "build_s": build_s, "refresh_s": refresh_s, "compile_s": compile_s,
+        "mismatch": {name: mismatch(policy, tok, rows) for name, rows in last.items()},
     }
     print(f"{args.model}: {len(prompt_ids)} rows x <= {args.max_new_tokens} tokens, {result['threads']} thread(s), "
           f"{args.rounds} interleaved rounds (other processes used {others:.0%} of the CPUs)")
@@ -200,9 +211,10 @@ def main() -> None:
         print(f"  {name:20s} {statistics.median(rates[name]):7.1f} row-steps/s{tok_s}")
     for key, value in result["ratios"].items():
         print(f"  {key:40s} {value:5.2f}x")
-    m = result["int8_mismatch"]
-    print(f"int8 copy: built in {build_s:.1f} s, refreshed in {refresh_s:.1f} s; on its {m['tokens']} sampled tokens "
-          f"π_fp32/π_int8 = {m['mean_ratio']:.4f}, KL(π_int8‖π_fp32) = {m['kl_k3']:.2e}, max |Δ log π| = {m['max_abs_dlogp']:.3f}")
+    for name, m in result["mismatch"].items():
+        print(f"{name} copy: built in {build_s[name]:.1f} s, refreshed in {refresh_s[name]:.1f} s; on its {m['tokens']} sampled "
+              f"tokens π_fp32/π_{name} = {m['mean_ratio']:.4f}, KL(π_{name}‖π_fp32) = {m['kl_k3']:.2e}, "
+              f"max |Δ log π| = {m['max_abs_dlogp']:.3f}")
     if compile_s is not None:
         print(f"static cache + torch.compile: first call (compile) {compile_s:.0f} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ the fp32 decode limit of this machine.
     python benchmarks/rl_step_profile.py                                  # GRPO on SmolLM2-135M, 4 prompts x 4, 32 tokens
     python benchmarks/rl_step_profile.py --algorithm rloo --steps 3 --threads 1
     python benchmarks/rl_step_profile.py --model tiny-random-llama        # smoke run
-    python benchmarks/rl_step_profile.py --sampler int8 --threads 1       # rollouts from the int8 copy (TIS cap 2)
+    python benchmarks/rl_step_profile.py --sampler fp16 --threads 1       # rollouts from a quantized copy (TIS cap 2)
 
 One process, the real loop's pieces: the algorithm's rollout (``make_rollout``: sampling, reward,
 old-policy / reference forward, advantages) and the loop's step (``_run_step``: forward + backward of
@@ -81,8 +81,8 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.05, help="KL coefficient (0 for GRPO keeps no reference forward)")
     p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--sampler", default="hf", choices=["hf", "int8"], help="rollout backend (<algorithm>.sampler)")
-    p.add_argument("--tis-cap", type=float, default=None, help="<algorithm>.tis_cap (default: 2.0 with --sampler int8, else off)")
+    p.add_argument("--sampler", default="hf", choices=["hf", "int8", "fp16"], help="rollout backend (<algorithm>.sampler)")
+    p.add_argument("--tis-cap", type=float, default=None, help="<algorithm>.tis_cap (default: 2.0 with a quantized sampler, else off)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rl_step_profile.json"))
     args = p.parse_args()
     if args.threads:

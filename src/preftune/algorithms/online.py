@@ -45,10 +45,12 @@ TIS_HELP = (
     "(bf16 decode, sampler=int8, which requires it). null = off."
 )
 SAMPLER_HELP = (
-    "Rollout backend (preftune/rollout/backends.py). 'hf': the policy's own generate (KV cache; exact). 'int8': an "
-    "int8 dynamically quantized copy of the policy (CPU, LoRA merged; ~2x the fp32 decode speed), re-quantized "
-    "from the policy before every rollout; its samples are corrected by truncated importance sampling, so it needs "
-    "tis_cap, and the old-policy log-probs are recomputed by the fp32 training forward."
+    "Rollout backend (preftune/rollout/backends.py). 'hf': the policy's own generate (KV cache; exact). 'int8' / "
+    "'fp16': a dynamically quantized copy of the policy with int8 / fp16 linear weights (CPU, LoRA merged), "
+    "re-quantized from the policy before every rollout; their samples are corrected by truncated importance "
+    "sampling, so they need tis_cap, and the old-policy log-probs are recomputed by the fp32 training forward. "
+    "On SmolLM2-135M: int8 decodes ~1.9x faster but is far from the policy (KL ~0.5 nats/token: activation "
+    "outliers), fp16 ~1.3x faster within KL ~3e-6."
 )
 
 
@@ -87,7 +89,7 @@ class RolloutConfig:
         "and the KL measure the policy and not dropout noise.",
     )
     log_samples_steps: int = doc(10, "Write a few prompt/response/reward samples to OUTPUT_DIR/samples.jsonl every N rollouts (0 = never).")
-    sampler: Literal["hf", "int8"] = doc("hf", SAMPLER_HELP)
+    sampler: Literal["hf", "int8", "fp16"] = doc("hf", SAMPLER_HELP)
 
     def validate(self, path: str) -> None:
         if self.samples_per_prompt < 1 or self.max_new_tokens < 1 or self.generation_batch_size < 1:
@@ -222,9 +224,9 @@ class OnlineAlgorithm(Algorithm):
 
     def _sync_sampler(self, accelerator) -> float:
         """Hand the rollout backend the current policy (the updates since the last rollout); seconds taken."""
-        if self.config.sampler == "int8" and accelerator.device.type != "cpu":
-            raise ConfigError(f"{self.name}.sampler=int8 runs on CPU (x86 int8 kernels); this run trains on "
-                              f"{accelerator.device}: use sampler=hf")
+        if self.config.sampler != "hf" and accelerator.device.type != "cpu":
+            raise ConfigError(f"{self.name}.sampler={self.config.sampler} runs on CPU (x86 fbgemm kernels); this run "
+                              f"trains on {accelerator.device}: use sampler=hf")
         start = time.perf_counter()
         self.sampler.sync(self.policy)
         return time.perf_counter() - start

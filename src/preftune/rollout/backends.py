@@ -16,8 +16,8 @@ those log-probs are the training forward's (to float rounding): only then may an
 as the old policy's (``reuse_sampler_logps``); otherwise the old policy is recomputed by the training
 forward and the sampler's log-probs feed truncated importance sampling (``tis_cap``).
 
-Backends: ``hf`` (the policy's own ``generate``, the default) and ``int8`` (``quantized.py``: an int8
-copy of the policy on CPU). A vLLM-style engine would be a third class with the same three members:
+Backends: ``hf`` (the policy's own ``generate``, the default), ``int8`` and ``fp16`` (``quantized.py``:
+a dynamically quantized copy of the policy on CPU). A vLLM-style engine would be a third class with the same three members:
 ``generate`` sampling from its own copy of the weights, ``sync`` pushing the policy's (LoRA merged)
 weights into it after each update, ``exact = False``.
 """
@@ -33,7 +33,7 @@ from preftune.rollout.sampling import generate_completions
 
 __all__ = ["SAMPLERS", "HFBackend", "RolloutBackend", "SamplingSettings", "make_backend"]
 
-SAMPLERS = ("hf", "int8")
+SAMPLERS = ("hf", "int8", "fp16")
 """The backends ``<algorithm>.sampler`` chooses from."""
 
 
@@ -93,8 +93,8 @@ def make_backend(name: str, tokenizer, *, exact: bool = True) -> RolloutBackend:
     precision is fp32 (under bf16/fp16 autocast the decode rounds differently from a full forward)."""
     if name == "hf":
         return HFBackend(tokenizer, exact=exact)
-    if name == "int8":
-        from preftune.rollout.quantized import Int8Backend
+    if name in ("int8", "fp16"):
+        from preftune.rollout.quantized import QuantizedBackend
 
-        return Int8Backend(tokenizer)
+        return QuantizedBackend(tokenizer, name)
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")

@@ -1,10 +1,17 @@
-"""The ``int8`` rollout backend: samples from an int8 dynamically quantized copy of the policy (CPU).
+"""The quantized rollout backends (CPU): samples from a dynamically quantized copy of the policy.
 
-Every ``nn.Linear`` of the copy (attention and MLP projections and the output head) holds int8
-weights, one scale per output channel (symmetric), and quantizes its input per batch on the fly
-(``torch.ao.quantization.quantize_dynamic``, the x86/fbgemm int8 GEMM); embeddings and norms stay fp32.
-At the decode shape (a few rows, one token each) a forward then reads a quarter of the weight bytes,
-which is what bounds it. A LoRA policy is quantized from its merged weights (base + B·A·α/r).
+``int8``: every ``nn.Linear`` of the copy (attention and MLP projections and the output head) holds
+int8 weights, one scale per output channel (symmetric), and quantizes its input per batch on the fly
+(``torch.ao.quantization.quantize_dynamic``, the x86/fbgemm int8 GEMM). ``fp16``: the linear layers
+hold fp16 weights and compute in fp32 (fbgemm's fp16 GEMM). Embeddings and norms stay fp32. At the
+decode shape (a few rows, one token each) a forward is bound by reading the weights, so a quarter
+(int8) or half (fp16) of the bytes is what makes it faster. A LoRA policy is quantized from its merged
+weights (base + B·A·α/r).
+
+Measured on SmolLM2-135M (``benchmarks/decode_speed.py``, README): int8's per-tensor 8-bit
+activations cannot hold the model's activation outliers (the MLP down projection's input above all),
+so its log-probs are far from the policy's (KL(π_int8‖π) ~0.5 nats per token); fp16's KL is ~3e-6.
+On a model without such outliers (the tiny test model) int8's KL is ~5e-6.
 
 ``sync(policy)`` (before every rollout) re-quantizes the current weights into the same copy, in place:
 the copy is built once, each refresh costs one pass over the weights. The samples are a seeded
@@ -29,7 +36,15 @@ from torch import nn
 from preftune.models.lora import is_peft_model, unwrap
 from preftune.rollout.backends import SamplingSettings, sample
 
-__all__ = ["Int8Backend", "quantize_int8"]
+__all__ = ["QUANTIZED", "QuantizedBackend", "quantize_copy", "refresh_copy"]
+
+QUANTIZED = {"int8": torch.qint8, "fp16": torch.float16}
+"""Quantized samplers and the weight dtype of their linear layers."""
+
+
+def _qconfig(dtype: torch.dtype):
+    q = torch.ao.quantization
+    return q.per_channel_dynamic_qconfig if dtype == torch.qint8 else q.float16_dynamic_qconfig
 
 
 @contextmanager
@@ -79,17 +94,18 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(inner)
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """An int8 dynamically quantized copy of ``model`` (fp32, CPU; LoRA merged), in eval mode, no grads."""
+def quantize_copy(model: nn.Module, dtype: torch.dtype = torch.qint8) -> nn.Module:
+    """A dynamically quantized copy of ``model`` (fp32, CPU; LoRA merged) whose linear layers hold
+    ``dtype`` (torch.qint8 or torch.float16) weights, in eval mode, no grads."""
     if next(model.parameters()).device.type != "cpu":
-        raise ValueError("the int8 sampler runs on CPU (x86 int8 kernels); this policy is on "
+        raise ValueError("the quantized samplers run on CPU (x86 fbgemm kernels); this policy is on "
                          f"{next(model.parameters()).device}")
     plain = _plain_copy(model).float().eval()
     for p in plain.parameters():
         p.requires_grad_(False)
     with _quiet():
         return torch.ao.quantization.quantize_dynamic(
-            plain, {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
+            plain, {nn.Linear: _qconfig(dtype)}, dtype=dtype, inplace=True
         )
 
 
@@ -101,8 +117,8 @@ def _int8_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def refresh_int8(quantized: nn.Module, model: nn.Module, versions: dict | None = None) -> int:
-    """Re-quantize ``model``'s current weights into ``quantized`` (built by :func:`quantize_int8` from
+def refresh_copy(quantized: nn.Module, model: nn.Module, versions: dict | None = None) -> int:
+    """Re-quantize ``model``'s current weights into ``quantized`` (built by :func:`quantize_copy` from
     the same architecture): linear layers re-quantized, every other parameter copied. ``versions``
     (kept by the caller between refreshes) skips layers no update touched since the last refresh, e.g.
     a frozen output head under LoRA. Returns how many linear layers were re-quantized."""
@@ -112,20 +128,22 @@ def refresh_int8(quantized: nn.Module, model: nn.Module, versions: dict | None =
     with _quiet():
         for name, layer, lora in _linear_layers(model):
             if name not in targets:
-                raise RuntimeError(f"the int8 sampler has no linear layer {name!r}: the policy's architecture changed")
+                raise RuntimeError(f"the quantized sampler has no linear layer {name!r}: the policy's architecture changed")
             seen.add(name)
             key = _version(layer, lora)
             if versions.get(name) == key:
                 continue
             bias = None if layer.bias is None else layer.bias.detach().float()
-            targets[name].set_weight_bias(_int8_weight(_merged_weight(layer, lora)), bias)
+            weight = _merged_weight(layer, lora)
+            target = targets[name]  # fp16: set_weight_bias packs the fp32 weight to fp16 itself
+            target.set_weight_bias(_int8_weight(weight) if target._packed_params.dtype == torch.qint8 else weight, bias)
             versions[name], done = key, done + 1
     if seen != set(targets):
-        raise RuntimeError(f"the policy has no linear layer for the int8 sampler's {sorted(set(targets) - seen)[:3]}")
+        raise RuntimeError(f"the policy has no linear layer for the quantized sampler's {sorted(set(targets) - seen)[:3]}")
     source = dict(_plain_parameters(model))
     for name, p in quantized.named_parameters():
         if name not in source:
-            raise RuntimeError(f"the policy has no parameter {name!r} for the int8 sampler (modules_to_save is not supported)")
+            raise RuntimeError(f"the policy has no parameter {name!r} for the quantized sampler (modules_to_save is not supported)")
         p.copy_(source[name])
     return done
 
@@ -139,24 +157,27 @@ def _plain_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, p.detach()
 
 
-class Int8Backend:
-    """Samples from an int8 copy of the policy, refreshed by ``sync`` (see the module docstring)."""
+class QuantizedBackend:
+    """Samples from a quantized copy of the policy (``int8`` or ``fp16``), refreshed by ``sync`` (see
+    the module docstring)."""
 
-    name = "int8"
     exact = False
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, name: str = "int8"):
+        if name not in QUANTIZED:
+            raise ValueError(f"unknown quantized sampler {name!r}; choose one of {', '.join(QUANTIZED)}")
+        self.name, self.dtype = name, QUANTIZED[name]
         self.tokenizer, self.model, self._versions = tokenizer, None, {}
 
     def sync(self, policy) -> None:
         if self.model is None:
-            self.model = quantize_int8(policy)
+            self.model = quantize_copy(policy, self.dtype)
             self._versions = {name: _version(layer, lora) for name, layer, lora in _linear_layers(policy)}
         else:
-            refresh_int8(self.model, policy, self._versions)
+            refresh_copy(self.model, policy, self._versions)
 
     def generate(self, prompt_ids, settings: SamplingSettings, *, seed, return_logps=False, autocast=nullcontext):
-        """``autocast`` is ignored: the copy computes in int8 / fp32, whatever the training precision."""
+        """``autocast`` is ignored: the copy computes in int8 / fp16 weights and fp32, whatever the training precision."""
         if self.model is None:
             raise RuntimeError("sync(policy) before generate")
         return sample(self.model, self.tokenizer, prompt_ids, settings, seed=seed, return_logps=return_logps)
