@@ -42,14 +42,14 @@ TIS_HELP = (
     "Truncated importance sampling: keep the sampler's log-probs, recompute the old policy's with the training "
     "forward and weight each token's policy-gradient term by min(π_old/π_sampler, cap) (e.g. 2.0); logs the mismatch "
     "(tis/ratio, tis/kl: KL(π_sampler‖π_old), tis/truncated). For samplers that differ from the training forward "
-    "(bf16 decode, sampler=int8, which requires it). null = off."
+    "(bf16 decode, sampler=fp16 / int8, which require it). null = off."
 )
 SAMPLER_HELP = (
     "Rollout backend (preftune/rollout/backends.py). 'hf': the policy's own generate (KV cache; exact). 'int8' / "
     "'fp16': a dynamically quantized copy of the policy with int8 / fp16 linear weights (CPU, LoRA merged), "
     "re-quantized from the policy before every rollout; their samples are corrected by truncated importance "
     "sampling, so they need tis_cap, and the old-policy log-probs are recomputed by the fp32 training forward. "
-    "On SmolLM2-135M: int8 decodes ~1.9x faster but is far from the policy (KL ~0.5 nats/token: activation "
+    "On SmolLM2-135M: int8 decodes ~1.7x faster but is far from the policy (KL ~0.5 nats/token: activation "
     "outliers), fp16 ~1.3x faster within KL ~3e-6."
 )
 
