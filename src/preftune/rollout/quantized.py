@@ -33,7 +33,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from preftune.models.lora import is_peft_model, unwrap
+from preftune.models.loading import _merged_copy
+from preftune.models.lora import is_peft_model, quiet_peft_deprecations, unwrap
 from preftune.rollout.backends import SamplingSettings, sample
 
 __all__ = ["QUANTIZED", "QuantizedBackend", "quantize_copy", "refresh_copy"]
@@ -85,12 +86,11 @@ def _version(layer: nn.Linear, lora: nn.Module | None) -> tuple:
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without wrappers, LoRA adapters merged in."""
     inner = unwrap(model)
     if is_peft_model(inner):
-        from preftune.models.lora import quiet_peft_deprecations
-
         with quiet_peft_deprecations():
-            return copy.deepcopy(inner).merge_and_unload()
+            return _merged_copy(inner)
     return copy.deepcopy(inner)
 
 
