@@ -5,12 +5,14 @@ the fp32 decode limit of this machine.
     python benchmarks/rl_step_profile.py                                  # GRPO on SmolLM2-135M, 4 prompts x 4, 32 tokens
     python benchmarks/rl_step_profile.py --algorithm rloo --steps 3 --threads 1
     python benchmarks/rl_step_profile.py --model tiny-random-llama        # smoke run
+    python benchmarks/rl_step_profile.py --sampler fp16 --threads 1       # rollouts from a quantized copy (TIS cap 2)
 
 One process, the real loop's pieces: the algorithm's rollout (``make_rollout``: sampling, reward,
 old-policy / reference forward, advantages) and the loop's step (``_run_step``: forward + backward of
 every micro-batch), then the optimizer step. Phases are timed by wrapping the methods the loop calls:
 
-* ``generate``: ``OnlineAlgorithm._generate`` (the sampler: ``sample_rollout`` / ``generate``);
+* ``generate``: ``OnlineAlgorithm._generate`` (the rollout backend's ``generate``);
+* ``sampler sync``: ``OnlineAlgorithm._sync_sampler`` (re-quantizing the int8 copy; ~0 for ``hf``);
 * ``reward``: the reward source; ``score_rows``: the old-policy / reference forward of the rollout;
 * ``rollout other``: the rest of ``make_rollout`` (advantages, row building, metrics);
 * ``train fwd+bwd``: ``_run_step``; ``optimizer``: AdamW step and zero_grad.
@@ -79,6 +81,8 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.05, help="KL coefficient (0 for GRPO keeps no reference forward)")
     p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--sampler", default="hf", choices=["hf", "int8", "fp16"], help="rollout backend (<algorithm>.sampler)")
+    p.add_argument("--tis-cap", type=float, default=None, help="<algorithm>.tis_cap (default: 2.0 with a quantized sampler, else off)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rl_step_profile.json"))
     args = p.parse_args()
     if args.threads:
@@ -92,15 +96,18 @@ def main() -> None:
     from preftune.train.optim import build_optimizer
 
     a, rows = args.algorithm, args.prompts * args.k
+    cap = args.tis_cap if args.tis_cap is not None else (2.0 if args.sampler != "hf" else None)
     run = load_run_config(None, [
         f"algorithm={a}", "output_dir=/tmp/rl_step_profile", f"model.name={args.model}", "data.path=builtin:movie_review_prompts",
         "data.max_length=96", f"train.micro_batch_size={args.micro_batch}", f"train.grad_accum_steps={max(1, rows // args.micro_batch)}",
         f"{a}.samples_per_prompt={args.k}", f"{a}.max_new_tokens={args.max_new_tokens}", f"{a}.generation_batch_size={rows}",
         f"{a}.kl_coef={args.beta}", f"{a}.log_samples_steps=0", "model.lora.enabled=true", "model.lora.dropout=0.0",
+        f"{a}.sampler={args.sampler}", *([f"{a}.tis_cap={cap}"] if cap is not None else []),
     ])
     phases: dict[str, float] = defaultdict(float)
     online.OnlineAlgorithm._generate = timed(phases, "generate", online.OnlineAlgorithm._generate)
     online.OnlineAlgorithm._score_rows = timed(phases, "score_rows", online.OnlineAlgorithm._score_rows)
+    online.OnlineAlgorithm._sync_sampler = timed(phases, "sampler sync", online.OnlineAlgorithm._sync_sampler)
     accelerator = Accelerator(cpu=True)
     algo, examples, _, _ = build_algorithm(run)
     algo.reward_fn = timed(phases, "reward", algo.reward_fn)
@@ -133,24 +140,24 @@ def main() -> None:
         phases["optimizer"] += time.perf_counter() - t
     total = time.perf_counter() - start
     others = max(0.0, (system_busy_s() - busy0) - (cpu_s() - cpu0)) / (time.perf_counter() - wall0) / (os.cpu_count() or 1)
-    phases["rollout other"] = phases.pop("rollout") - phases["generate"] - phases["reward"] - phases["score_rows"]
+    phases["rollout other"] = phases.pop("rollout") - phases["generate"] - phases["reward"] - phases["score_rows"] - phases["sampler sync"]
 
     prompts = [source.prompts[i]["prompt_ids"] for i in range(args.prompts) for _ in range(args.k)]
     # best of 3 (and the sampler's best step): on a shared machine the fastest run is the least disturbed one
     limit = max(decode_limit(inner.policy, inner.tokenizer, prompts, args.max_new_tokens) for _ in range(3))
     sampled = max(per_step) if per_step else float("nan")
     result = {
-        "model": args.model, "algorithm": a, "rows": rows, "max_new_tokens": args.max_new_tokens, "beta": args.beta,
+        "model": args.model, "algorithm": a, "sampler": args.sampler, "tis_cap": cap, "rows": rows, "max_new_tokens": args.max_new_tokens, "beta": args.beta,
         "threads": torch.get_num_threads(), "steps": args.steps, "s_per_step": total / args.steps,
         "phases_s_per_step": {k: v / args.steps for k, v in sorted(phases.items(), key=lambda kv: -kv[1])},
         "sampled_tokens_per_s": sampled, "sampled_tokens_per_s_mean": generated / max(phases["generate"], 1e-9), "decode_limit_tokens_per_s": limit, "fraction_of_limit": sampled / limit,
         "other_processes_cpu_share": others,
     }
-    print(f"{a} on {args.model}: {rows} rows x <= {args.max_new_tokens} tokens, β={args.beta}, {result['threads']} threads, "
+    print(f"{a} ({args.sampler} sampler) on {args.model}: {rows} rows x <= {args.max_new_tokens} tokens, β={args.beta}, {result['threads']} threads, "
           f"{result['s_per_step']:.2f} s/step over {args.steps} steps (other processes used {others:.0%} of the CPUs)")
     for name, s in result["phases_s_per_step"].items():
         print(f"  {name:14s} {s:7.2f} s  {s / result['s_per_step']:5.1%}")
-    print(f"decode: sampler {sampled:.1f} tok/s, bare cached forward {limit:.1f} tok/s -> {result['fraction_of_limit']:.0%} of the limit")
+    print(f"decode: sampler {sampled:.1f} tok/s, bare fp32 cached forward {limit:.1f} tok/s -> {result['fraction_of_limit']:.0%} of the limit")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -123,8 +123,8 @@ def _child_preftune(spec: dict, v: dict, probe: Probe) -> None:
 
     original_resolve = rewards_module.resolve_reward
 
-    def resolve_reward(spec_):
-        fn = original_resolve(spec_)
+    def resolve_reward(spec_, **kwargs):
+        fn = original_resolve(spec_, **kwargs)
 
         def reward(prompts, completions):
             scores = fn(prompts, completions)
@@ -198,6 +198,8 @@ def _child_preftune(spec: dict, v: dict, probe: Probe) -> None:
         ]
     if v.get("reuse") is False:
         overrides.append(f"{a}.reuse_sampler_logps=false")
+    if v.get("sampler"):  # a quantized rollout backend, corrected by truncated importance sampling
+        overrides += [f"{a}.sampler={v['sampler']}", f"{a}.tis_cap=2.0"]
     run = load_run_config(None, overrides)
     probe.extra["settings"] = {"overrides": overrides}
     probe.mark("train_start")

@@ -7,6 +7,7 @@
     python benchmarks/rloo_vs_trl.py --variants fp32 --retries 2 --wait-quiet 300   # on a shared machine
     python benchmarks/rloo_vs_trl.py --threads 1 --variants trl,preftune,preftune-noreuse --steps 2 --warmup 1
     python benchmarks/rloo_vs_trl.py --threads 1 --variants grpo --steps 2 --warmup 1   # GRPOTrainer vs preftune grpo
+    python benchmarks/rloo_vs_trl.py --threads 1 --variants trl,preftune,quantized --steps 2 --warmup 1   # + int8 / fp16 samplers
 
 Every contestant ("variant") runs in its own child process, launched one after another by this
 script, so that its peak RSS (``getrusage`` is per process) is its own. Both trainers get:
@@ -99,6 +100,12 @@ VARIANTS: dict[str, dict] = {
     # GRPO: TRL's GRPOTrainer (loss_type=dapo, group std, k3 KL in the loss, one pass) vs preftune's grpo, same settings.
     "trl-grpo": dict(trainer="trl", dtype="fp32", lora=False, algorithm="grpo"),
     "preftune-grpo": dict(trainer="preftune", dtype="fp32", lora=False, algorithm="grpo"),
+    # preftune sampling from a quantized copy of the policy (sampler=int8 / fp16), corrected by TIS (tis_cap=2): the
+    # same work (prompts, k, lengths, reward, β, lr) against the same TRL runs; the target for it is >= 3x.
+    "preftune-int8": dict(trainer="preftune", dtype="fp32", lora=False, sampler="int8"),
+    "preftune-fp16": dict(trainer="preftune", dtype="fp32", lora=False, sampler="fp16"),
+    "preftune-grpo-int8": dict(trainer="preftune", dtype="fp32", lora=False, algorithm="grpo", sampler="int8"),
+    "preftune-grpo-fp16": dict(trainer="preftune", dtype="fp32", lora=False, algorithm="grpo", sampler="fp16"),
     # Diagnosis: TRL without gradient checkpointing (its default is on).
     "trl-nogc": dict(trainer="trl", dtype="fp32", lora=False, gc=False),
     "trl-lora-nogc": dict(trainer="trl", dtype="fp32", lora=True, gc=False),
@@ -110,10 +117,20 @@ GROUPS = {
     "nogc": ["trl-nogc", "trl-lora-nogc"],
     "noreuse": ["preftune-noreuse"],
     "grpo": ["trl-grpo", "preftune-grpo"],
+    "quantized": ["preftune-int8", "preftune-fp16"],
+    "grpo-quantized": ["preftune-grpo-int8", "preftune-grpo-fp16"],
 }
-# (ours, theirs, speed target) — the target: >= 2x.
+# (ours, theirs, speed target) — the target: >= 2x exact, >= 3x with the quantized sampler.
 COMPARISONS = [
     ("preftune", "trl", 2.0),
+    ("preftune-int8", "trl", 3.0),
+    ("preftune-fp16", "trl", 3.0),
+    ("preftune-grpo-int8", "trl-grpo", 3.0),
+    ("preftune-grpo-fp16", "trl-grpo", 3.0),
+    ("preftune-int8", "preftune", None),
+    ("preftune-fp16", "preftune", None),
+    ("preftune-grpo-int8", "preftune-grpo", None),
+    ("preftune-grpo-fp16", "preftune-grpo", None),
     ("preftune-lora", "trl-lora", 2.0),
     ("preftune-bf16", "trl-bf16", 2.0),
     ("preftune-noreuse", "trl", 2.0),

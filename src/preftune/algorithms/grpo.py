@@ -18,7 +18,7 @@ from typing import Literal, Optional
 import torch
 
 from preftune.algorithms.base import Needs
-from preftune.algorithms.online import OnlineAlgorithm, RolloutConfig
+from preftune.algorithms.online import TIS_HELP, OnlineAlgorithm, RolloutConfig
 from preftune.algorithms.rloo import REUSE_SAMPLER_HELP
 from preftune.config import ConfigError, doc
 from preftune.losses.grpo import (
@@ -26,7 +26,6 @@ from preftune.losses.grpo import (
     aggregation_units,
     clipped_policy_loss,
     gspo_policy_loss,
-    truncated_importance_weights,
 )
 from preftune.models.logprobs import _scored, per_token_logps
 from preftune.rollout.advantages import group_normalized_advantages, overlong_penalty, zero_variance_groups
@@ -48,11 +47,7 @@ class ClippedConfig(RolloutConfig):
     num_epochs: int = doc(1, "μ: passes over each rollout (replayed by the rollout source; the ratio is 1 on the first pass).")
     minibatches: int = doc(1, "Optimizer steps per pass over a rollout (a rollout holds minibatches global batches).")
     reuse_sampler_logps: bool = doc(True, REUSE_SAMPLER_HELP)
-    tis_cap: Optional[float] = doc(
-        None, "Truncated importance sampling: keep the sampler's log-probs, recompute the old policy's with the training "
-        "forward and weight each token's policy-gradient term by min(π_old/π_sampler, cap) (e.g. 2.0); logs the mismatch "
-        "(tis/ratio, tis/kl). For samplers that differ from the training forward (bf16 decode). null = off.",
-    )
+    tis_cap: Optional[float] = doc(None, TIS_HELP)
     dynamic_sampling: bool = doc(
         False, "DAPO dynamic sampling: drop groups whose k rewards are all equal (zero advantage, no signal) and refill "
         "with freshly sampled prompts, up to dynamic_sampling_rounds extra rounds (then zero-variance groups fill the rest).",
@@ -72,8 +67,6 @@ class ClippedConfig(RolloutConfig):
             raise ConfigError(f"{path}: num_epochs and minibatches must be >= 1, dynamic_sampling_rounds >= 0")
         if self.kl_target is not None and self.kl_coef <= 0:
             raise ConfigError(f"{path}.kl_target: the adaptive KL controller starts from kl_coef, which must then be > 0 (got {self.kl_coef})")
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ConfigError(f"{path}.tis_cap: must be > 0 (or null), got {self.tis_cap}")
         if self.dynamic_sampling and self.samples_per_prompt < 2:
             raise ConfigError(f"{path}.dynamic_sampling: needs samples_per_prompt >= 2, got {self.samples_per_prompt}")
         if self.overlong_buffer is not None and not 0 < self.overlong_buffer <= self.max_new_tokens:
@@ -119,7 +112,6 @@ class ClippedPolicyGradient(OnlineAlgorithm):
             raise ConfigError(f"{self.name}.dynamic_sampling: not supported with train.sharding={run.train.sharding} "
                               "(each process would sample a different number of times); turn one of them off")
         super().__init__(config, policy, tokenizer, run)
-        self.token_fields = self.token_fields + (("sampler_logps",) if config.tis_cap is not None else ())
         self._pool: list[dict] = []
 
     def uses_reference(self) -> bool:
@@ -187,10 +179,10 @@ class ClippedPolicyGradient(OnlineAlgorithm):
         pg, pm = self.policy_loss(logps, batch, mask)
         n = mask.sum().float()
         metrics = {f"policy/{k}": (v.sum(), n) for k, v in pm.items()}
-        if c.tis_cap is not None:
-            weights, _ = truncated_importance_weights(batch["old_logps"], batch["sampler_logps"], mask, cap=c.tis_cap)
+        weights, tis_metrics = self.tis_weights(batch, mask)
+        if weights is not None:
             pg = pg * weights
-            metrics["tis/weight"] = (weights.sum(), n)
+            metrics.update(tis_metrics)
         per_token = pg + self.kl_loss_term(logps, batch)
         if not c.kl_in_reward and self.uses_reference():
             metrics["kl/loss_term"] = (torch.where(mask, per_token - pg, 0.0).sum().detach(), n)

@@ -4,12 +4,12 @@ or group-normalised advantages (GRPO-style, Shao et al. 2024) as an option of th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
 from preftune.algorithms.base import Metrics
-from preftune.algorithms.online import OnlineAlgorithm, RolloutConfig, masked_row_sum
+from preftune.algorithms.online import TIS_HELP, OnlineAlgorithm, RolloutConfig, masked_row_sum
 from preftune.config import ConfigError, doc
 from preftune.losses.rl import reinforce_loss
 from preftune.models.logprobs import per_token_logps
@@ -30,6 +30,7 @@ class RLOOConfig(RolloutConfig):
         "rloo", "'rloo': r_i − mean of the other samples of the prompt; 'group_normalized': (r_i − mean) / std over the group (GRPO)."
     )
     reuse_sampler_logps: bool = doc(True, REUSE_SAMPLER_HELP)
+    tis_cap: Optional[float] = doc(None, TIS_HELP)
 
     def validate(self, path: str) -> None:
         super().validate(path)
@@ -39,15 +40,19 @@ class RLOOConfig(RolloutConfig):
 
 def policy_gradient_forward(algo: OnlineAlgorithm, batch: dict) -> tuple[torch.Tensor, Metrics]:
     """Σ over rows of −A·Σ_t log π(y_t) (+ β·Σ_t KL_t when the KL is a loss term): seed 000's
-    REINFORCE gradient E[A ∇log π(y|x)], one unit per sequence."""
+    REINFORCE gradient E[A ∇log π(y|x)], one unit per sequence. With TIS (``tis_cap``) each token's
+    term −A·log π(y_t) is weighted by min(π_old/π_sampler, cap)."""
     logps = per_token_logps(algo.policy, batch)
     mask = batch["completion_mask"].clone()
     mask[:, 0] = False
     losses, _ = reinforce_loss(logps, batch["advantage"], mask)
+    weights, metrics = algo.tis_weights(batch, mask)
+    if weights is not None:
+        losses = losses * weights
     per_row = masked_row_sum(losses + algo.kl_loss_term(logps, batch), mask)
     ratio = torch.exp(logps - batch["old_logps"])
     n = torch.tensor(float(mask.sum()), device=logps.device)
-    return per_row.sum(), {"policy/ratio": (torch.where(mask, ratio, 0.0).sum().detach(), n)}
+    return per_row.sum(), {"policy/ratio": (torch.where(mask, ratio, 0.0).sum().detach(), n), **metrics}
 
 
 class RLOO(OnlineAlgorithm):
@@ -58,6 +63,9 @@ class RLOO(OnlineAlgorithm):
 
     def reuse_sampler_logps(self) -> bool:
         return self.config.reuse_sampler_logps
+
+    def tis_cap(self) -> Optional[float]:
+        return self.config.tis_cap
 
     def advantages(self, rows, *, scores, rewards, forward, global_rewards, accelerator):
         k = self.config.samples_per_prompt
