@@ -94,6 +94,7 @@ def make_backend(name: str, tokenizer, *, exact: bool = True) -> RolloutBackend:
     if name == "hf":
         return HFBackend(tokenizer, exact=exact)
     if name in ("int8", "fp16"):
+        # here, not at the top: quantized.py builds on this module's SamplingSettings and sample
         from preftune.rollout.quantized import QuantizedBackend
 
         return QuantizedBackend(tokenizer, name)
