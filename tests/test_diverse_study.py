@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from preftune.eval.report import format_number
+from preftune.eval.formatting import format_number
 from tests.conftest import cli
 
 

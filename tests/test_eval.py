@@ -212,6 +212,30 @@ def test_report_is_valid_html_and_escapes_data(tmp_path):
     assert saved["configs"]["eval"]["models"] == ["a=b"] and saved["environment"]["torch"] == torch.__version__
 
 
+def test_markdown_results_carry_the_json_numbers_claims_first(tmp_path):
+    results = {
+        "claims": [{"claim": 1, "title": "DPO | RL", "verdict": "confirmed", "sentence": "RL is higher.",
+                    "comparisons": [{"comparison": "rloo − dpo", "difference": 0.25, "se": 0.05, "z": 5.0}],
+                    "notes": ["few prompts"]}],
+        "models": {"reference": {"algorithm": "reference", "reward_mean": 0.1, "kl": 0.0},
+                   "dpo": {"algorithm": "dpo", "reward_mean": 2 / 3, "reward_se": 0.01, "kl": 1.5,
+                           "win_rate": {"rate": 0.75}}},
+        "best_of_n": {"n": [1, 4], "kl": [0.0, 0.636], "gold_mean": [0.1, 0.3], "gold_se": [0.01, 0.02],
+                      "proxy_mean": [0.0, 0.5], "proxy_se": [0.01, 0.01]},
+    }
+    write_report(results, tmp_path, title="study")
+    md = (tmp_path / "results.md").read_text()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert md.index("## Claim 1: DPO | RL") < md.index("## Models") < md.index("## Best-of-n")
+    assert "**Confirmed.** RL is higher." in md and "| rloo − dpo | 0.2500 | 0.0500 | 5.0000 |" in md and "- few prompts" in md
+    rows = {line.split(" | ")[0].lstrip("| "): line.strip("| ").split(" | ") for line in md.splitlines() if line.startswith("| dpo |")}
+    header = next(line for line in md.splitlines() if line.startswith("| model |")).strip("| ").split(" | ")
+    cells = dict(zip(header, rows["dpo"]))
+    assert cells["gold reward"] == format_number(saved["models"]["dpo"]["reward_mean"]) == "0.6667"
+    assert cells["win rate vs ref"] == "0.7500" and "repeated 3-grams" not in header  # a column nobody has is left out
+    assert "| 4 | 0.6360 | 0.3000 | 0.0200 | 0.5000 | 0.0100 |" in md
+
+
 # --------------------------------------------------------------------------------------------------
 # config and the command line
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from preftune.eval.metrics import (
                                    win_rate,
 )
 from preftune.eval.plots import bar_plot, frontier_plot, overoptimization_plot
-from preftune.eval.report import environment, format_number, write_report
+from preftune.eval.formatting import format_number
+from preftune.eval.report import environment, write_report
 
 __all__ = [
     "REFERENCE", "bar_plot", "best_of_n_curve", "best_of_n_kl", "describe_model", "distinct_n", "environment",

@@ -16,14 +16,15 @@ import sys
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from preftune.eval.formatting import format_number, lookup
+from preftune.eval.report_markdown import render_markdown
 from preftune.models.cache import write_text
 from preftune.rewards.evaluation import json_ready
 
-__all__ = ["MODEL_COLUMNS", "environment", "format_number", "write_report"]
+__all__ = ["MODEL_COLUMNS", "environment", "write_report"]
 
 # (key in a model's metrics, column header); dotted keys reach into the win_rate dict.
 MODEL_COLUMNS = [
@@ -72,19 +73,6 @@ pre { background: #f7f7f7; padding: 0.75em; overflow-x: auto; font-size: 0.85em;
 """
 
 
-def format_number(value: Any) -> str:
-    """How the report prints a value: floats with 4 decimals, ints as they are, None as 'n/a'."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
 def environment() -> dict:
     """Versions of what produced the numbers: Python, platform, torch (+ CUDA), transformers, peft, preftune."""
 
@@ -112,7 +100,8 @@ def write_report(
     configs: Mapping | None = None,
     plots: Mapping[str, bytes] | None = None,
 ) -> Path:
-    """Write ``out_dir/results.json``, ``out_dir/NAME.png`` per plot and ``out_dir/report.html``.
+    """Write ``out_dir/results.json``, ``out_dir/NAME.png`` per plot, ``out_dir/report.html`` and
+    ``out_dir/results.md`` (claims and tables in Markdown, for documentation).
 
     Args:
         results: from :func:`preftune.eval.evaluate` (``settings``, ``models``), optionally with
@@ -136,7 +125,9 @@ def write_report(
     plots = dict(plots or {})
     for name, png in plots.items():
         write_text(out_dir / f"{name}.png", png)
-    page = render_html(json.loads(text), plots)  # the numbers shown are the numbers written
+    parsed = json.loads(text)  # the numbers shown are the numbers written
+    write_text(out_dir / "results.md", render_markdown(parsed).encode("utf-8"))
+    page = render_html(parsed, plots)
     path = out_dir / "report.html"
     write_text(path, page.encode("utf-8"))
     return path
@@ -232,21 +223,14 @@ def _figure(name: str, png: bytes) -> str:
     return f'<figure id="plot-{name}"><img src="{uri}" alt="{name}"><figcaption>{name}</figcaption></figure>'
 
 
-def _lookup(metrics: Mapping, key: str):
-    value: Any = metrics
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, Mapping) else None
-    return value
-
-
 def _models_table(models: Mapping) -> str:
     e = html.escape
-    columns = [(k, h) for k, h in MODEL_COLUMNS if any(_lookup(m, k) is not None for m in models.values())]
+    columns = [(k, h) for k, h in MODEL_COLUMNS if any(lookup(m, k) is not None for m in models.values())]
     head = '<tr><th class="text">model</th>' + "".join(f"<th>{e(h)}</th>" for _, h in columns) + "</tr>"
     rows = []
     for name, metrics in models.items():
         cells = "".join(
-            f'<td data-key="{e(k)}"{_TEXT if k == "algorithm" else ""}>{e(format_number(_lookup(metrics, k)))}</td>'
+            f'<td data-key="{e(k)}"{_TEXT if k == "algorithm" else ""}>{e(format_number(lookup(metrics, k)))}</td>'
             for k, _ in columns
         )
         rows.append(f'<tr data-model="{e(str(name))}"><td class="text">{e(str(name))}</td>{cells}</tr>')

@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 
 from preftune.config import to_dict
 from preftune.eval.plots import frontier_plot
-from preftune.eval.report import environment, format_number
+from preftune.eval.formatting import format_number
+from preftune.eval.report import environment
 from preftune.models.cache import write_text
 from preftune.pipeline import state
 from preftune.pipeline.spec import Pipeline
