@@ -222,6 +222,8 @@ def test_markdown_results_carry_the_json_numbers_claims_first(tmp_path):
                            "win_rate": {"rate": 0.75}}},
         "best_of_n": {"n": [1, 4], "kl": [0.0, 0.636], "gold_mean": [0.1, 0.3], "gold_se": [0.01, 0.02],
                       "proxy_mean": [0.0, 0.5], "proxy_se": [0.01, 0.01]},
+        "timings_seconds": {"train dpo": 12.5, "total (all jobs, as they ran)": 12.5}, "cpu_seconds": {"train dpo": 20.0},
+        "machine": {"cpus": 2},
     }
     write_report(results, tmp_path, title="study")
     md = (tmp_path / "results.md").read_text()
@@ -234,6 +236,7 @@ def test_markdown_results_carry_the_json_numbers_claims_first(tmp_path):
     assert cells["gold reward"] == format_number(saved["models"]["dpo"]["reward_mean"]) == "0.6667"
     assert cells["win rate vs ref"] == "0.7500" and "repeated 3-grams" not in header  # a column nobody has is left out
     assert "| 4 | 0.6360 | 0.3000 | 0.0200 | 0.5000 | 0.0100 |" in md
+    assert "Machine: cpus 2." in md and "| train dpo | 12.5000 | 20.0000 |" in md and "| total (all jobs, as they ran) | 12.5000 | n/a |" in md
 
 
 # --------------------------------------------------------------------------------------------------

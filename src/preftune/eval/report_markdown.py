@@ -45,7 +45,20 @@ def render_markdown(data: Mapping) -> str:
     if curve.get("n"):
         parts += ["## Best-of-n", ""]
         parts += _table(keys, [[format_number(curve[k][i]) for k in keys] for i in range(len(curve["n"]))])
+    timings = data.get("timings_seconds") or {}
+    if timings:
+        cpu = data.get("cpu_seconds") or {}
+        machine = data.get("machine")
+        parts += ["## Wall time", "", *([f"Machine: {_machine(machine)}.", ""] if machine else [])]
+        parts += _table(["stage", "wall seconds", "CPU seconds"],
+                        [[stage, format_number(t), format_number(cpu.get(stage))] for stage, t in timings.items()])
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _machine(machine) -> str:
+    if isinstance(machine, Mapping):
+        return ", ".join(f"{k} {v}" for k, v in machine.items())
+    return str(machine)
 
 
 def _claim(claim: Mapping) -> list[str]:
