@@ -15,8 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 import preftune.train.loop as loop_mod
+from preftune.config import ConfigError
 from preftune.run_config import load_run_config
+from preftune.train import sharding
 from preftune.train.metrics import read_metrics
+from preftune.train.sharding import ShardPlan
+from preftune.train.zero import ZeroPlan
 from tests.conftest import ROOT, sft_rows, write_jsonl
 from tests.test_preference_train import pair_rows
 from tests.test_train import _free_port, assert_same_weights
@@ -259,3 +263,18 @@ def test_accelerate_launch_with_the_fsdp2_config_on_cpu(runs, tmp_path):
     assert "FSDP2: 2 decoder layers" in proc.stderr
     assert losses(tmp_path / "acc" / "metrics.jsonl") == pytest.approx(losses(two / "sft" / "metrics.jsonl"), abs=1e-6)
     assert_same_weights(weights(two / "sft"), weights(tmp_path / "acc"), atol=1e-6)
+
+
+def test_algorithms_see_the_sharding_a_launch_config_asks_for(tmp_path):
+    """An Accelerate launch config shards a run whose ``train.sharding`` says none: the algorithms'
+    refusals read the planned kind (sharding.as_planned), and a one-process run is not refused."""
+    cfg = ROOT / "configs" / "reward_mixture_tiny.yaml"
+    run = load_run_config(cfg, [f"output_dir={tmp_path}"])
+    assert sharding.as_planned(run, None) is run
+    assert sharding.as_planned(run, ShardPlan()).train.sharding == "fsdp2"
+    zero3 = sharding.as_planned(run, ZeroPlan(3))
+    assert zero3.train.sharding == "zero3" and run.train.sharding == "none" and zero3.train.seed == run.train.seed
+    with pytest.raises(ConfigError, match="reward.groups=mixture under train.sharding=zero3"):
+        loop_mod.build_algorithm(zero3)
+    one = load_run_config(cfg, [f"output_dir={tmp_path}", "train.sharding=zero3"])
+    assert sharding.as_planned(one, None).train.sharding == "none"  # one process: nothing sharded, nothing refused

@@ -188,3 +188,51 @@ def test_zero_without_deepspeed_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed
     with pytest.raises(ConfigError, match="scripts/install.sh --deepspeed"):
         import_deepspeed()
+
+
+_AUTOCAST_PROBE = r"""
+import os, sys, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+import deepspeed
+from types import SimpleNamespace
+from preftune.train import zero
+
+seen = []
+
+class Probe(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return self.linear(x).sum()
+
+# What DeepSpeed's engine does on CUDA: it asks torch.is_autocast_enabled() (CUDA) whether the
+# caller runs autocast; here the caller's autocast is the CPU's.
+real = torch.is_autocast_enabled
+torch.is_autocast_enabled = lambda *a: real(*a) if a else real("cpu")
+torch.distributed.init_process_group("gloo")
+t = SimpleNamespace(micro_batch_size=1, max_grad_norm=1.0)
+for bf16 in (False, True):
+    model = Probe()
+    engine = zero.initialize(model, torch.optim.AdamW(model.parameters()), zero.ZeroPlan(2), t, bf16=bf16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        engine(torch.ones(1, 4))
+    print(bf16, seen[-1][0], seen[-1][1], all(not hasattr(p, "comm_dtype") for p in model.parameters()), flush=True)
+"""
+
+
+def test_engine_forward_keeps_the_loops_bf16_autocast(tmp_path):
+    """DeepSpeed's engine turns a caller's autocast off unless its config names one: with bf16 the loop
+    gives it ``torch_autocast`` (gradient reductions kept fp32), so the training forward stays bf16."""
+    _require_deepspeed()
+    probe = tmp_path / "probe.py"
+    probe.write_text(_AUTOCAST_PROBE)
+    proc = subprocess.run([sys.executable, str(probe), str(_free_port())], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT / "src")})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("False ", "True "))]
+    assert proc.returncode == 0 and len(lines) == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # without torch_autocast the engine would switch the caller's autocast off (the bug this guards)
+    assert lines[0].split()[:2] == ["False", "False"]
+    assert lines[1] == "True True torch.bfloat16 True"

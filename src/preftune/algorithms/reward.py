@@ -181,9 +181,10 @@ class RewardModelAlgorithm(Algorithm):
         if config.groups == "per_group" and config.group is None:
             raise ConfigError("reward.groups=per_group: each group trains in OUTPUT_DIR/group-G; run `preftune train`, or "
                               "from Python `preftune.train.ensemble.train_members(run)`")
-        if config.groups in ("mixture", "distributional") and run.train.sharding == "fsdp2":
-            raise ConfigError(f"reward.groups={config.groups} under train.sharding=fsdp2 is not supported (its heads are "
-                              "cut into reward models from the training process's own data and model); use DDP")
+        if config.groups in ("mixture", "distributional") and run.train.sharding in ("fsdp2", "zero3"):
+            raise ConfigError(f"reward.groups={config.groups} under train.sharding={run.train.sharding} is not supported (its "
+                              "heads are cut into reward models from the training process's own data and whole model); "
+                              "use DDP or zero2")
         super().__init__(config, policy, tokenizer, run)
         self._data: dict[str, tuple[list, list[dict]]] = {}  # source -> (records, examples), aligned
         self.mixture: RewardMixture | None = None  # groups=mixture: the EM state, from the training records

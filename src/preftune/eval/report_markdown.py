@@ -41,7 +41,8 @@ def render_markdown(data: Mapping) -> str:
         parts += _table(["model"] + [h for _, h in columns],
                         [[name] + [format_number(lookup(m, k)) for k, _ in columns] for name, m in models.items()])
     curve = data.get("best_of_n") or {}
-    keys = [k for k in ("n", "kl", "gold_mean", "gold_se", "proxy_mean", "proxy_se", "gold_picked_mean", "gold_picked_se") if k in curve]
+    keys = [k for k in ("n", "kl", "gold_mean", "gold_se", "proxy_mean", "proxy_se", "gold_picked_mean", "gold_picked_se")
+            if isinstance(curve.get(k), list) and len(curve[k]) == len(curve.get("n") or [])]
     if curve.get("n"):
         parts += ["## Best-of-n", ""]
         parts += _table(keys, [[format_number(curve[k][i]) for k in keys] for i in range(len(curve["n"]))])

@@ -171,7 +171,7 @@ def _distribute(algo, plan, rows: list[dict], accelerator: Accelerator, t):
     if isinstance(plan, ZeroPlan):
         params = [p for p in algo.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, t)
-        algo = zero.initialize(algo, optimizer, plan, t)  # the engine: DeepSpeed partitions the optimizer's groups
+        algo = zero.initialize(algo, optimizer, plan, t, bf16=accelerator.mixed_precision == "bf16")  # the engine: DeepSpeed partitions the optimizer's groups
         return algo, inner, params, optimizer, rows
     sharding.shard(algo, plan)  # Accelerate never sees the model, so it cannot wrap it a second time
     params = [p for p in algo.parameters() if p.requires_grad]  # the sharded (DTensor) parameters
@@ -190,7 +190,7 @@ def _start(run: RunConfig) -> _Session:
     if isinstance(plan, ZeroPlan):
         zero.import_deepspeed()  # not installed: one line, before the model loads
     set_seed(t.seed)
-    algo, examples, eval_examples, report = build_algorithm(run)
+    algo, examples, eval_examples, report = build_algorithm(sharding.as_planned(run, plan))
     if accelerator.is_main_process:
         log.info("data: %d training rows, %d held out, from %s; %s", len(examples), len(eval_examples), run.data.path, report)
     algo, inner, params, optimizer, both = _distribute(algo, plan, examples + eval_examples, accelerator, t)

@@ -22,6 +22,7 @@ here too and driven by preftune/train/zero.py.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -89,6 +90,16 @@ def plan_for(run: Any, accelerator: Any) -> ShardPlan | ZeroPlan | None:
     if run.train.sharding == "fsdp2":
         return ShardPlan(activation_checkpointing=run.model.gradient_checkpointing)
     return None
+
+
+def as_planned(run: Any, plan: ShardPlan | ZeroPlan | None) -> Any:
+    """``run`` with ``train.sharding`` set to what ``plan`` does ("none", "fsdp2", "zero2", "zero3"), so
+    that algorithms refusing a sharded run (their checks read ``train.sharding``) also see a sharding
+    asked for by an Accelerate launch config, and a one-process "sharded" run is not refused."""
+    kind = "none" if plan is None else f"zero{plan.stage}" if isinstance(plan, ZeroPlan) else "fsdp2"
+    if kind == run.train.sharding:
+        return run
+    return dataclasses.replace(run, train=dataclasses.replace(run.train, sharding=kind))
 
 
 def _launch_fsdp_plugin():

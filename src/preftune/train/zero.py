@@ -110,13 +110,20 @@ def _init_distributed(deepspeed: Any) -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
-def ds_config(plan: ZeroPlan, t: Any) -> dict:
+def ds_config(plan: ZeroPlan, t: Any, *, bf16: bool = False) -> dict:
+    """The engine's config. ``bf16``: the loop trains under bf16 autocast. The engine's forward turns a
+    CUDA autocast it was not configured for *off* (DeepSpeed's ``autocast_if_enabled``), which would
+    train in fp32 while rollouts and the reference precompute, outside the engine, run in bf16; so its
+    ``torch_autocast`` is the loop's, with no module marked for bf16 gradient communication (the
+    reductions stay fp32, as under DDP and FSDP2)."""
     zero: dict = {"stage": plan.stage}
     if plan.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if plan.offload_params:
         zero["offload_param"] = {"device": "cpu"}
+    autocast = {"torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}} if bf16 else {}
     return {
+        **autocast,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": 1,  # the loop sets each micro-batch's boundary itself
         "gradient_clipping": t.max_grad_norm or 0.0,
@@ -128,13 +135,13 @@ def ds_config(plan: ZeroPlan, t: Any) -> dict:
     }
 
 
-def initialize(algo: nn.Module, optimizer: torch.optim.Optimizer, plan: ZeroPlan, t: Any) -> Any:
+def initialize(algo: nn.Module, optimizer: torch.optim.Optimizer, plan: ZeroPlan, t: Any, *, bf16: bool = False) -> Any:
     """The DeepSpeed engine over ``algo`` (policy, live reference, heads) and the loop's optimizer;
     DeepSpeed takes the optimizer's parameter groups over as flat partitions (the scheduler built
     on it keeps working: the groups are the same dicts)."""
     deepspeed = import_deepspeed()
     _init_distributed(deepspeed)
-    engine, *_ = deepspeed.initialize(model=algo, optimizer=optimizer, config=ds_config(plan, t))
+    engine, *_ = deepspeed.initialize(model=algo, optimizer=optimizer, config=ds_config(plan, t, bf16=bf16))
     if plan.stage == 3:
         zero_models.register(algo.policy, engine.optimizer.parameter_offload)
     offloaded = [name for name, on in (("optimizer", plan.offload_optimizer), ("weights", plan.offload_params)) if on]
