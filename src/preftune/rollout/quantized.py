@@ -56,12 +56,16 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under any wrapper and peft (LoRA layers still in place): module names as in the merged model."""
+    inner = unwrap(model)
+    return inner.get_base_model() if is_peft_model(inner) else inner
+
+
 def _linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Linear, nn.Module | None]]:
     """(module name in the merged model, the fp32 linear layer, its peft LoRA wrapper or None) of every
     linear layer of ``model``."""
-    inner = unwrap(model)
-    base = inner.get_base_model() if is_peft_model(inner) else inner
-    for name, module in base.named_modules():
+    for name, module in _base_model(model).named_modules():
         layer = getattr(module, "base_layer", None)
         if isinstance(layer, nn.Linear) and hasattr(module, "get_delta_weight"):  # a peft LoRA linear
             yield name, layer, module
@@ -150,9 +154,7 @@ def refresh_copy(quantized: nn.Module, model: nn.Module, versions: dict | None =
 
 def _plain_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The non-linear parameters (embeddings, norms) of ``model``, named as in the merged model."""
-    inner = unwrap(model)
-    base = inner.get_base_model() if is_peft_model(inner) else inner
-    for name, p in base.named_parameters(remove_duplicate=False):
+    for name, p in _base_model(model).named_parameters(remove_duplicate=False):
         if ".lora_" not in name and not name.endswith((".base_layer.weight", ".base_layer.bias")):
             yield name, p.detach()
 
