@@ -2,8 +2,11 @@
 
 import html
 import json
+import logging
+import shutil
 
 import pytest
+import torch
 
 from preftune.eval.formatting import format_number
 from tests.conftest import cli
@@ -53,12 +56,59 @@ def test_study_config_errors_are_one_line():
 
 
 def test_full_study_is_sized_for_a_cpu_afternoon():
-    """configs/studies/diverse.yaml says it takes about 2.1 h on a quiet 2-core CPU; the estimate keeps it true."""
+    """configs/studies/diverse.yaml says it takes about 2.2 h on a quiet 2-core CPU; the estimate keeps it true."""
     from preftune.experiments.diverse import load_diverse_config, plan_stages
 
     cfg = load_diverse_config("configs/studies/diverse.yaml", [])
     stages = plan_stages(cfg)
     names = [n for n, _ in stages]
-    assert "mix80 reward-mixture" in names and "mix50 evaluate rloo_min @B" in names and all(s > 0 for _, s in stages)
-    assert sum(s for _, s in stages) / 3600 == pytest.approx(2.1, abs=0.1)
+    assert "mix80 reward-mixture" in names and "evaluate mix50/rloo_min @B" in names and all(s > 0 for _, s in stages)
+    # π_ref is sampled once per group (and once more with the group in the prompt), not once per policy
+    assert sum(n.startswith("evaluate reference") for n in names) == 4
+    assert sum(s for _, s in stages) / 3600 == pytest.approx(2.2, abs=0.1)
     assert sum(s for _, s in stages) < sum(s for _, s in plan_stages(load_diverse_config("configs/studies/diverse.yaml", ["online_steps=40"])))
+
+
+def _weights(model_dir):
+    from safetensors.torch import load_file
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    assert files, model_dir
+    return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
+
+
+def _records(out):
+    return {p.name: p.read_text() for p in (out / "jobs").glob("*.json")}
+
+
+def test_study_resumes_job_by_job(tmp_path, monkeypatch, caplog):
+    """A finished study reruns nothing; a policy killed mid-training continues from its newest checkpoint."""
+    from preftune.experiments.diverse import load_diverse_config, plan_stages, run_diverse_study
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "study"
+    cfg = load_diverse_config("configs/studies/diverse_quick.yaml", [
+        f"output_dir={out}", "mixes=[0.8]", "reward_methods=[pooled]", "policy_methods=[dpo, rloo_min]", "save_steps=1",
+        "train_overrides=[train.progress_bar=false]"])
+    run_diverse_study(cfg, progress=False)
+    first, records = json.loads((out / "results.json").read_text()), _records(out)
+    ran = {r["name"] for r in map(json.loads, records.values())}
+    assert {n for n, _ in plan_stages(cfg)} <= ran  # every planned stage left its record
+
+    run_diverse_study(cfg, progress=False)  # finished: nothing reruns, the same numbers come out
+    assert _records(out) == records and json.loads((out / "results.json").read_text())["models"] == first["models"]
+
+    run_dir = out / "mix80" / "rloo_min"  # killed after its first step: record and final model missing
+    before = _weights(run_dir / "model")
+    (out / "jobs" / "mix80_rloo_min.json").unlink()
+    shutil.rmtree(run_dir / "model")
+    shutil.rmtree(run_dir / "checkpoints" / "step-000002")
+    with caplog.at_level(logging.INFO):
+        run_diverse_study(cfg, progress=False)
+    assert "resumed from" in caplog.text and "step-000001 at step 1" in caplog.text
+    assert "job mix80 dpo: done earlier" in caplog.text and "job mix80 reward-pooled: done earlier" in caplog.text
+    assert _records(out).keys() == records.keys()
+    after = _weights(run_dir / "model")  # the resumed run's weights are the uninterrupted run's ...
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # ... so the kept evaluation still describes them
+    assert json.loads((out / "results.json").read_text())["models"] == first["models"]

@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from preftune.config import run_config_to_dict
+from preftune.eval.evaluate import REFERENCE
 from preftune.run_config import load_run_config
 from preftune.train.checkpoint import list_checkpoints
 from preftune.train.loop import train
 
 log = logging.getLogger("preftune.experiments")
 
-__all__ = ["Ledger", "fingerprint", "train_run"]
+__all__ = ["Ledger", "StudyJobs", "fingerprint", "train_run"]
 
 
 def fingerprint(*parts: Any) -> str:
@@ -113,3 +114,66 @@ def train_run(overrides: list[str], run_dir: Path, key: str) -> dict:
     config = run_config_to_dict(run)
     config["train"].pop("resume_from", None)  # the same run whether or not it was resumed
     return {"model_dir": str(result.model_dir), "config": config}
+
+
+
+class StudyJobs:
+    """A study's jobs in the planned order: each run through the ledger (skipped when done earlier with
+    the same key) and shown on the study's progress line; their wall and CPU seconds as recorded."""
+
+    def __init__(self, out: Path, progress):
+        self.ledger = Ledger(out)
+        self.progress = progress  # a StudyProgress
+        self.timings: dict[str, float] = {}
+        self.cpu: dict[str, float | None] = {}
+
+    def job(self, stage: str, key: str, fn: Callable[[], Any]) -> dict:
+        record = self.ledger.run(stage, key, fn, on_skip=lambda: self.progress.skip(stage),
+                                 on_start=lambda: self.progress.begin(stage), on_end=self.progress.end)
+        self._timed(stage, record)
+        return record
+
+    def _timed(self, stage: str, record: dict) -> None:
+        self.timings[stage] = record["seconds"]
+        self.cpu[stage] = record.get("cpu_seconds")
+
+    def evaluate(self, models: dict, keys: dict, base: str, run: Callable[[dict, Callable[[str, dict], None]], dict], *,
+                 reference: str = REFERENCE, settings: str = "evaluate settings") -> tuple[dict, dict]:
+        """Evaluate every model of ``models`` (name -> spec) not evaluated earlier, in one pass that
+        samples the reference once; each model's metrics are recorded as soon as it is done, so a
+        killed evaluation keeps the finished ones.
+
+        ``keys``: name -> the key of the model's weights; ``base``: the key of the evaluation settings
+        and of the reference (whose job is ``evaluate {reference}``; each model's ``evaluate {name}``).
+        ``run(pending, on_model)`` evaluates the pending models (``preftune.eval.evaluate.evaluate``
+        with ``on_model``). Returns (the evaluation's settings, name -> metrics, the reference's
+        under ``REFERENCE``)."""
+
+        model_keys = {REFERENCE: base, **{name: fingerprint(base, keys[name]) for name in models}}
+        jobs = {REFERENCE: f"evaluate {reference}", **{name: f"evaluate {name}" for name in models}}
+        done = {name: self.ledger.done(jobs[name], key) for name, key in model_keys.items()}
+        found = self.ledger.done(settings, base)
+        pending = {name: spec for name, spec in models.items() if done[name] is None}
+        for name in models:
+            if done[name] is not None:
+                self.progress.skip(jobs[name])
+        if not pending and found is not None and done[REFERENCE] is not None:
+            self.progress.skip(jobs[REFERENCE])
+        else:
+            order = [REFERENCE, *pending]
+            cpu = [time.process_time()]
+
+            def stored(name: str, metrics: dict) -> None:
+                now = time.process_time()
+                done[name] = self.ledger.record(jobs[name], model_keys[name], metrics, metrics["seconds"], now - cpu[0])
+                cpu[0] = now
+                self.progress.end()
+                if order.index(name) + 1 < len(order):
+                    self.progress.begin(jobs[order[order.index(name) + 1]])
+
+            self.progress.begin(jobs[REFERENCE])
+            fresh = run(pending, stored)
+            found = self.ledger.record(settings, base, fresh["settings"], 0.0)
+        for name, record in done.items():
+            self._timed(jobs[name], record)
+        return found["result"], {name: record["result"] for name, record in done.items()}

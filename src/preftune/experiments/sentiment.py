@@ -34,7 +34,7 @@ from preftune.eval.report import write_report
 from preftune.experiments.claims import judge_claims
 from preftune.experiments.costs import estimate_seconds
 from preftune.experiments.figures import study_plots
-from preftune.experiments.jobs import Ledger, fingerprint, train_run
+from preftune.experiments.jobs import StudyJobs, fingerprint, train_run
 from preftune.experiments.progress import StudyProgress
 from preftune.label.items import load_items
 from preftune.label.session import LabelSession
@@ -172,22 +172,13 @@ def plan_stages(cfg: StudyConfig) -> list[tuple[str, float]]:
     return stages
 
 
-class _Study:
+class _Study(StudyJobs):
     """One run of the study: its jobs in order, each skipped when done earlier (the ledger)."""
 
     def __init__(self, cfg: StudyConfig, out: Path, progress_line, progress: bool):
-        self.cfg, self.out, self.progress, self.show_bars = cfg, out, progress_line, progress
-        self.ledger = Ledger(out)
-        self.timings: dict[str, float] = {}
-        self.cpu: dict[str, float | None] = {}
+        super().__init__(out, progress_line)
+        self.cfg, self.out, self.show_bars = cfg, out, progress
         self.configs: dict = {"study": _as_dict(cfg)}
-
-    def job(self, stage: str, key: str, fn) -> dict:
-        record = self.ledger.run(stage, key, fn, on_skip=lambda: self.progress.skip(stage),
-                                 on_start=lambda: self.progress.begin(stage), on_end=self.progress.end)
-        self.timings[stage] = record["seconds"]
-        self.cpu[stage] = record.get("cpu_seconds")
-        return record
 
     def run(self) -> Path:
         cfg, out = self.cfg, self.out
@@ -225,7 +216,7 @@ class _Study:
                 models[f"{label}@{step}"], keys[f"{label}@{step}"] = str(checkpoint), fingerprint(key, step)
                 algorithms[f"{label}@{step}"] = f"{name} on proxy"
                 proxy_rl_models.append(f"{label}@{step}")
-        results = self.evaluate(models, keys, algorithms, [p.prompt for p in test], proxy, proxy_key)
+        results = self.evaluate_models(models, keys, algorithms, [p.prompt for p in test], proxy, proxy_key)
         if proxy is not None:
             key = fingerprint("best-of-n", self._eval_key(proxy_key, [p.prompt for p in test]), sorted(cfg.best_of_n))
             results["best_of_n"] = self.job("best-of-n curve", key, lambda: self._best_of_n(test, proxy))["result"]
@@ -255,43 +246,19 @@ class _Study:
         cfg = self.cfg
         return fingerprint("evaluate", cfg.model, prompts, cfg.gold_reward, proxy_key, cfg.eval_samples, cfg.max_new_tokens, cfg.seed)
 
-    def evaluate(self, models: dict, keys: dict, algorithms: dict, prompts: list, proxy, proxy_key) -> dict:
+    def evaluate_models(self, models: dict, keys: dict, algorithms: dict, prompts: list, proxy, proxy_key) -> dict:
         """Evaluate every model not evaluated earlier (with the same settings and weights) in one pass
         that samples the reference once; each model's metrics are stored as soon as it is done."""
 
         cfg = self.cfg
-        base = self._eval_key(proxy_key, prompts)
-        model_keys = {REFERENCE: base, **{name: fingerprint(base, keys[name]) for name in models}}
-        done = {name: self.ledger.done(f"evaluate {name}", key) for name, key in model_keys.items()}
-        settings = self.ledger.done("evaluate settings", base)
-        pending = {name: spec for name, spec in models.items() if done[name] is None}
-        for name in models:
-            if done[name] is not None:
-                self.progress.skip(f"evaluate {name}")
-        if pending or settings is None or done[REFERENCE] is None:
-            order = [REFERENCE, *pending]
 
-            cpu = [time.process_time()]
+        def run(pending: dict, on_model) -> dict:
+            return evaluate(pending, cfg.model, prompts, cfg.gold_reward, proxy_reward=proxy, num_samples=cfg.eval_samples,
+                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=16, progress=self.show_bars,
+                            algorithms=algorithms, on_model=on_model)
 
-            def stored(name: str, metrics: dict) -> None:
-                now = time.process_time()
-                done[name] = self.ledger.record(f"evaluate {name}", model_keys[name], metrics, metrics["seconds"], now - cpu[0])
-                cpu[0] = now
-                self.progress.end()
-                if order.index(name) + 1 < len(order):
-                    self.progress.begin(f"evaluate {order[order.index(name) + 1]}")
-
-            self.progress.begin(f"evaluate {REFERENCE}")
-            fresh = evaluate(pending, cfg.model, prompts, cfg.gold_reward, proxy_reward=proxy, num_samples=cfg.eval_samples,
-                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=16, progress=self.show_bars,
-                             algorithms=algorithms, on_model=stored)
-            settings = self.ledger.record("evaluate settings", base, fresh["settings"], 0.0)
-        else:
-            self.progress.skip(f"evaluate {REFERENCE}")
-        for name, record in done.items():
-            self.timings[f"evaluate {name}"] = record["seconds"]
-            self.cpu[f"evaluate {name}"] = record.get("cpu_seconds")
-        return {"settings": settings["result"], "models": {name: done[name]["result"] for name in [REFERENCE, *models]}}
+        settings, done = self.evaluate(models, keys, self._eval_key(proxy_key, prompts), run)
+        return {"settings": settings, "models": {name: done[name] for name in [REFERENCE, *models]}}
 
     def _best_of_n(self, test: list, proxy: str) -> dict:
         cfg = self.cfg
