@@ -3,8 +3,9 @@
     python tests/grpo_dist_worker.py OUT.pt MICRO [MICRO ...]                       # one process
     python -m torch.distributed.run --nproc_per_node 2 tests/grpo_dist_worker.py OUT.pt MICRO ...
 
-For every case of CASES (each aggregation, GSPO, REINFORCE++ with TIS) and every micro-batch size, the
-same 8 rollout rows (ragged lengths, old log-probs far from the policy's so that clipping is active)
+For every case of CASES (each aggregation, GSPO, REINFORCE++ with TIS; a single-pass GRPO whose π_old is its
+training forward) and every micro-batch size, the same 8 rollout rows (ragged lengths, old log-probs far from
+the policy's so that clipping is active)
 go through the loop's ``_run_step``; rank 0 saves {case/micro: flat gradient} to OUT.pt. The update
 must not depend on micro-batch size x accumulation x world size (tests/test_grpo_train.py).
 """
@@ -22,12 +23,15 @@ from preftune.run_config import load_run_config  # noqa: E402
 from preftune.train.loop import _run_step, build_module  # noqa: E402
 
 REWARD = f"{ROOT / 'tests' / 'rl_reward.py'}:low_ids"
-CASES = {
-    "grpo-token": ("grpo", ["grpo.aggregation=token"]),
-    "grpo-sequence": ("grpo", ["grpo.aggregation=sequence", "grpo.epsilon_high=0.28"]),
-    "grpo-dr_grpo": ("grpo", ["grpo.aggregation=dr_grpo"]),
-    "gspo": ("gspo", ["gspo.epsilon_low=0.05", "gspo.epsilon_high=0.05"]),
-    "reinforce_pp-tis": ("reinforce_pp", ["reinforce_pp.tis_cap=1.5", "reinforce_pp.kl_in_reward=false", "reinforce_pp.kl_estimator=k3"]),
+CASES = {  # two epochs: the rows' old log-probs are π_old (a later epoch's step, off-policy)
+    "grpo-token": ("grpo", ["grpo.aggregation=token", "grpo.num_epochs=2"]),
+    "grpo-sequence": ("grpo", ["grpo.aggregation=sequence", "grpo.epsilon_high=0.28", "grpo.num_epochs=2"]),
+    "grpo-dr_grpo": ("grpo", ["grpo.aggregation=dr_grpo", "grpo.num_epochs=2"]),
+    "gspo": ("gspo", ["gspo.epsilon_low=0.05", "gspo.epsilon_high=0.05", "gspo.num_epochs=2"]),
+    "reinforce_pp-tis": ("reinforce_pp", ["reinforce_pp.tis_cap=1.5", "reinforce_pp.kl_in_reward=false", "reinforce_pp.kl_estimator=k3",
+                                          "reinforce_pp.num_epochs=2"]),
+    # a single pass: π_old is the training forward's own log-probs (the rows' old_logps are not read), ratio 1
+    "grpo-single-pass-tis": ("grpo", ["grpo.aggregation=sequence", "grpo.tis_cap=1.5"]),
 }
 ROWS = 8
 
@@ -45,6 +49,7 @@ def fixed_rows(tokenizer) -> list[dict]:
             "ref_logps": (torch.tensor(old) - 0.3 * torch.randn(n, generator=g)).tolist(),
             "sampler_logps": (torch.tensor(old) + 0.5 * torch.randn(n, generator=g)).tolist(),
             "advantages": torch.randn(n, generator=g).tolist(), "advantage": float(torch.randn((), generator=g)),
+            "score": 0.1 * i,  # read by a single pass's reward/with_kl metric
         })
     return rows
 
@@ -57,6 +62,8 @@ def by_definition(algo, rows: list[dict], run) -> float:
 
     batch = algo.collate(rows)
     logps = per_token_logps(algo.policy, batch)
+    if algo.old_policy_in_training():
+        batch["old_logps"] = logps
     mask = _scored(batch["completion_mask"])
     pg, _ = algo.policy_loss(logps, batch, mask)
     if algo.config.tis_cap is not None:

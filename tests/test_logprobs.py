@@ -277,3 +277,36 @@ def test_unknown_architecture_falls_back_to_full_logits():
     batch = make_batch(random_examples(3, seed=11))
     with torch.no_grad():
         torch.testing.assert_close(per_token_logps(wrapped, batch), per_token_logps(model, batch), atol=1e-6, rtol=0)
+
+
+def full_logits_entropy(model, batch):
+    """Entropy of the full next-token softmax at every scored position (0 elsewhere): the plain reference."""
+    logp = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)[:, :-1] * batch["completion_mask"][:, 1:]
+    return torch.cat([torch.zeros(entropy.shape[0], 1), entropy], dim=1)
+
+
+@pytest.mark.parametrize("path", ["fast", "fast-recompute", "plain"])
+def test_entropy_comes_with_the_same_logps_and_gradients(path):
+    class Wrapper(torch.nn.Module):  # no config: the plain full-logits path
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+    batch = make_batch(random_examples(4, seed=12))
+    model = tiny_llama().train()
+    scored = model if path != "plain" else Wrapper(model)
+    logps, entropy = per_token_logps(scored, batch, chunk_size=5, recompute_head=path == "fast-recompute", with_entropy=True)
+    assert not entropy.requires_grad and logps.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(entropy, full_logits_entropy(model, batch), atol=1e-5, rtol=0)
+        torch.testing.assert_close(logps.detach(), per_token_logps(scored, batch), atol=1e-6, rtol=0)
+    logps.sum().backward()
+    with_entropy = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    per_token_logps(scored, batch, chunk_size=5, recompute_head=path == "fast-recompute").sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(with_entropy[n], p.grad, atol=1e-7, rtol=1e-6, msg=n)

@@ -137,8 +137,9 @@ def _merged(peft_model):
 
 
 def test_int8_rollout_keeps_sampler_logps_and_recomputes_the_old_policy(tmp_path, prompts_file):  # noqa: F811
+    # two epochs: π_old is scored by the rollout (a single pass takes it from the training forward, test_grpo_single_pass.py)
     run = rl_cfg(tmp_path, prompts_file, "g", "grpo", "train.micro_batch_size=8", "grpo.samples_per_prompt=4",
-                 "grpo.sampler=int8", "grpo.tis_cap=2.0")
+                 "grpo.sampler=int8", "grpo.tis_cap=2.0", "grpo.num_epochs=2")
     algo, examples, _, _ = loop_mod.build_algorithm(run)
     source = algo.make_source(examples, Accelerator(cpu=True))
     batches = source.next_step()

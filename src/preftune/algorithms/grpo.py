@@ -29,6 +29,7 @@ from preftune.losses.grpo import (
 )
 from preftune.models.logprobs import _scored, per_token_logps
 from preftune.rollout.advantages import group_normalized_advantages, overlong_penalty, zero_variance_groups
+from preftune.rollout.kl import kl_estimate
 
 
 @dataclass
@@ -99,12 +100,30 @@ class GSPOConfig(GRPOConfig):
 
 
 class ClippedPolicyGradient(OnlineAlgorithm):
-    """Shared by GRPO, GSPO and REINFORCE++: the clipped ratio, aggregation, epochs, TIS, DAPO's sampling."""
+    """Shared by GRPO, GSPO and REINFORCE++: the clipped ratio, aggregation, epochs, TIS, DAPO's sampling.
+
+    Single pass (``num_epochs = minibatches = 1``): no update happens between the rollout and the one
+    optimizer step on it, so π_old is the policy of the training forward, and its log-probs, detached,
+    are π_old's (as TRL's GRPOTrainer does for num_iterations = 1): the ratio is exactly 1 and the TIS
+    weight min(exp(logps − sampler_logps), cap); the same gradient as with a rollout forward of the
+    policy, without that forward (:meth:`old_policy_in_training`).
+    """
 
     needs = Needs(data_kind="prompts", loss_unit="token", reference_model=True)
 
     def tis_cap(self):
         return self.config.tis_cap
+
+    def reuse_sampler_logps(self) -> bool:
+        return self.config.reuse_sampler_logps
+
+    def old_policy_in_training(self) -> bool:
+        """Single pass, and no rollout-time reader of π_old: the KL in the reward (rewards, REINFORCE++'s
+        per-token advantages) and the adaptive KL controller (its update precedes the step) need the KL
+        before the training forward; without a reference (β = 0) the KL is 0 and none of them applies."""
+        c = self.config
+        kl_at_rollout = self.uses_reference() and (c.kl_in_reward or c.kl_target is not None)
+        return c.num_epochs == 1 and c.minibatches == 1 and not kl_at_rollout
 
     def __init__(self, config, policy, tokenizer, run):
         if getattr(config, "dynamic_sampling", False) and run.train.sharding != "none":
@@ -174,12 +193,19 @@ class ClippedPolicyGradient(OnlineAlgorithm):
 
     def forward(self, batch):
         c = self.config
-        logps = per_token_logps(self.policy, batch)
         mask = _scored(batch["completion_mask"])
+        deferred = self.old_policy_in_training()
+        if deferred:
+            logps, entropy = per_token_logps(self.policy, batch, with_entropy=True)
+            batch = {**batch, "old_logps": logps.detach()}
+        else:
+            logps = per_token_logps(self.policy, batch)
         pg, pm = self.policy_loss(logps, batch, mask)
         n = mask.sum().float()
         metrics = {f"policy/{k}": (v.sum(), n) for k, v in pm.items()}
-        weights, tis_metrics = self.tis_weights(batch, mask)
+        if deferred:
+            metrics.update(self.old_policy_metrics(logps, entropy, batch, mask))
+        weights, tis_metrics = self.tis_weights(batch, mask, mismatch=deferred)
         if weights is not None:
             pg = pg * weights
             metrics.update(tis_metrics)
@@ -189,6 +215,20 @@ class ClippedPolicyGradient(OnlineAlgorithm):
         metrics["policy/loss"] = (torch.where(mask, pg, 0.0).sum().detach(), n)
         rows = aggregate_rows(per_token, mask, c.aggregation, max_tokens=c.max_new_tokens)
         return rows.sum(), metrics
+
+    @torch.no_grad()
+    def old_policy_metrics(self, logps, entropy, batch, mask) -> dict:
+        """The rollout metrics of π_old, measured by the training forward when it is π_old (same names and
+        definitions as the rollout's, per row then averaged over rows): ``entropy`` (token mean of the row),
+        ``kl`` (Σ_t of the per-token KL estimate to the reference) and ``reward/with_kl`` (score − β·kl)."""
+        lengths = mask.sum(-1).float()
+        rows = torch.tensor(float(mask.shape[0]), device=logps.device)
+        out = {"entropy": ((torch.where(mask, entropy, 0.0).sum(-1) / lengths.clamp(min=1)).sum(), rows)}
+        if self.uses_reference():
+            seq_kl = kl_estimate(logps.detach(), batch["ref_logps"], self.config.kl_estimator, mask).sum(-1)
+            out["kl"] = (seq_kl.sum(), rows)
+            out["reward/with_kl"] = ((batch["score"] - self.kl_ctl.value * seq_kl).sum(), rows)
+        return out
 
 
 def _split_groups(draw: tuple, k: int) -> list[tuple]:

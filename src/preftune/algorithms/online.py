@@ -2,9 +2,11 @@
 
 An online algorithm's batch source is a RolloutSource (preftune/rollout/source.py): prompts ->
 samples from the current policy (drawn by the rollout backend, ``<algorithm>.sampler``: see
-preftune/rollout/backends.py) -> reward -> old-policy log-probs (recomputed by the training forward;
-RLOO by default takes them from the sampler's own logits instead, see preftune/rollout/sampling.py) ->
-KL to the reference -> the algorithm's advantages. The loop is the same
+preftune/rollout/backends.py) -> reward -> old-policy log-probs (a no-grad policy forward over the
+rollout; by default RLOO and the GRPO family take them from an exact sampler's own logits instead, see
+preftune/rollout/sampling.py; a single-pass GRPO / GSPO / REINFORCE++ update with the KL out of the
+reward scores no old policy at all and takes π_old from its training forward, see
+``OnlineAlgorithm.old_policy_in_training``) -> KL to the reference -> the algorithm's advantages. The loop is the same
 one every algorithm uses. Subclasses say how a scored rollout becomes training rows (``advantages``)
 and how a batch becomes a loss.
 """
@@ -39,16 +41,20 @@ log = logging.getLogger("preftune.rl")
 TOKEN_FIELDS = ("old_logps", "ref_logps")
 
 TIS_HELP = (
-    "Truncated importance sampling: keep the sampler's log-probs, recompute the old policy's with the training "
-    "forward and weight each token's policy-gradient term by min(π_old/π_sampler, cap) (e.g. 2.0); logs the mismatch "
-    "(tis/ratio, tis/kl: KL(π_sampler‖π_old), tis/truncated). For samplers that differ from the training forward "
-    "(bf16 decode, sampler=fp16 / int8, which require it). null = off."
+    "Truncated importance sampling: keep the sampler's log-probs, take the old policy's from the policy's own "
+    "forward (a no-grad forward of the rollout; for a single-pass grpo/gspo/reinforce_pp update with the KL out of "
+    "the reward, the training forward itself, detached) and weight each token's policy-gradient term by "
+    "min(π_old/π_sampler, cap) (e.g. 2.0); logs the mismatch (tis/ratio, tis/kl: KL(π_sampler‖π_old), "
+    "tis/truncated). For samplers that differ from the training forward (bf16 decode, sampler=fp16 / int8, which "
+    "require it). null = off."
 )
 SAMPLER_HELP = (
     "Rollout backend (preftune/rollout/backends.py). 'hf': the policy's own generate (KV cache; exact). 'int8' / "
     "'fp16': a dynamically quantized copy of the policy with int8 / fp16 linear weights (CPU, LoRA merged), "
     "re-quantized from the policy before every rollout; their samples are corrected by truncated importance "
-    "sampling, so they need tis_cap, and the old-policy log-probs are recomputed by the fp32 training forward. "
+    "sampling, so they need tis_cap, and the old-policy log-probs come from the fp32 policy (a no-grad forward "
+    "of the rollout, or for a single-pass grpo/gspo/reinforce_pp update with the KL out of the reward the "
+    "training forward itself: no extra forward). "
     "On SmolLM2-135M: int8 decodes ~1.7x faster but is far from the policy (KL ~0.5 nats/token: activation "
     "outliers), fp16 ~1.3x faster within KL ~3e-6."
 )
@@ -145,6 +151,8 @@ class OnlineAlgorithm(Algorithm):
         if config.sampler != "hf" and run.train.sharding != "none":
             raise ConfigError(f"{self.name}.sampler={config.sampler}: not supported with train.sharding={run.train.sharding} "
                               "(the quantized copy needs the full weights on every process); use sampler=hf")
+        if self.old_policy_in_training():  # the training forward supplies π_old (and no reference: no KL to take)
+            self.token_fields = tuple(f for f in self.token_fields if f != "old_logps" and (f != "ref_logps" or self.uses_reference()))
         if self.tis_cap() is not None:
             self.token_fields = self.token_fields + ("sampler_logps",)
         self.sampler = make_backend(config.sampler, tokenizer, exact=run.model.dtype == "fp32")
@@ -153,6 +161,15 @@ class OnlineAlgorithm(Algorithm):
     def uses_reference(self) -> bool:
         """Whether the reference policy is scored at all (GRPO with β = 0 keeps none: no KL to measure)."""
         return True
+
+    def old_policy_in_training(self) -> bool:
+        """Whether π_old is the training forward's own log-probs, detached, instead of a rollout forward.
+
+        True only where that is the same policy and nothing at rollout time reads π_old (see
+        ``ClippedPolicyGradient``): the rollout then scores only the reference, and the metrics of π_old
+        (``entropy``, ``kl``, ``reward/with_kl``, ``tis/ratio|kl|truncated``) come from the training forward.
+        """
+        return False
 
     # -- layout of a rollout ---------------------------------------------------------------------
     def rows_per_prompt(self) -> int:
@@ -191,25 +208,31 @@ class OnlineAlgorithm(Algorithm):
                  "completion": s["completion"], "reward_score": float(r)} for p, s, r in zip(repeated, samples, raw_scores.tolist())]
         warn_nonfinite_rewards(rows, c.reward)
         tis = self.tis_cap() is not None
-        forward = self._score_rows(rows, accelerator, sampled=samples if self._from_sampler() and not tis else None)
-        kl = forward["kl"]  # [N, T] per-token estimate, 0 off the response
+        deferred = self.old_policy_in_training()
+        forward = self._score_rows(rows, accelerator, sampled=samples if self._from_sampler() and not tis else None,
+                                   old_policy=not deferred)
         mask = forward["mask"]
-        seq_kl = kl.sum(-1)
+        # [N] Σ_t of the per-token KL estimate; deferred: never in the reward, measured by the training forward
+        seq_kl = torch.zeros(len(rows)) if deferred else forward["kl"].sum(-1)
         beta = self.kl_ctl.value
         rewards = scores - beta * seq_kl if c.kl_in_reward else scores
         global_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu()
         rows, extra = self.advantages(rows, scores=scores, rewards=rewards, forward=forward, global_rewards=global_rewards,
                                       accelerator=accelerator)
-        self.kl_ctl.update(float(accelerator.reduce(seq_kl.mean().to(accelerator.device), reduction="mean")), len(samples) * accelerator.num_processes)
+        if not deferred:  # deferred: no adaptive controller (kl_target needs the KL here, before the step)
+            self.kl_ctl.update(float(accelerator.reduce(seq_kl.mean().to(accelerator.device), reduction="mean")), len(samples) * accelerator.num_processes)
         lengths = mask.sum(-1).float()
         metrics = {
-            "reward/score": scores, "reward/raw_score": raw_scores, "reward/with_kl": scores - beta * seq_kl,
-            "kl": seq_kl, "entropy": (forward["entropy"] * mask).sum(-1) / lengths.clamp(min=1),
-            "response_length": lengths, "eos_fraction": finished.float(), **extra,
-            **rollout_health(raw_scores, scores, rows, c.samples_per_prompt),
+            "reward/score": scores, "reward/raw_score": raw_scores, "response_length": lengths, "eos_fraction": finished.float(),
+            **extra, **rollout_health(raw_scores, scores, rows, c.samples_per_prompt),
         }
-        if not self.uses_reference():
-            del metrics["kl"], metrics["reward/with_kl"]
+        if deferred:  # the π_old metrics come from the training forward (old_policy_metrics), which reads the score
+            for row, score in zip(rows, scores.tolist()):
+                row["score"] = score
+        else:
+            metrics["entropy"] = (forward["entropy"] * mask).sum(-1) / lengths.clamp(min=1)
+            if self.uses_reference():
+                metrics.update({"kl": seq_kl, "reward/with_kl": scores - beta * seq_kl})
         per_row = row_metrics({k: v.detach().cpu() for k, v in metrics.items()}, accelerator.device)
         one = torch.tensor(1.0, device=accelerator.device)
         per_row["kl_coef"] = (torch.tensor(beta, device=accelerator.device), one)
@@ -234,14 +257,15 @@ class OnlineAlgorithm(Algorithm):
     def _from_sampler(self) -> bool:
         """Whether the sampler keeps its per-token log-probs.
 
-        Algorithms that reuse sampler log-probs (RLOO, :meth:`reuse_sampler_logps`) may take the old-policy log-probs and
-        entropies from the sampler's own logits (preftune/rollout/sampling.py): one forward fewer. Only from an
-        exact backend (the policy's own fp32 decode): under bf16/fp16 autocast the incremental decode and a full
-        forward round differently, which would bias the KL to the reference (computed by a full forward) by that
-        rounding, and a quantized copy is another model. With TIS (``tis_cap``) the sampler's log-probs are always
-        kept, and the old policy's recomputed.
+        Algorithms that reuse sampler log-probs (RLOO, the GRPO family: :meth:`reuse_sampler_logps`) may take the
+        old-policy log-probs and entropies from the sampler's own logits (preftune/rollout/sampling.py): one forward
+        fewer. Only from an exact backend (the policy's own fp32 decode): under bf16/fp16 autocast the incremental
+        decode and a full forward round differently, which would bias the KL to the reference (computed by a full
+        forward) by that rounding, and a quantized copy is another model; and not when the training forward gives
+        π_old (:meth:`old_policy_in_training`). With TIS (``tis_cap``) the sampler's log-probs are always kept,
+        and the old policy's computed by the policy.
         """
-        reuse = self.reuse_sampler_logps() and self.sampler.exact
+        reuse = self.reuse_sampler_logps() and self.sampler.exact and not self.old_policy_in_training()
         return reuse or self.tis_cap() is not None
 
     def reuse_sampler_logps(self) -> bool:
@@ -288,38 +312,48 @@ class OnlineAlgorithm(Algorithm):
 
     def _attach_sampler_logps(self, rows: list[dict], samples: list[dict], forward: dict, device) -> dict:
         """TIS: keep the sampler's per-token log-probs in each row; return the mismatch metrics
-        (π_old/π_sampler, its truncated fraction, KL(π_sampler‖π_old)) as token means."""
-        for row, s in zip(rows, samples):
-            same = len(s["logps"]) == len(row["old_logps"])  # a replaced empty completion has none: weight 1
-            row["sampler_logps"] = list(s["logps"]) if same else list(row["old_logps"])
+        (π_old/π_sampler, its truncated fraction, KL(π_sampler‖π_old)) as token means -- or none, when
+        π_old is the training forward's (:meth:`tis_weights` measures them there)."""
         mask = forward["mask"]
+        for row, s, n in zip(rows, samples, mask.sum(-1).tolist()):
+            if len(s["logps"]) == n:
+                row["sampler_logps"] = list(s["logps"])
+            else:  # a replaced empty completion has none: weight 1 (NaN = "π_sampler is π_old", see tis_weights)
+                row["sampler_logps"] = list(row["old_logps"]) if "old_logps" in row else [float("nan")] * n
+        if forward["logps"] is None:
+            return {}
         sampler = scatter_tokens(mask, [r["sampler_logps"] for r in rows])
         _, m = truncated_importance_weights(forward["logps"], sampler, mask, cap=self.tis_cap())
         n = torch.tensor(float(mask.sum()), device=device)
         return {f"tis/{k}": (v.sum().to(device), n) for k, v in m.items()}
 
-    def tis_weights(self, batch: dict, mask: torch.Tensor) -> tuple[Optional[torch.Tensor], dict]:
+    def tis_weights(self, batch: dict, mask: torch.Tensor, *, mismatch: bool = False) -> tuple[Optional[torch.Tensor], dict]:
         """TIS: the per-token weights min(π_old/π_sampler, cap) [B, T] of a training batch and their mean
-        as a metric; (None, {}) without ``tis_cap``."""
+        as a metric; (None, {}) without ``tis_cap``. ``mismatch``: also the rollout's mismatch metrics
+        (``tis/ratio``, ``tis/truncated``, ``tis/kl``), for a ``batch["old_logps"]`` the training forward gave."""
         cap = self.tis_cap()
         if cap is None:
             return None, {}
-        weights, _ = truncated_importance_weights(batch["old_logps"], batch["sampler_logps"], mask, cap=cap)
-        return weights, {"tis/weight": (weights.sum(), mask.sum().float())}
+        old = batch["old_logps"]
+        sampler = torch.where(torch.isnan(batch["sampler_logps"]), old.detach(), batch["sampler_logps"])
+        weights, m = truncated_importance_weights(old, sampler, mask, cap=cap)
+        n = mask.sum().float()
+        metrics = {f"tis/{k}": (v.sum(), n) for k, v in m.items()} if mismatch else {}
+        return weights, {**metrics, "tis/weight": (weights.sum(), n)}
 
     @torch.no_grad()
-    def _score_rows(self, rows: list[dict], accelerator, sampled: Optional[list[dict]] = None) -> dict[str, torch.Tensor]:
+    def _score_rows(self, rows: list[dict], accelerator, sampled: Optional[list[dict]] = None, old_policy: bool = True) -> dict[str, torch.Tensor]:
         """Old-policy and reference log-probs, entropy and KL for every rollout row, [N, T] padded
-        like a training batch of all rows (:func:`preftune.rollout.scoring.score_tokens`); also
-        writes the per-token lists ``old_logps`` / ``ref_logps`` into the rows."""
+        like a training batch of all rows (:func:`preftune.rollout.scoring.score_tokens`; ``old_policy=False``:
+        the reference's alone); also writes the per-token lists ``old_logps`` / ``ref_logps`` into the rows."""
         batch = {k: v.to(accelerator.device) for k, v in self._collate_ids(rows).items()}
         reference = self.reference_model if self.reference_model is not None else REFERENCE_ADAPTER_OFF
-        out = score_tokens(self.policy, reference if self.uses_reference() else None, batch,
-                           kl_estimator=self.config.kl_estimator, sampled=sampled, autocast=accelerator.autocast)
-        for i, row in enumerate(rows):
-            m = out["mask"][i]
-            row["old_logps"] = out["logps"][i][m].tolist()
-            row["ref_logps"] = out["ref_logps"][i][m].tolist()
+        out = score_tokens(self.policy, reference if self.uses_reference() else None, batch, kl_estimator=self.config.kl_estimator,
+                           sampled=sampled, autocast=accelerator.autocast, old_policy=old_policy)
+        for key, field in (("logps", "old_logps"), ("ref_logps", "ref_logps")):
+            if out[key] is not None:
+                for row, values, m in zip(rows, out[key], out["mask"]):
+                    row[field] = values[m].tolist()
         return out
 
     def _collate_ids(self, rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -358,8 +392,8 @@ class OnlineAlgorithm(Algorithm):
 
     # -- loss helpers ----------------------------------------------------------------------------
     def kl_loss_term(self, logps: torch.Tensor, batch: dict) -> torch.Tensor:
-        """β·KL per token as a loss term [B, T] (only when kl_in_reward is false)."""
-        if self.config.kl_in_reward:
+        """β·KL per token as a loss term [B, T] (only when kl_in_reward is false and a reference is scored)."""
+        if self.config.kl_in_reward or not self.uses_reference():
             return torch.zeros_like(logps)
         return self.kl_ctl.value * kl_estimate(logps, batch["ref_logps"], self.config.kl_estimator)
 

@@ -184,21 +184,36 @@ def _predecessors(batch: Mapping[str, Tensor], rows: Tensor, cols: Tensor) -> Te
     return sources
 
 
-def _chunk_logps(head, transform, hidden: Tensor, targets: Tensor) -> Tensor:
-    """log softmax(head(hidden))[targets] for one chunk: [n, H], [n] -> [n] fp32."""
+def _chunk_logps(head, transform, hidden: Tensor, targets: Tensor, with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """log softmax(head(hidden))[targets] for one chunk: [n, H], [n] -> [n] fp32; with ``with_entropy``
+    also the entropy [n] of each softmax, from the same logits (no gradient, no second head matmul)."""
     logits = head(hidden).float()  # under autocast the matmul runs in bf16; the softmax never does
     if transform is not None:
         logits = transform(logits)
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    if not with_entropy:
+        return logps
+    with torch.no_grad():
+        return logps, _entropy(logits.detach())
 
 
-def _logits_logps(logits: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+def _cat_chunks(pieces: list, like: Tensor, with_entropy: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """The chunks' outputs of _chunk_logps laid end to end: [N] (and [N] entropies)."""
+    if not pieces:
+        empty = like.new_zeros(0, dtype=torch.float32)
+        return (empty, empty) if with_entropy else empty
+    if not with_entropy:
+        return torch.cat(pieces)
+    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+
+
+def _logits_logps(logits: Tensor, targets: Tensor, chunk_size: int, with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Same as _chunk_logps for precomputed logits [N, V], in fp32 chunks."""
     out = [
-        _chunk_logps(torch.nn.Identity(), None, logits[i : i + chunk_size], targets[i : i + chunk_size])
+        _chunk_logps(torch.nn.Identity(), None, logits[i : i + chunk_size], targets[i : i + chunk_size], with_entropy)
         for i in range(0, logits.shape[0], chunk_size)
     ]
-    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+    return _cat_chunks(out, logits, with_entropy)
 
 
 def _model_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -216,7 +231,8 @@ def per_token_logps(
     *,
     chunk_size: int = 1024,
     recompute_head: bool | None = None,
-) -> Tensor:
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token log-probabilities of the completion tokens.
 
     Args:
@@ -231,10 +247,14 @@ def per_token_logps(
         recompute_head: when gradients are enabled, recompute each chunk's logits in backward instead
             of keeping all N x V of them alive (same gradients, one extra head matmul). None: only when
             the kept fp32 logits would exceed ``_RECOMPUTE_ABOVE_BYTES`` (1 GiB).
+        with_entropy: also return the entropy of the model's next-token distribution at each scored
+            position, computed from the logits the log-probs are taken from (no extra head matmul; a
+            monitoring value without gradient).
 
     Returns:
         fp32 Tensor [B, T]: ``[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`` where
         ``completion_mask[b, t]`` (t >= 1), else 0. Differentiable w.r.t. the model's parameters.
+        With ``with_entropy``: (that tensor, entropy fp32 [B, T], 0 off the scored positions).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -247,7 +267,7 @@ def per_token_logps(
     parts = _fast_parts(model)
     if parts is None:
         logits = model(**_model_inputs(batch)).logits
-        flat = _logits_logps(logits[rows, sources], targets, chunk_size)
+        flat = _logits_logps(logits[rows, sources], targets, chunk_size, with_entropy)
     else:
         backbone, head, transform = parts
         out = backbone(**_model_inputs(batch))
@@ -259,14 +279,21 @@ def per_token_logps(
         checkpointed = recompute_head and torch.is_grad_enabled()
         pieces = []
         for i in range(0, hidden.shape[0], chunk_size):
-            args = (head, transform, hidden[i : i + chunk_size], targets[i : i + chunk_size])
+            args = (head, transform, hidden[i : i + chunk_size], targets[i : i + chunk_size], with_entropy)
             if checkpointed:
                 pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
             else:
                 pieces.append(_chunk_logps(*args))
-        flat = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+        flat = _cat_chunks(pieces, hidden, with_entropy)
 
     # Scatter the N values back to [B, T]; masked_scatter fills in the same row-major order as mask[...].
+    if with_entropy:
+        return _scatter(mask, flat[0]), _scatter(mask, flat[1])
+    return _scatter(mask, flat)
+
+
+def _scatter(mask: Tensor, flat: Tensor) -> Tensor:
+    """[N] values of the scored positions -> fp32 [B, T], 0 elsewhere (row-major, the order of mask[...])."""
     zeros = torch.zeros(mask.shape, dtype=torch.float32, device=flat.device)
     return zeros.masked_scatter(mask, flat)
 
@@ -379,29 +406,17 @@ def policy_forward(model, batch: Mapping[str, Tensor], *, with_entropy: bool = F
     if parts is None:
         out = model(**_model_inputs(batch), output_hidden_states=True)
         hidden = out.hidden_states[-1][:, :-1][mask[:, 1:]]
-        scored_logits = out.logits[:, :-1][mask[:, 1:]]
-        flat = _logits_logps(scored_logits, targets, chunk_size)
-
-        def logits_of(i: int) -> Tensor:
-            return scored_logits[i : i + chunk_size].float()
+        flat = _logits_logps(out.logits[:, :-1][mask[:, 1:]], targets, chunk_size, with_entropy)
     else:
         backbone, head, transform = parts
         out = backbone(**_model_inputs(batch))
         hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[:, :-1][mask[:, 1:]]
-        pieces = [_chunk_logps(head, transform, hidden[i : i + chunk_size], targets[i : i + chunk_size]) for i in range(0, hidden.shape[0], chunk_size)]
-        flat = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-
-        def logits_of(i: int) -> Tensor:
-            logits = head(hidden[i : i + chunk_size]).float()
-            return transform(logits) if transform is not None else logits
-
-    result = {"logps": torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat), "hidden": hidden, "mask": mask}
-    if with_entropy:
-        with torch.no_grad():
-            ent = [_entropy(logits_of(i)) for i in range(0, targets.numel(), chunk_size)]
-            flat_ent = torch.cat(ent) if ent else flat.new_zeros(0)
-        result["entropy"] = torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat_ent)
-    return result
+        pieces = [_chunk_logps(head, transform, hidden[i : i + chunk_size], targets[i : i + chunk_size], with_entropy)
+                  for i in range(0, hidden.shape[0], chunk_size)]
+        flat = _cat_chunks(pieces, hidden, with_entropy)
+    if not with_entropy:
+        return {"logps": _scatter(mask, flat), "hidden": hidden, "mask": mask}
+    return {"logps": _scatter(mask, flat[0]), "hidden": hidden, "mask": mask, "entropy": _scatter(mask, flat[1])}
 
 
 def _entropy(logits: Tensor) -> Tensor:
