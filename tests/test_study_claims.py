@@ -44,6 +44,10 @@ def test_dpo_vs_ppo_compares_at_matched_kl():
     both = dpo_vs_ppo({**dpo, "ppo-a": m("ppo", 0.2, 2.0), "ppo-b": m("ppo", 0.7, 4.0)})  # front: 0.3 at KL 2, 0.5 at KL 4
     assert both["verdict"] == "mixed"
     assert dpo_vs_ppo(dpo)["verdict"] == "not run"
+    # below DPO's lowest KL the front runs from π_ref (0.1 at KL 0) to dpo-b1 (0.2 at KL 1): 0.15 at KL 0.5
+    low = dpo_vs_ppo({"reference": m("reference", 0.1, 0.0), **dpo, "ppo-low": m("ppo", 0.3, 0.5)})
+    assert low["verdict"] == "not confirmed" and math.isclose(low["comparisons"][0]["difference"], -0.15)
+    assert any("β → ∞" in n for n in low["notes"])
     stand_in = dpo_vs_ppo({**dpo, "rloo-a": m("rloo", 0.5, 3.0)})  # the demo: RLOO in place of PPO
     assert stand_in["verdict"] == "not confirmed" and "RLOO" in stand_in["title"]
 
@@ -74,7 +78,10 @@ def test_unlikelihood_and_overoptimisation_claims():
                                 {"step": 10, "model": "unlikelihood"}],
                "dpo-beta0.1": [{"step": 0, "model": "reference"}, {"step": 10, "model": "dpo-beta0.1"}]}
     ul = unlikelihood_degenerates(models, tracked)
-    assert ul["verdict"] == "confirmed" and len(ul["comparisons"]) == 3 and ul["quotes"] == []
+    assert ul["verdict"] == "confirmed" and len(ul["comparisons"]) == 2 and ul["quotes"] == []
+    assert any(n.startswith("gold reward: dpo-beta0.1 − unlikelihood = 0.35") for n in ul["notes"])
+    flat = {**models, "unlikelihood": {**models["unlikelihood"], "repeated_3gram": 0.01}}  # worse reward, no repetition
+    assert unlikelihood_degenerates(flat, tracked)["verdict"] == "not confirmed"
     curve = {"n": [1, 2, 4], "kl": [0.0, 0.19, 0.64], "gold_mean": [0.1, 0.3, 0.1], "gold_se": [0.02] * 3,
              "proxy_mean": [0.0, 0.5, 1.0], "proxy_se": [0.05] * 3}
     assert overoptimisation(models, curve, [])["verdict"] == "confirmed"

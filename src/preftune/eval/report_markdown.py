@@ -62,9 +62,16 @@ def _machine(machine) -> str:
     return str(machine)
 
 
+def _verdict_line(claim: Mapping) -> str:
+    """The sentence with its verdict in bold ("**Not confirmed:** DPO's ..."), or the verdict before it."""
+    verdict, sentence = str(claim.get("verdict", "")).capitalize(), str(claim.get("sentence", ""))
+    if verdict and sentence.startswith(verdict + ":"):
+        return f"**{verdict}:**{sentence[len(verdict) + 1:]}"
+    return f"**{verdict}.** {sentence}"
+
+
 def _claim(claim: Mapping) -> list[str]:
-    out = [f"## Claim {claim.get('claim')}: {claim.get('title', '')}", "",
-           f"**{str(claim.get('verdict', '')).capitalize()}.** {claim.get('sentence', '')}", ""]
+    out = [f"## Claim {claim.get('claim')}: {claim.get('title', '')}", "", _verdict_line(claim), ""]
     rows = claim.get("comparisons") or []
     if rows:
         out += _table(["comparison (claim's direction > 0)", "difference", "± SE", "z"],

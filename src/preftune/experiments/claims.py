@@ -63,7 +63,7 @@ def _claim(number: int, title: str, comparisons: list[Comparison], sentence: str
 def _count(comparisons: Sequence[Comparison]) -> str:
     support = sum(c.z > Z for c in comparisons)
     against = sum(c.z < -Z for c in comparisons)
-    return f"{support} of {len(comparisons)} comparisons favour it by more than {Z:g} SE, {against} go against it"
+    return f"{support} of {len(comparisons)} comparisons favour it by more than {Z:g} SE, {against} {'goes' if against == 1 else 'go'} against it"
 
 
 # -- points and fronts --------------------------------------------------------------------------------
@@ -75,6 +75,14 @@ def _points(models: Mapping, algorithms: Sequence[str], y: str = "reward_mean") 
         if m.get("algorithm") in algorithms and "@" not in name and _ok(m.get("kl"), m.get(y)):
             out.append({"name": name, "kl": m["kl"], "y": m[y], "se": m.get(y.replace("_mean", "_se")) or 0.0})
     return out
+
+
+def _reference_point(models: Mapping) -> list[dict]:
+    """π_ref as a point (KL 0) when the results have it."""
+    m = models.get("reference")
+    if m is None or not _ok(m.get("reward_mean")):
+        return []
+    return [{"name": "reference", "kl": 0.0, "y": m["reward_mean"], "se": m.get("reward_se") or 0.0}]
 
 
 def _ok(*values) -> bool:
@@ -122,10 +130,13 @@ def dpo_vs_ppo(models: Mapping) -> dict:
         ppo = _points(models, ("rloo",))
     if not dpo or not ppo:
         return _claim(1, title, [], "Not run: the study needs DPO and PPO jobs.", ran=False, plots=["frontier"])
-    front = _front(dpo)
+    front = _front(dpo + _reference_point(models))
     comparisons = [c for p in ppo if (c := _matched(front, p, f"DPO front − {p['name']} at KL {p['kl']:.2f}")) is not None]
     outside = [p["name"] for p in ppo if _at_kl(front, p["kl"]) is None]
     notes = [f"outside DPO's KL range ({front[0]['kl']:.2f}–{front[-1]['kl']:.2f}), not compared: {', '.join(outside)}"] if outside else []
+    if front[0]["name"] == "reference":
+        notes.append("DPO's front starts at π_ref (KL 0), its β → ∞ end; between two models it is their straight line, "
+                     "which a mixture of the two policies reaches at no more KL")
     if rl == "PPO":
         for p in _points(models, ("rloo",)):
             if (c := _matched(front, p, "")) is not None:
@@ -165,7 +176,8 @@ def preference_vs_sft(models: Mapping) -> dict:
 
 
 def unlikelihood_degenerates(models: Mapping, tracked: Mapping[str, list[dict]]) -> dict:
-    """Claim 3: the unlikelihood baseline's outputs turn repetitive over training, DPO's do not.
+    """Claim 3: the unlikelihood baseline's outputs turn repetitive over training, DPO's do not. The
+    verdict rests on repetition alone; its gold reward against DPO's and its length are notes.
 
     ``tracked``: run label -> ``[{"step", "model"}]`` (the names of its evaluated checkpoints in
     ``models``, in step order)."""
@@ -190,17 +202,23 @@ def unlikelihood_degenerates(models: Mapping, tracked: Mapping[str, list[dict]])
     (u, u_se), (d, d_se) = rep(u_name), rep(d_name)
     comparisons.append(Comparison(f"repeated 3-grams: {u_name} − {d_name}", u - d, math.hypot(u_se, d_se)))
     gu, gd = models[u_name], models[d_name]
-    comparisons.append(Comparison(f"gold reward: {d_name} − {u_name}", gd["reward_mean"] - gu["reward_mean"],
-                                  math.hypot(gd.get("reward_se") or 0.0, gu.get("reward_se") or 0.0)))
-    v = verdict(comparisons)
-    lead = {"confirmed": "Confirmed: the unlikelihood baseline's outputs degenerate",
-            "not confirmed": "Not confirmed: the unlikelihood baseline's outputs do not degenerate here",
-            "mixed": "Mixed: the unlikelihood baseline degenerates by some measures and not by others"}[v]
+    v = verdict(comparisons)  # degeneration is repetition (the seed's "when when when"); the rest is context
+    lead = {"confirmed": "Confirmed: the unlikelihood baseline's outputs turn repetitive",
+            "not confirmed": "Not confirmed: the unlikelihood baseline's outputs do not turn repetitive here",
+            "mixed": "Mixed: the unlikelihood baseline's repetition rises by one measure and falls by another"}[v]
     sentence = (f"{lead} (repeated 3-grams {_fmt(u)} ± {_fmt(u_se)} vs DPO's {_fmt(d)} ± {_fmt(d_se)}; distinct-2 "
                 f"{_fmt(gu.get('distinct_2', math.nan))} vs {_fmt(gd.get('distinct_2', math.nan))}; gold reward "
                 f"{_fmt(gu['reward_mean'])} vs {_fmt(gd['reward_mean'])}).")
+    gold = Comparison(f"gold reward: {d_name} − {u_name}", gd["reward_mean"] - gu["reward_mean"],
+                      math.hypot(gd.get("reward_se") or 0.0, gu.get("reward_se") or 0.0))
+    notes = [f"{gold.what} = {_fmt(gold.difference)} ± {_fmt(gold.se)} (not part of the verdict: a lower reward is not degeneration)"]
+    start = models.get(tracked[ul[0]][0]["model"]) if ul else models.get("reference")
+    if start is not None and "length_mean" in gu and "length_mean" in start:
+        notes.append(f"length {_fmt(start['length_mean'])} → {_fmt(gu['length_mean'])} tokens, EOS rate "
+                     f"{_fmt(start.get('eos_rate', math.nan))} → {_fmt(gu.get('eos_rate', math.nan))} ({u_name} against its start)")
     quotes = [{"model": n, **s} for n in (u_name, d_name) for s in (models[n].get("samples") or [])[:2]]
-    notes = [] if ul else ["no unlikelihood checkpoints were tracked (tracked_jobs): final models only"]
+    if not ul:
+        notes.append("no unlikelihood checkpoints were tracked (tracked_jobs): final models only")
     return _claim(3, title, comparisons, sentence, plots=["repetition"], notes=notes, quotes=quotes)
 
 
