@@ -225,6 +225,24 @@ def _model_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return inputs
 
 
+def _head_logps(parts, batch, rows, sources, targets, chunk_size: int, recompute_head: bool | None, with_entropy: bool):
+    """The backbone's hidden states at the scored positions through the output head, in chunks of
+    ``chunk_size`` rows (each recomputed in backward when ``recompute_head``; see :func:`per_token_logps`)."""
+    backbone, head, transform = parts
+    out = backbone(**_model_inputs(batch))
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden = hidden[rows, sources]  # [N, H]
+    if recompute_head is None:
+        vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+        recompute_head = hidden.shape[0] * vocab * 4 > _RECOMPUTE_ABOVE_BYTES
+    checkpointed = recompute_head and torch.is_grad_enabled()
+    pieces = []
+    for i in range(0, hidden.shape[0], chunk_size):
+        args = (head, transform, hidden[i : i + chunk_size], targets[i : i + chunk_size], with_entropy)
+        pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if checkpointed else _chunk_logps(*args))
+    return _cat_chunks(pieces, hidden, with_entropy)
+
+
 def per_token_logps(
     model,
     batch: Mapping[str, Tensor],
@@ -269,22 +287,7 @@ def per_token_logps(
         logits = model(**_model_inputs(batch)).logits
         flat = _logits_logps(logits[rows, sources], targets, chunk_size, with_entropy)
     else:
-        backbone, head, transform = parts
-        out = backbone(**_model_inputs(batch))
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        hidden = hidden[rows, sources]  # [N, H]
-        if recompute_head is None:
-            vocab = getattr(head, "out_features", None) or head.weight.shape[0]
-            recompute_head = hidden.shape[0] * vocab * 4 > _RECOMPUTE_ABOVE_BYTES
-        checkpointed = recompute_head and torch.is_grad_enabled()
-        pieces = []
-        for i in range(0, hidden.shape[0], chunk_size):
-            args = (head, transform, hidden[i : i + chunk_size], targets[i : i + chunk_size], with_entropy)
-            if checkpointed:
-                pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
-            else:
-                pieces.append(_chunk_logps(*args))
-        flat = _cat_chunks(pieces, hidden, with_entropy)
+        flat = _head_logps(parts, batch, rows, sources, targets, chunk_size, recompute_head, with_entropy)
 
     # Scatter the N values back to [B, T]; masked_scatter fills in the same row-major order as mask[...].
     if with_entropy:
