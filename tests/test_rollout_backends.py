@@ -89,15 +89,17 @@ def test_quantized_logps_are_close_to_the_fp32_policy(tiny, name, max_bound, mea
     assert diff.abs().max() > 1e-6  # and it is a different model: the mismatch TIS corrects
 
 
-@pytest.mark.parametrize("name", ["int8", "fp16"])
-def test_refresh_follows_the_policy_after_an_update(tiny, name):
+@pytest.mark.parametrize("name,fused", [("int8", False), ("fp16", False), ("fp16", True)])
+def test_refresh_follows_the_policy_after_an_update(tiny, name, fused):
+    """Also after a fused AdamW step (the loop's optimizer), which updates the weights in place
+    without bumping their version counters."""
     model, tok = tiny
     policy = load_model("tiny-random-llama")[0].eval()
     backend = make_backend(name, tok)
     backend.sync(policy)
     ids = _prompts(tok, 1)[0]
     before = _logits(backend.model, ids)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2, fused=fused)
     policy.train()
     policy(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.backward()
     optimizer.step()
@@ -128,6 +130,14 @@ def test_lora_policy_is_quantized_from_merged_weights():
         next(p for n, p in peft_model.named_parameters() if "lora_B" in n).add_(1.0)
     backend.sync(peft_model)
     torch.testing.assert_close(_logits(backend.model, ids), _logits(quantize_copy(_merged(peft_model)), ids), rtol=0, atol=0)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]  # a fused AdamW step of the adapters
+    optimizer = torch.optim.AdamW(trainable, lr=1e-1, fused=True)
+    peft_model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.backward()
+    optimizer.step()
+    backend.sync(peft_model)
+    updated = _logits(quantize_copy(_merged(peft_model)), ids)
+    assert not torch.allclose(updated, merged, atol=1e-4)
+    torch.testing.assert_close(_logits(backend.model, ids), updated, rtol=0, atol=0)
 
 
 def _merged(peft_model):

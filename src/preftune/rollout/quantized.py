@@ -83,10 +83,17 @@ def _merged_weight(layer: nn.Linear, lora: nn.Module | None) -> torch.Tensor:
     return weight
 
 
-def _version(layer: nn.Linear, lora: nn.Module | None) -> tuple:
-    """Changes whenever an in-place update (an optimizer step) touches the layer or its adapters."""
-    tensors = [layer.weight, layer.bias] + (list(lora.parameters()) if lora is not None else [])
-    return tuple((id(t), t._version) for t in tensors if t is not None) + ((lora.disable_adapters, lora.merged) if lora is not None else ())
+def _frozen_state(layer: nn.Linear, lora: nn.Module | None) -> tuple | None:
+    """None when an optimizer step may change the layer (its weight, bias or adapters require grad);
+    else what identifies its fixed value (the tensors, the adapters' on/merged flags).
+
+    Parameter version counters cannot tell whether a step touched a layer: fused AdamW (the loop's
+    optimizer) updates parameters in place without bumping them, so a trainable layer is always
+    re-quantized."""
+    tensors = [t for t in [layer.weight, layer.bias] + (list(lora.parameters()) if lora is not None else []) if t is not None]
+    if any(t.requires_grad for t in tensors):
+        return None
+    return tuple(id(t) for t in tensors) + ((lora.disable_adapters, lora.merged) if lora is not None else ())
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
@@ -124,8 +131,8 @@ def _int8_weight(weight: torch.Tensor) -> torch.Tensor:
 def refresh_copy(quantized: nn.Module, model: nn.Module, versions: dict | None = None) -> int:
     """Re-quantize ``model``'s current weights into ``quantized`` (built by :func:`quantize_copy` from
     the same architecture): linear layers re-quantized, every other parameter copied. ``versions``
-    (kept by the caller between refreshes) skips layers no update touched since the last refresh, e.g.
-    a frozen output head under LoRA. Returns how many linear layers were re-quantized."""
+    (kept by the caller between refreshes) skips frozen layers already quantized, e.g. the output head
+    and the layers without adapters under LoRA. Returns how many linear layers were re-quantized."""
     targets = {name: m for name, m in quantized.named_modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)}
     versions = {} if versions is None else versions
     seen, done = set(), 0
@@ -134,8 +141,8 @@ def refresh_copy(quantized: nn.Module, model: nn.Module, versions: dict | None =
             if name not in targets:
                 raise RuntimeError(f"the quantized sampler has no linear layer {name!r}: the policy's architecture changed")
             seen.add(name)
-            key = _version(layer, lora)
-            if versions.get(name) == key:
+            key = _frozen_state(layer, lora)
+            if key is not None and versions.get(name) == key:
                 continue
             bias = None if layer.bias is None else layer.bias.detach().float()
             weight = _merged_weight(layer, lora)
@@ -174,7 +181,7 @@ class QuantizedBackend:
     def sync(self, policy) -> None:
         if self.model is None:
             self.model = quantize_copy(policy, self.dtype)
-            self._versions = {name: _version(layer, lora) for name, layer, lora in _linear_layers(policy)}
+            self._versions = {name: _frozen_state(layer, lora) for name, layer, lora in _linear_layers(policy)}
         else:
             refresh_copy(self.model, policy, self._versions)
 
