@@ -70,6 +70,22 @@ def decode_limit(model, tokenizer, prompt_ids: list[list[int]], new_tokens: int)
     return len(prompt_ids) * new_tokens / (time.perf_counter() - start)
 
 
+def train_limit(model, batches: list[dict]) -> float:
+    """Seconds of a bare forward + backward over the step's micro-batches: the model's full logits,
+    log-softmax, the completion tokens' log-probs summed; none of preftune's loss, metrics or
+    bookkeeping (preftune's forward evaluates the output head at the completion positions only)."""
+    model.train()
+    start = time.perf_counter()
+    for b in batches:
+        ids, mask = b["input_ids"], b["completion_mask"][:, 1:].float()
+        logits = model(input_ids=ids, attention_mask=b["attention_mask"]).logits[:, :-1]
+        logps = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        (logps * mask).sum().backward()
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -131,6 +147,7 @@ def main() -> None:
         generated += tokens
         if step and phases["generate"] > gen_before:
             per_step.append(tokens / (phases["generate"] - gen_before))
+        last_batches = batches
         t = time.perf_counter()
         _run_step(algo, batches, accelerator, source.pop_metrics())
         phases["train fwd+bwd"] += time.perf_counter() - t
@@ -146,11 +163,13 @@ def main() -> None:
     # best of 3 (and the sampler's best step): on a shared machine the fastest run is the least disturbed one
     limit = max(decode_limit(inner.policy, inner.tokenizer, prompts, args.max_new_tokens) for _ in range(3))
     sampled = max(per_step) if per_step else float("nan")
+    bare_train = min(train_limit(inner.policy, last_batches) for _ in range(3))
     result = {
         "model": args.model, "algorithm": a, "sampler": args.sampler, "tis_cap": cap, "rows": rows, "max_new_tokens": args.max_new_tokens, "beta": args.beta,
         "threads": torch.get_num_threads(), "steps": args.steps, "s_per_step": total / args.steps,
         "phases_s_per_step": {k: v / args.steps for k, v in sorted(phases.items(), key=lambda kv: -kv[1])},
         "sampled_tokens_per_s": sampled, "sampled_tokens_per_s_mean": generated / max(phases["generate"], 1e-9), "decode_limit_tokens_per_s": limit, "fraction_of_limit": sampled / limit,
+        "train_limit_s": bare_train, "train_fraction_of_limit": bare_train / result_train(phases, args.steps),
         "other_processes_cpu_share": others,
     }
     print(f"{a} ({args.sampler} sampler) on {args.model}: {rows} rows x <= {args.max_new_tokens} tokens, β={args.beta}, {result['threads']} threads, "
@@ -158,8 +177,14 @@ def main() -> None:
     for name, s in result["phases_s_per_step"].items():
         print(f"  {name:14s} {s:7.2f} s  {s / result['s_per_step']:5.1%}")
     print(f"decode: sampler {sampled:.1f} tok/s, bare fp32 cached forward {limit:.1f} tok/s -> {result['fraction_of_limit']:.0%} of the limit")
+    print(f"train: fwd+bwd {result_train(phases, args.steps):.2f} s/step, bare fwd+bwd of the same micro-batches {bare_train:.2f} s "
+          f"-> {result['train_fraction_of_limit']:.0%} of the limit's speed")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def result_train(phases: dict, steps: int) -> float:
+    return phases["train fwd+bwd"] / steps
 
 
 if __name__ == "__main__":
