@@ -34,6 +34,23 @@ def test_sampler_logps_match_a_forward(tiny):
         torch.testing.assert_close(torch.tensor(s["entropy"]), out["entropy"][i][m], atol=1e-4, rtol=0)
 
 
+def test_a_row_without_sampler_logps_is_scored_by_the_policy(tiny):
+    """An empty completion replaced by EOS has no sampler log-prob; the old policy's must not be 0 there."""
+    from preftune.rollout.scoring import score_tokens
+
+    model, tok = tiny
+    prompts = [tok(t).input_ids for t in ["Tell me about item 1:", "Hi"]]
+    samples = sample_rollout(model, tok, prompts, max_new_tokens=6, temperature=1.0, batch_size=2, seed=3)
+    rows = [{"prompt_ids": s["prompt_ids"], "completion_ids": s["completion_ids"]} for s in samples]
+    rows[1]["completion_ids"] = [tok.eos_token_id]  # the replacement of an empty completion
+    samples[1] = {**samples[1], "logps": [], "entropy": []}
+    batch = collate_completions(rows, tok.pad_token_id)
+    reused = score_tokens(model, None, batch, kl_estimator="k1", sampled=samples)
+    forward = score_tokens(model, None, batch, kl_estimator="k1")
+    torch.testing.assert_close(reused["logps"], forward["logps"])
+    assert reused["logps"][1][reused["mask"][1]].item() < 0
+
+
 def test_rloo_rollout_same_with_and_without_reuse(tmp_path):
     from preftune.run_config import load_run_config
     from preftune.train.loop import build_algorithm

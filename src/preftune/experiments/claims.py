@@ -158,7 +158,7 @@ def preference_vs_sft(models: Mapping) -> dict:
     dpo, sft = _points(models, ("dpo",)), _points(models, ("sft",))
     if not dpo or not sft:
         return _claim(2, title, [], "Not run: the study needs DPO and SFT jobs.", ran=False, plots=["frontier"])
-    front = _front(dpo)
+    front = _front(dpo + _reference_point(models))  # from π_ref (β → ∞), as in claim 1
     comparisons, notes = [], []
     for p in sft:
         c = _matched(front, p, f"DPO front − {p['name']} at KL {p['kl']:.2f}")

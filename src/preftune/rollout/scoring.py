@@ -49,6 +49,8 @@ def score_tokens(policy: nn.Module, reference: Union[nn.Module, str, None], batc
     if not old_policy:
         ref = None if reference is None else _reference_logps(policy, reference, batch, autocast).cpu()
         return {"logps": None, "ref_logps": ref, "mask": mask.cpu(), "kl": None, "entropy": None, "hidden": None, "batch": batch}
+    if sampled is not None and any(len(s["logps"]) != n for s, n in zip(sampled, mask.sum(-1).tolist())):
+        sampled = None  # an empty completion replaced by EOS has no sampler log-prob: score the old policy instead
     with autocast():
         out = policy_forward(policy, batch, with_entropy=True) if sampled is None else None
     if sampled is None:
