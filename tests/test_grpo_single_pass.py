@@ -13,9 +13,10 @@ from preftune.train.metrics import read_metrics
 from tests.test_rl_train import prompts_file, rl_cfg  # noqa: F401 (fixture)
 
 FP16_TIS = ["train.micro_batch_size=4", "train.grad_accum_steps=2", "train.max_steps=3", "train.learning_rate=3e-3",
-            "train.adam_eps=1e-4", "grpo.samples_per_prompt=4", "grpo.sampler=fp16", "grpo.tis_cap=1.02",
+            "train.adam_eps=1e-4", "grpo.samples_per_prompt=4", "grpo.sampler=fp16", "grpo.tis_cap=1.0",
             "grpo.kl_coef=0.1"]
-"""The quantized sampler with TIS (a cap that binds on some tokens) and a reference KL as a loss term."""
+"""The quantized sampler with TIS (cap 1: it binds wherever π_old > π_sampler, about half the tokens, since the
+refreshed fp16 copy is within float rounding of the policy) and a reference KL as a loss term."""
 
 OLD_POLICY_METRICS = ("entropy", "kl", "reward/with_kl", "tis/ratio", "tis/kl", "tis/truncated", "tis/weight")
 
