@@ -164,12 +164,13 @@ def main() -> None:
     limit = max(decode_limit(inner.policy, inner.tokenizer, prompts, args.max_new_tokens) for _ in range(3))
     sampled = max(per_step) if per_step else float("nan")
     bare_train = min(train_limit(inner.policy, last_batches) for _ in range(3))
+    train_s = phases["train fwd+bwd"] / args.steps
     result = {
         "model": args.model, "algorithm": a, "sampler": args.sampler, "tis_cap": cap, "rows": rows, "max_new_tokens": args.max_new_tokens, "beta": args.beta,
         "threads": torch.get_num_threads(), "steps": args.steps, "s_per_step": total / args.steps,
         "phases_s_per_step": {k: v / args.steps for k, v in sorted(phases.items(), key=lambda kv: -kv[1])},
         "sampled_tokens_per_s": sampled, "sampled_tokens_per_s_mean": generated / max(phases["generate"], 1e-9), "decode_limit_tokens_per_s": limit, "fraction_of_limit": sampled / limit,
-        "train_limit_s": bare_train, "train_fraction_of_limit": bare_train / result_train(phases, args.steps),
+        "train_limit_s": bare_train, "train_fraction_of_limit": bare_train / train_s,
         "other_processes_cpu_share": others,
     }
     print(f"{a} ({args.sampler} sampler) on {args.model}: {rows} rows x <= {args.max_new_tokens} tokens, β={args.beta}, {result['threads']} threads, "
@@ -177,14 +178,10 @@ def main() -> None:
     for name, s in result["phases_s_per_step"].items():
         print(f"  {name:14s} {s:7.2f} s  {s / result['s_per_step']:5.1%}")
     print(f"decode: sampler {sampled:.1f} tok/s, bare fp32 cached forward {limit:.1f} tok/s -> {result['fraction_of_limit']:.0%} of the limit")
-    print(f"train: fwd+bwd {result_train(phases, args.steps):.2f} s/step, bare fwd+bwd of the same micro-batches {bare_train:.2f} s "
+    print(f"train: fwd+bwd {train_s:.2f} s/step, bare fwd+bwd of the same micro-batches {bare_train:.2f} s "
           f"-> {result['train_fraction_of_limit']:.0%} of the limit's speed")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-
-
-def result_train(phases: dict, steps: int) -> float:
-    return phases["train fwd+bwd"] / steps
 
 
 if __name__ == "__main__":

@@ -183,7 +183,7 @@ class _DiverseStudy(StudyJobs):
 
     def __init__(self, cfg: DiverseStudyConfig, out: Path, progress_line, progress: bool):
         super().__init__(out, progress_line)
-        self.cfg, self.out, self.show_bars = cfg, out, progress
+        self.cfg, self.show_bars = cfg, progress
         self.golds = {g: resolve_reward(spec) for g, spec in zip(cfg.groups, cfg.group_rewards)}
         self.configs: dict = {"study": to_dict(cfg)}
 

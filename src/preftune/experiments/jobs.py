@@ -122,6 +122,7 @@ class StudyJobs:
     the same key) and shown on the study's progress line; their wall and CPU seconds as recorded."""
 
     def __init__(self, out: Path, progress):
+        self.out = out
         self.ledger = Ledger(out)
         self.progress = progress  # a StudyProgress
         self.timings: dict[str, float] = {}

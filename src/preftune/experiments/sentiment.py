@@ -177,7 +177,7 @@ class _Study(StudyJobs):
 
     def __init__(self, cfg: StudyConfig, out: Path, progress_line, progress: bool):
         super().__init__(out, progress_line)
-        self.cfg, self.out, self.show_bars = cfg, out, progress
+        self.cfg, self.show_bars = cfg, progress
         self.configs: dict = {"study": _as_dict(cfg)}
 
     def run(self) -> Path:
