@@ -45,6 +45,11 @@ def test_quick_study_runs_and_its_report_shows_its_results(tmp_path):
     assert html.escape(json.dumps(results["arms"], indent=2, ensure_ascii=False)) in page
     assert page.count('src="data:image/png;base64,') == 5  # reward vs KL for A and B, EM components (linear, neural), RM accuracy
     assert sum(1 for name in results["models"] if name.endswith("@B")) == 4
+    models = results["models"]  # a plain policy is sampled once and scored by each group: one KL, two rewards
+    assert models["mix80/dpo @A"]["kl"] == models["mix80/dpo @B"]["kl"]
+    assert models["gold/rloo_min @B"]["reward_mean"] == models["gold/rloo_min @B"]["extra_rewards"]["B"]["mean"]
+    assert models["mix80/dpo @B"]["win_rate"] is None and models["mix80/dpo @A"]["win_rate"] is not None
+    assert arm["policies"]["rloo_min"]["B"]["gold_reward"] == models["gold/rloo_min @B"]["reward_mean"]
 
 
 def test_study_config_errors_are_one_line():
@@ -56,16 +61,19 @@ def test_study_config_errors_are_one_line():
 
 
 def test_full_study_is_sized_for_a_cpu_afternoon():
-    """configs/studies/diverse.yaml says it takes about 2.2 h on a quiet 2-core CPU; the estimate keeps it true."""
+    """configs/studies/diverse.yaml says it takes about 2.0 h on a quiet 2-core CPU; the estimate keeps it true."""
     from preftune.experiments.diverse import load_diverse_config, plan_stages
 
     cfg = load_diverse_config("configs/studies/diverse.yaml", [])
     stages = plan_stages(cfg)
     names = [n for n, _ in stages]
-    assert "mix80 reward-mixture" in names and "evaluate mix50/rloo_min @B" in names and all(s > 0 for _, s in stages)
-    # π_ref is sampled once per group (and once more with the group in the prompt), not once per policy
-    assert sum(n.startswith("evaluate reference") for n in names) == 4
-    assert sum(s for _, s in stages) / 3600 == pytest.approx(2.2, abs=0.1)
+    assert "mix80 reward-mixture" in names and "evaluate mix50/dpo" in names and all(s > 0 for _, s in stages)
+    # the RL policies on the gold rewards do not depend on the mix: trained and evaluated once for both arms
+    assert [n for n in names if "rloo_min" in n] == ["gold rloo_min", "evaluate gold/rloo_min"]
+    # π_ref is sampled once on the plain prompts and once per group with the group in the prompt
+    assert sum(n.startswith("evaluate reference") for n in names) == 3
+    assert sum(n.startswith("evaluate mix80/dpo_conditioned") for n in names) == 2
+    assert sum(s for _, s in stages) / 3600 == pytest.approx(2.0, abs=0.1)
     assert sum(s for _, s in stages) < sum(s for _, s in plan_stages(load_diverse_config("configs/studies/diverse.yaml", ["online_steps=40"])))
 
 
@@ -98,9 +106,9 @@ def test_study_resumes_job_by_job(tmp_path, monkeypatch, caplog):
     run_diverse_study(cfg, progress=False)  # finished: nothing reruns, the same numbers come out
     assert _records(out) == records and json.loads((out / "results.json").read_text())["models"] == first["models"]
 
-    run_dir = out / "mix80" / "rloo_min"  # killed after its first step: record and final model missing
+    run_dir = out / "gold" / "rloo_min"  # killed after its first step: record and final model missing
     before = _weights(run_dir / "model")
-    (out / "jobs" / "mix80_rloo_min.json").unlink()
+    (out / "jobs" / "gold_rloo_min.json").unlink()
     shutil.rmtree(run_dir / "model")
     shutil.rmtree(run_dir / "checkpoints" / "step-000002")
     with caplog.at_level(logging.INFO):

@@ -66,6 +66,7 @@ def evaluate(
     reward: str | Callable,
     *,
     proxy_reward: str | Callable | None = None,
+    extra_rewards: Mapping[str, str | Callable] | None = None,
     num_samples: int = 1,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
@@ -91,6 +92,8 @@ def evaluate(
         prompts: text, conversations, token-id lists or prompt records (anything with ``.prompt``).
         reward: the gold reward: a reward source (``prompts, completions -> floats``) or a spec for ``resolve_reward``.
         proxy_reward: optionally a second reward (e.g. a trained reward model) also reported per model.
+        extra_rewards: name -> more rewards scored on the same completions (e.g. each annotator group's),
+            reported per model under ``extra_rewards[name]`` as ``{"mean", "se"}``.
         tie_tolerance: win-rate rows whose rewards differ by at most this much are ties.
         algorithms: display name -> algorithm label for frontier plots; else read from the run's config.yaml.
         keep_completions: also return every sampled row under ``results["completions"][name]``.
@@ -102,11 +105,12 @@ def evaluate(
         prompts × num_samples completions: ``reward_mean/std/se``, ``kl``, ``kl_se`` (sequence KL to the reference, 0 for
         it), ``kl_per_token``, ``win_rate`` (see :func:`~preftune.eval.metrics.win_rate`; None for the reference),
         ``length_mean/se`` (tokens, with the EOS), ``eos_rate``, ``distinct_1/2``, ``repeated_3gram(_se)``,
-        ``proxy_reward_mean/se``; ``n``, ``spec``, ``algorithm``, ``seconds``, ``samples`` (first ``num_examples``).
+        ``proxy_reward_mean/se``, ``extra_rewards``; ``n``, ``spec``, ``algorithm``, ``seconds``, ``samples`` (first ``num_examples``).
     """
     if REFERENCE in models:
         raise ValueError(f"{REFERENCE!r} names the reference model; give the model another name")
-    rewards = (_reward(reward), _reward(proxy_reward) if proxy_reward is not None else None)
+    rewards = (_reward(reward), _reward(proxy_reward) if proxy_reward is not None else None,
+               {name: _reward(r) for name, r in (extra_rewards or {}).items()})
     texts = [_prompt_value(p) for p in prompts]
     repeated = [p for p in texts for _ in range(num_samples)]  # prompt-major, as `preftune generate`
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
@@ -126,7 +130,7 @@ def _compare(models: Mapping[str, ModelSpec], reference: ModelSpec, out: dict, r
              on_model: Callable[[str, dict], None] | None = None) -> dict[str, list[dict]]:
     """Fill ``out`` (``results["models"]``) with the reference's and every model's metrics; return every
     model's rows. The reference stays loaded throughout, each model only while it is evaluated."""
-    gold_fn, proxy_fn = rewards
+    gold_fn, proxy_fn, extra_fns = rewards
     completions: dict[str, list[dict]] = {}
     ref_model, ref_tok, ref_owned = _load(reference, device)
     try:
@@ -134,6 +138,7 @@ def _compare(models: Mapping[str, ModelSpec], reference: ModelSpec, out: dict, r
         ref_rows = _sample(ref_model, ref_tok, repeated, sampling, progress, f"sample {REFERENCE}")
         ref_gold = _score(gold_fn, repeated, ref_rows)
         ref_metrics = _summarise(ref_rows, ref_gold, _score(proxy_fn, repeated, ref_rows), None, None, None, **summary)
+        ref_metrics.update(_extra(extra_fns, repeated, ref_rows))
         out[REFERENCE] = {"spec": _spec_name(reference), "algorithm": REFERENCE, **ref_metrics,
                           "seconds": time.perf_counter() - start}
         if on_model is not None:
@@ -173,11 +178,12 @@ def _evaluate_model(name: str, spec: ModelSpec, ref: tuple, repeated: list, samp
                     ref_gold: list, summary: dict, progress: bool, device: str | None) -> tuple[dict, list[dict]]:
     """One model against the reference: (its metrics with ``algorithm`` and ``seconds``, its rows)."""
     start = time.perf_counter()
-    (ref_model, ref_tok), (gold_fn, proxy_fn) = ref, rewards
+    (ref_model, ref_tok), (gold_fn, proxy_fn, extra_fns) = ref, rewards
     rows, logps = _sample_model(name, spec, ref_tok, repeated, sampling, progress, device)
     ref_logps = _sequence_logps(ref_model, ref_tok, rows, sampling["batch_size"], progress, f"log-probs {REFERENCE}")
     gold = _score(gold_fn, repeated, rows)
     metrics = _summarise(rows, gold, _score(proxy_fn, repeated, rows), ref_gold, logps, ref_logps, **summary)
+    metrics.update(_extra(extra_fns, repeated, rows))
     metrics = {"algorithm": describe_model(spec).get("algorithm", "model"), **metrics, "seconds": time.perf_counter() - start}
     return metrics, _rows_out(rows, gold, logps, ref_logps)
 
@@ -424,6 +430,13 @@ def _summarise(rows, gold, proxy, ref_gold, logps, ref_logps, tie_tolerance, num
         for i in range(0, min(len(rows), num_examples * num_samples), num_samples)
     ]
     return metrics
+
+
+def _extra(fns: dict, prompts, rows) -> dict:
+    """``{"extra_rewards": {name: {"mean", "se"}}}`` of the extra rewards (nothing when there are none)."""
+    if not fns:
+        return {}
+    return {"extra_rewards": {name: dict(zip(("mean", "se"), mean_and_se(_score(fn, prompts, rows)))) for name, fn in fns.items()}}
 
 
 def _std(values) -> float:

@@ -50,6 +50,9 @@ log = logging.getLogger("preftune.experiments")
 
 __all__ = ["DiverseStudyConfig", "calm", "load_diverse_config", "longer", "plan_stages", "run_diverse_study", "summary"]
 
+# The full study's full-weight reward models took 1.8-2.4x (median 1.9x) the LoRA runs' cost per row.
+FULL_WEIGHTS = 1.9
+GOLD = "gold"  # the folder and name prefix of the policies trained on the gold rewards, shared by all arms
 POLICY_METHODS = ("dpo", "grdpo", "dpo_conditioned", "rloo_mean", "rloo_min")
 REWARD_METHODS = ("pooled", "per_group", "conditioned", "mixture")
 
@@ -119,25 +122,29 @@ def load_diverse_config(path: str | None, overrides: list[str]) -> DiverseStudyC
 
 def plan_stages(cfg: DiverseStudyConfig) -> list[tuple[str, float]]:
     """Every stage of the study in order, with its estimated seconds on a quiet 2-core CPU from the per-row
-    costs of ``preftune.experiments.costs`` (measured on the sentiment study's SmolLM2 LoRA runs; this
-    study's reward models train all weights, its RLOO steps accumulate 2 micro-batches). The mixture adds
-    ~8 forward passes over the pairs (its E-steps). The evaluation samples π_ref once per group (and once
-    more with the group in the prompt, for the conditioned policies) and each policy once per group."""
+    costs of ``preftune.experiments.costs`` (measured on the sentiment study's SmolLM2 LoRA runs). This
+    study's reward models train all weights (``FULL_WEIGHTS`` times the LoRA cost per row, measured here);
+    the mixture adds ~8 forward passes over the pairs (its E-steps). The RLOO policies on the gold rewards
+    accumulate 2 micro-batches per step and are trained once for all arms. The evaluation samples π_ref
+    and each plain policy once, scored by every group, and π_ref and the conditioned policies once per
+    group with the group in the prompt."""
     stages = [("sample train pairs", estimate_seconds(cfg, "pairs")),
               ("sample test pairs", estimate_seconds(dataclasses.replace(cfg, train_prompts=cfg.test_prompts), "pairs"))]
-    reward = estimate_seconds(cfg, "reward")
+    reward = LOAD + FULL_WEIGHTS * (estimate_seconds(cfg, "reward") - LOAD)
     rewards = {"pooled": reward, "conditioned": reward, "per_group": reward + LOAD * (len(cfg.groups) - 1),
                "mixture": LOAD + (reward - LOAD) * (1 + 8 / (3 * cfg.offline_epochs))}
     rloo = LOAD + 2 * (estimate_seconds(cfg, "rloo") - LOAD)
+    offline, online = _split_methods(cfg.policy_methods)
     for mix in cfg.mixes:
         arm = _arm_name(mix)
         stages += [(f"{arm} reward-{m}", rewards[m]) for m in cfg.reward_methods]
-        stages += [(f"{arm} {m}", rloo if m.startswith("rloo_") else estimate_seconds(cfg, "dpo")) for m in cfg.policy_methods]
+        stages += [(f"{arm} {m}", estimate_seconds(cfg, "dpo")) for m in offline]
+    stages += [(f"{GOLD} {m}", rloo) for m in online]
     evaluation = estimate_seconds(cfg, "evaluate")
-    for g in cfg.groups:
-        for conditioned, methods in _eval_batches(cfg):
-            stages.append((f"evaluate {_reference_name(g, conditioned)}", evaluation))
-            stages += [(f"evaluate {_model_label(_arm_name(mix), m, g)}", evaluation) for mix in cfg.mixes for m in methods]
+    for conditioned, methods in _eval_batches(cfg):
+        for g in cfg.groups if conditioned else [None]:
+            stages.append((f"evaluate {_reference_name(g)}", evaluation))
+            stages += [(f"evaluate {_suffixed(name, g)}", evaluation) for name in _policy_names(cfg, methods)]
     return stages
 
 
@@ -162,17 +169,36 @@ def _arm_name(mix: float) -> str:
     return f"mix{round(mix * 100)}"
 
 
-def _model_label(arm: str, method: str, group: str) -> str:
-    return f"{arm}/{method} @{group}"
+def _split_methods(methods: list[str]) -> tuple[list[str], list[str]]:
+    """(the policies trained on an arm's pairs, the RL ones trained on the groups' gold rewards, which do
+    not depend on the mix and so are trained once for all arms)."""
+    return [m for m in methods if not m.startswith("rloo_")], [m for m in methods if m.startswith("rloo_")]
 
 
-def _reference_name(group: str, conditioned: bool) -> str:
-    return f"reference{' (conditioned)' if conditioned else ''} @{group}"
+def _policy_name(arm: str, method: str) -> str:
+    """A trained policy's name: ARM/METHOD, or gold/METHOD for the RL ones shared by all arms."""
+    return f"{GOLD if method.startswith('rloo_') else arm}/{method}"
+
+
+def _policy_names(cfg: DiverseStudyConfig, methods: list[str]) -> list[str]:
+    """The distinct policies of ``methods`` over the arms, in training order."""
+    names = [_policy_name(_arm_name(mix), m) for mix in cfg.mixes for m in methods]
+    return sorted(set(names), key=names.index)
+
+
+def _suffixed(name: str, group: str | None) -> str:
+    return name if group is None else f"{name} @{group}"
+
+
+def _reference_name(group: str | None) -> str:
+    """π_ref's evaluation: once on the plain prompts (scored by every group), once per group with the
+    group in the prompt (for the conditioned policies)."""
+    return "reference" if group is None else f"reference (conditioned) @{group}"
 
 
 def _eval_batches(cfg: DiverseStudyConfig) -> list[tuple[bool, list[str]]]:
-    """The evaluation passes per group: (prompts conditioned on the group?, policy methods), each with
-    its own π_ref samples."""
+    """The evaluation passes: (prompts conditioned on the group?, policy methods). The plain pass samples
+    each policy once and scores it with every group's gold reward; the conditioned one runs per group."""
     plain = [m for m in cfg.policy_methods if m != "dpo_conditioned"]
     conditioned = [m for m in cfg.policy_methods if m == "dpo_conditioned"]
     return [(flag, methods) for flag, methods in ((False, plain), (True, conditioned)) if methods]
@@ -199,7 +225,9 @@ class _DiverseStudy(StudyJobs):
         held_key = fingerprint(test_key, cfg.groups, cfg.group_rewards)
         arms, trained = {}, {}
         for mix in cfg.mixes:
-            arms[_arm_name(mix)], trained[_arm_name(mix)] = self.arm(mix, train_samples, fingerprint(train_key, mix), held_path, held_key)
+            arms[_arm_name(mix)], arm_trained = self.arm(mix, train_samples, fingerprint(train_key, mix), held_path, held_key)
+            trained.update(arm_trained)
+        trained.update(self.online(train_prompts))
         models = self.evaluate_policies(trained, test_prompts, arms)
         for name, arm in arms.items():
             arm["summary"] = minority_summary(arm)
@@ -245,40 +273,75 @@ class _DiverseStudy(StudyJobs):
             if method == "mixture":
                 arm["neural_em"] = neural_em(report)
         trained = {}
-        for method in cfg.policy_methods:
+        for method in _split_methods(cfg.policy_methods)[0]:
             args = _policy_overrides(cfg, method, pairs_path, arm_dir / method, self.out / "train_prompts.jsonl")
             key = fingerprint("policy", pairs_key, args)
             record = self.job(f"{name} {method}", key, lambda: train_run(args, arm_dir / method, key))
             self.configs[f"{name}/{method}"] = record["result"]["config"]
-            trained[method] = (record["result"]["model_dir"], key)
+            trained[_policy_name(name, method)] = (record["result"]["model_dir"], key)
         return arm, trained
 
+    def online(self, prompts: list) -> dict:
+        """The RL policies on the groups' gold rewards (mean, min): trained once, shared by all arms."""
+        cfg, trained = self.cfg, {}
+        for method in _split_methods(cfg.policy_methods)[1]:
+            run_dir = self.out / GOLD / method
+            args = _policy_overrides(cfg, method, None, run_dir, self.out / "train_prompts.jsonl")
+            key = fingerprint("policy", prompts, args)
+            record = self.job(f"{GOLD} {method}", key, lambda: train_run(args, run_dir, key))
+            self.configs[f"{GOLD}/{method}"] = record["result"]["config"]
+            trained[_policy_name(GOLD, method)] = (record["result"]["model_dir"], key)
+        return trained
+
     def evaluate_policies(self, trained: dict, prompts: list, arms: dict) -> dict:
-        """Each group's gold reward and KL to π_ref of every policy, per group in one pass per kind of
-        prompt (plain, or carrying the group for the conditioned policies) that samples π_ref once."""
+        """Each group's gold reward and KL to π_ref of every policy. The plain policies are sampled once
+        (π_ref too) and scored with every group's gold reward; the conditioned ones, and π_ref, once per
+        group with the group in the prompt. Fills each arm's ``policies``; returns label -> metrics."""
         cfg, models = self.cfg, {}
-        for g in cfg.groups:
-            for conditioned, methods in _eval_batches(cfg):
-                group_prompts = [condition_prompt(p, g) for p in prompts] if conditioned else prompts
-                specs = {_model_label(arm, m, g): trained[arm][m][0] for arm in trained for m in methods}
-                keys = {_model_label(arm, m, g): trained[arm][m][1] for arm in trained for m in methods}
-                base = fingerprint("evaluate", cfg.model, group_prompts, cfg.group_rewards[cfg.groups.index(g)],
-                                   cfg.eval_samples, cfg.max_new_tokens, cfg.seed)
-
-                def run(pending: dict, on_model, group_prompts=group_prompts, g=g) -> dict:
-                    return evaluate(pending, cfg.model, group_prompts, self.golds[g], num_samples=cfg.eval_samples,
-                                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=16, progress=self.show_bars,
-                                    algorithms={name: name.split("/")[1] for name in pending}, on_model=on_model)
-
-                _, done = self.evaluate(specs, keys, base, run, reference=_reference_name(g, conditioned),
-                                        settings=f"evaluate settings {_reference_name(g, conditioned)}")
-                reference = done[REFERENCE]["reward_mean"]
-                for label in specs:
-                    arm, method = label.split(" @")[0].split("/")
-                    models[label] = {**done[label], "algorithm": f"{method} @{g}", "reference_reward_mean": reference}
-                    arms[arm]["policies"].setdefault(method, {})[g] = {
-                        "gold_reward": done[label]["reward_mean"], "kl": done[label]["kl"], "reference_gold_reward": reference}
+        for conditioned, methods in _eval_batches(cfg):
+            names = _policy_names(cfg, methods)
+            for g in cfg.groups if conditioned else [None]:
+                golds = {g: self.golds[g]} if conditioned else self.golds
+                done = self._evaluate_pass(names, g, golds, trained, prompts)
+                for g2 in golds:
+                    reference = done[REFERENCE]["extra_rewards"][g2]["mean"]
+                    for name in names:
+                        models[f"{name} @{g2}"] = entry = _group_metrics(done[_suffixed(name, g)], g2, next(iter(golds)), reference)
+                        for arm in arms:
+                            method = name.split("/")[1]
+                            if method in methods and _policy_name(arm, method) == name:
+                                arms[arm]["policies"].setdefault(method, {})[g2] = {
+                                    "gold_reward": entry["reward_mean"], "kl": entry["kl"], "reference_gold_reward": reference}
         return models
+
+    def _evaluate_pass(self, names: list[str], group: str | None, golds: dict, trained: dict, prompts: list) -> dict:
+        """One evaluation pass (π_ref sampled once), on prompts carrying ``group`` when given, scored with
+        ``golds``; name -> metrics, π_ref's under REFERENCE."""
+        cfg = self.cfg
+        group_prompts = prompts if group is None else [condition_prompt(p, group) for p in prompts]
+        specs = {_suffixed(n, group): trained[n][0] for n in names}
+        keys = {_suffixed(n, group): trained[n][1] for n in names}
+        specs_of = [cfg.group_rewards[cfg.groups.index(g)] for g in golds]
+        base = fingerprint("evaluate", cfg.model, group_prompts, list(golds), specs_of, cfg.eval_samples, cfg.max_new_tokens, cfg.seed)
+
+        def run(pending: dict, on_model) -> dict:
+            return evaluate(pending, cfg.model, group_prompts, next(iter(golds.values())), extra_rewards=golds,
+                            num_samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=16,
+                            progress=self.show_bars, algorithms={name: name.split("/")[1].split(" @")[0] for name in pending},
+                            on_model=on_model)
+
+        _, done = self.evaluate(specs, keys, base, run, reference=_reference_name(group),
+                                settings=f"evaluate settings {_reference_name(group)}")
+        return done
+
+
+def _group_metrics(metrics: dict, group: str, primary: str, reference: float) -> dict:
+    """A policy's evaluation as seen by ``group``: its gold reward in ``reward_mean/se`` (the win rate
+    only where it was computed with that group's reward, ``primary``)."""
+    score = metrics["extra_rewards"][group]
+    method = metrics["algorithm"]
+    return {**metrics, "reward_mean": score["mean"], "reward_se": score["se"], "algorithm": f"{method} @{group}",
+            "win_rate": metrics["win_rate"] if group == primary else None, "reference_reward_mean": reference}
 
 
 def _common(cfg: DiverseStudyConfig, out: Path) -> list[str]:
