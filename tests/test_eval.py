@@ -135,6 +135,29 @@ def test_sampled_sequence_logps_match_a_plain_forward():
         assert value == pytest.approx(expected, abs=1e-4)
 
 
+def test_extra_rewards_score_the_same_completions():
+    """Each extra reward is scored on the completions the gold reward saw: one equal to the gold reward
+    gives its mean and SE; a second one gives its own mean over the kept completions."""
+    from preftune.eval.evaluate import evaluate
+    from preftune.eval.metrics import mean_and_se
+
+    def chars(prompts, completions):
+        return [float(len(c)) for c in completions]
+
+    def words(prompts, completions):
+        return [float(len(c.split())) for c in completions]
+
+    out = evaluate({"same": "tiny-random-llama"}, "tiny-random-llama", ["Hello there", "Rivers"], chars,
+                   extra_rewards={"chars": chars, "words": words}, num_samples=2, max_new_tokens=5, seed=1,
+                   progress=False, keep_completions=True)
+    for name, m in out["models"].items():
+        extra = m["extra_rewards"]
+        assert extra["chars"] == {"mean": m["reward_mean"], "se": m["reward_se"]}
+        texts = [r["completion"] for r in out["completions"][name]]
+        assert (extra["words"]["mean"], extra["words"]["se"]) == mean_and_se([float(len(t.split())) for t in texts])
+    assert "extra_rewards" not in evaluate({}, "tiny-random-llama", ["Hi"], chars, max_new_tokens=2, progress=False)["models"]["reference"]
+
+
 class StrictParser(HTMLParser):
     """Checks that every element is closed in order; collects images and the cells tagged with data-key."""
 
