@@ -43,13 +43,19 @@ def test_quick_study_runs_and_its_report_shows_its_results(tmp_path):
         for key in ("reward_mean", "kl", "reward_se"):
             assert f'data-key="{key}">{html.escape(format_number(m[key]))}</td>' in row, (name, key)
     assert html.escape(json.dumps(results["arms"], indent=2, ensure_ascii=False)) in page
-    assert page.count('src="data:image/png;base64,') == 5  # reward vs KL for A and B, EM components (linear, neural), RM accuracy
+    assert page.count('src="data:image/png;base64,') == 6  # gains A vs B, reward vs KL for A and B, EM (linear, neural), RM accuracy
     assert sum(1 for name in results["models"] if name.endswith("@B")) == 4
     models = results["models"]  # a plain policy is sampled once and scored by each group: one KL, two rewards
     assert models["mix80/dpo @A"]["kl"] == models["mix80/dpo @B"]["kl"]
     assert models["gold/rloo_min @B"]["reward_mean"] == models["gold/rloo_min @B"]["extra_rewards"]["B"]["mean"]
     assert models["mix80/dpo @B"]["win_rate"] is None and models["mix80/dpo @A"]["win_rate"] is not None
     assert arm["policies"]["rloo_min"]["B"]["gold_reward"] == models["gold/rloo_min @B"]["reward_mean"]
+    from preftune.experiments.diverse_report import group_gains  # the main plot's points: gains over π_ref
+
+    gains = {(p["arm"], p["method"]): p for p in group_gains(["A", "B"], results)}
+    assert set(gains) == {("mix80", "dpo"), ("mix80", "grdpo"), ("mix80", "dpo_conditioned"), ("gold", "rloo_min")}
+    cond = models["mix80/dpo_conditioned @B"]
+    assert gains[("mix80", "dpo_conditioned")]["gain"]["B"] == cond["reward_mean"] - cond["reference_reward_mean"]
 
 
 def test_study_config_errors_are_one_line():

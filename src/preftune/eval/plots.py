@@ -55,7 +55,8 @@ def _finite(*values) -> bool:
 
 
 def frontier_plot(
-    points: Sequence[dict], *, title: str = "Reward vs KL frontier", reward_label: str = "gold reward", front: bool = True
+    points: Sequence[dict], *, title: str = "Reward vs KL frontier", reward_label: str = "gold reward", front: bool = True,
+    x_label: str = "KL(π ‖ π_ref) per sequence (nats)", lines: bool = True,
 ) -> bytes:
     """Gold reward vs KL(π‖π_ref), one colour per algorithm, its Pareto front as a line.
 
@@ -64,12 +65,14 @@ def frontier_plot(
             (drawn as error bars). ``algorithm == "reference"`` is drawn as a black star.
         front: draw each algorithm's Pareto front (max reward, min KL); False = a line through all of
             its points in KL order (for a y that is not a reward, e.g. mean length vs KL).
+        x_label, lines: another quantity on the x axis (``kl`` holds it); ``lines=False`` draws the points only.
     """
-    fig, _ = _frontier_figure(points, title=title, reward_label=reward_label, front=front)
+    fig, _ = _frontier_figure(points, title=title, reward_label=reward_label, front=front, x_label=x_label, lines=lines)
     return _png(fig, layout=False)
 
 
-def _frontier_figure(points: Sequence[dict], *, title: str, reward_label: str, front: bool = True):
+def _frontier_figure(points: Sequence[dict], *, title: str, reward_label: str, front: bool = True,
+                     x_label: str = "KL(π ‖ π_ref) per sequence (nats)", lines: bool = True):
     """The frontier figure and its point-label texts, laid out (labels placed by :func:`place_labels`)."""
     fig, ax = _figure()
     groups: dict[str, list[dict]] = {}
@@ -92,9 +95,10 @@ def _frontier_figure(points: Sequence[dict], *, title: str, reward_label: str, f
             line = [group[i] for i in pareto_front([(p["kl"], p["reward"]) for p in group])]
         else:
             line = sorted(group, key=lambda p: p["kl"])
-        ax.plot([p["kl"] for p in line], [p["reward"] for p in line], "-o", color=color, label=algorithm, markersize=6)
+        ax.plot([p["kl"] for p in line], [p["reward"] for p in line], "-o" if lines else "o", color=color, label=algorithm,
+                markersize=6)
         labelled += [(p, color) for p in group]
-    ax.set_xlabel("KL(π ‖ π_ref) per sequence (nats)")
+    ax.set_xlabel(x_label)
     ax.set_ylabel(reward_label)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)

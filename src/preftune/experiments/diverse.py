@@ -37,7 +37,7 @@ from preftune.eval.evaluate import REFERENCE, evaluate
 from preftune.eval.report import write_report
 from preftune.experiments.costs import LOAD, estimate_seconds
 from preftune.experiments.diverse_labels import assign, calm, fit_linear_em, longer, sample_pairs, write_held_out
-from preftune.experiments.diverse_report import minority_summary, neural_em, plots, summary
+from preftune.experiments.diverse_report import GOLD, minority_summary, neural_em, plots, policy_name, summary
 from preftune.experiments.jobs import StudyJobs, fingerprint, train_run
 from preftune.experiments.progress import StudyProgress
 from preftune.experiments.sentiment import machine, split_prompts
@@ -52,7 +52,6 @@ __all__ = ["DiverseStudyConfig", "calm", "load_diverse_config", "longer", "plan_
 
 # The full study's full-weight reward models took 1.8-2.4x (median 1.9x) the LoRA runs' cost per row.
 FULL_WEIGHTS = 1.9
-GOLD = "gold"  # the folder and name prefix of the policies trained on the gold rewards, shared by all arms
 POLICY_METHODS = ("dpo", "grdpo", "dpo_conditioned", "rloo_mean", "rloo_min")
 REWARD_METHODS = ("pooled", "per_group", "conditioned", "mixture")
 
@@ -175,14 +174,9 @@ def _split_methods(methods: list[str]) -> tuple[list[str], list[str]]:
     return [m for m in methods if not m.startswith("rloo_")], [m for m in methods if m.startswith("rloo_")]
 
 
-def _policy_name(arm: str, method: str) -> str:
-    """A trained policy's name: ARM/METHOD, or gold/METHOD for the RL ones shared by all arms."""
-    return f"{GOLD if method.startswith('rloo_') else arm}/{method}"
-
-
 def _policy_names(cfg: DiverseStudyConfig, methods: list[str]) -> list[str]:
     """The distinct policies of ``methods`` over the arms, in training order."""
-    names = [_policy_name(_arm_name(mix), m) for mix in cfg.mixes for m in methods]
+    names = [policy_name(_arm_name(mix), m) for mix in cfg.mixes for m in methods]
     return sorted(set(names), key=names.index)
 
 
@@ -278,7 +272,7 @@ class _DiverseStudy(StudyJobs):
             key = fingerprint("policy", pairs_key, args)
             record = self.job(f"{name} {method}", key, lambda: train_run(args, arm_dir / method, key))
             self.configs[f"{name}/{method}"] = record["result"]["config"]
-            trained[_policy_name(name, method)] = (record["result"]["model_dir"], key)
+            trained[policy_name(name, method)] = (record["result"]["model_dir"], key)
         return arm, trained
 
     def online(self, prompts: list) -> dict:
@@ -290,7 +284,7 @@ class _DiverseStudy(StudyJobs):
             key = fingerprint("policy", prompts, args)
             record = self.job(f"{GOLD} {method}", key, lambda: train_run(args, run_dir, key))
             self.configs[f"{GOLD}/{method}"] = record["result"]["config"]
-            trained[_policy_name(GOLD, method)] = (record["result"]["model_dir"], key)
+            trained[policy_name(GOLD, method)] = (record["result"]["model_dir"], key)
         return trained
 
     def evaluate_policies(self, trained: dict, prompts: list, arms: dict) -> dict:
@@ -309,7 +303,7 @@ class _DiverseStudy(StudyJobs):
                         models[f"{name} @{g2}"] = entry = _group_metrics(done[_suffixed(name, g)], g2, next(iter(golds)), reference)
                         for arm in arms:
                             method = name.split("/")[1]
-                            if method in methods and _policy_name(arm, method) == name:
+                            if method in methods and policy_name(arm, method) == name:
                                 arms[arm]["policies"].setdefault(method, {})[g2] = {
                                     "gold_reward": entry["reward_mean"], "kl": entry["kl"], "reference_gold_reward": reference}
         return models

@@ -8,7 +8,15 @@ from pathlib import Path
 
 from preftune.eval.plots import bar_plot, frontier_plot
 
-__all__ = ["minority_summary", "neural_em", "plots", "summary"]
+__all__ = ["GOLD", "group_gains", "minority_summary", "neural_em", "plots", "policy_name", "summary"]
+
+GOLD = "gold"  # the folder and name prefix of the policies trained on the gold rewards, shared by all arms
+
+
+def policy_name(arm: str, method: str) -> str:
+    """A trained policy's name: ARM/METHOD, or gold/METHOD for the RL ones (on the groups' gold
+    rewards, which do not depend on the mix) shared by all arms."""
+    return f"{GOLD if method.startswith('rloo_') else arm}/{method}"
 
 
 def neural_em(report: dict) -> dict:
@@ -35,10 +43,34 @@ def minority_summary(arm: dict) -> dict:
     return out
 
 
+def group_gains(groups: list[str], results: dict) -> list[dict]:
+    """Per arm and policy: each of the first two groups' gold-reward gain over π_ref (the π_ref each
+    was evaluated against: a conditioned policy's is π_ref asked for the same group), with SEs."""
+    a, b = groups[:2]
+    points = []
+    for arm, data in results["arms"].items():
+        for method, per_group in data["policies"].items():
+            name = policy_name(arm, method)
+            se = {g: results["models"][f"{name} @{g}"]["reward_se"] for g in (a, b)}
+            gain = {g: per_group[g]["gold_reward"] - per_group[g]["reference_gold_reward"] for g in (a, b)}
+            points.append({"arm": name.split("/")[0], "method": method, "gain": gain, "se": se})
+    return [p for i, p in enumerate(points) if p not in points[:i]]  # the shared RL policies once
+
+
+def _tradeoff_plot(groups: list[str], results: dict) -> bytes:
+    a, b = groups[:2]
+    points = [{"algorithm": p["method"], "label": p["arm"], "kl": p["gain"][a], "reward": p["gain"][b],
+               "kl_se": p["se"][a], "reward_se": p["se"][b]} for p in group_gains(groups, results)]
+    points.append({"algorithm": "reference", "label": "π_ref", "kl": 0.0, "reward": 0.0})
+    return frontier_plot(points, title=f"What each group gets: gold-reward gain over π_ref ({a} vs {b})",
+                         x_label=f"group {a}'s gold reward − π_ref's", reward_label=f"group {b}'s gold reward − π_ref's",
+                         front=False, lines=False)
+
+
 def plots(groups: list[str], results: dict) -> dict[str, bytes]:
-    """Per group its gold reward vs KL of every policy; both mixtures' responsibilities; the reward
-    models' accuracy per group."""
-    out = {}
+    """What each policy gains for each group (the main plot); per group its gold reward vs KL of every
+    policy; both mixtures' responsibilities; the reward models' accuracy per group."""
+    out = {"group_tradeoff": _tradeoff_plot(groups, results)} if results["arms"] else {}
     for g in groups:
         points = [{"algorithm": label.split("/")[1].split(" @")[0], "label": label.split("/")[0], "kl": m["kl"],
                    "reward": m["reward_mean"], "kl_se": m.get("kl_se"), "reward_se": m.get("reward_se")}
