@@ -1,6 +1,11 @@
 """Do two (or more) RL runs learn the same? Their per-step metrics (reward, KL, the sampler mismatch)
-averaged over windows of steps, ± the SE over the window's steps, the differences to the first run,
-and a plot of the window means.
+averaged over windows of steps, ± the SE of that mean, the differences to the first run, and a plot
+of the window means.
+
+Consecutive steps of one run are correlated (the same policy, slowly moving), so the SE is not the
+steps' SD / √n: it is inflated by the AR(1) factor √((1 + ρ) / (1 − ρ)), with ρ the lag-1
+autocorrelation of the window's steps (taken as 0 when negative, capped at 0.9); ``se_iid`` is the
+uncorrected one.
 
     python benchmarks/compare_runs.py runs/rloo-smollm2-vader runs/rloo-smollm2-vader-fp16 \\
         runs/rloo-smollm2-vader-seed1 --windows 1-10,11-20,21-40,41-60 --out benchmarks/results/fp16_vs_exact
@@ -31,12 +36,24 @@ def windows(spec: str) -> list[tuple[int, int]]:
     return out
 
 
+def lag1_autocorrelation(values: list[float]) -> float:
+    """The lag-1 autocorrelation of a series (0 for fewer than 3 values or a constant one)."""
+    if len(values) < 3:
+        return 0.0
+    mean = statistics.fmean(values)
+    dev = [v - mean for v in values]
+    var = math.fsum(d * d for d in dev)
+    return math.fsum(a * b for a, b in zip(dev, dev[1:])) / var if var > 0 else 0.0
+
+
 def window_stats(rows: list[dict], metric: str, lo: int, hi: int) -> dict | None:
     values = [r[metric] for r in rows if lo <= r.get("step", 0) <= hi and isinstance(r.get(metric), (int, float))]
     if not values:
         return None
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return {"mean": statistics.fmean(values), "se": se, "steps": len(values)}
+    se_iid = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    rho = min(max(lag1_autocorrelation(values), 0.0), 0.9)
+    return {"mean": statistics.fmean(values), "se": se_iid * math.sqrt((1 + rho) / (1 - rho)), "se_iid": se_iid,
+            "rho": rho, "steps": len(values)}
 
 
 def main() -> None:
