@@ -140,6 +140,32 @@ def test_lora_policy_is_quantized_from_merged_weights():
     torch.testing.assert_close(_logits(backend.model, ids), updated, rtol=0, atol=0)
 
 
+def test_switching_between_frozen_adapters_reaches_the_sampler():
+    """Two frozen adapters (nothing trainable, so refreshes skip unchanged layers): set_adapter switches
+    which one is merged, and the next sync re-quantizes the layers it touches."""
+    model, tok = load_model("tiny-random-llama")
+    peft_model = apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    peft_model.add_adapter("other", peft_model.peft_config["default"])
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    for p in peft_model.parameters():
+        p.requires_grad_(False)
+    backend = make_backend("int8", tok)
+    backend.sync(peft_model)
+    ids = _prompts(tok, 1)[0]
+    first = _logits(backend.model, ids)
+    torch.testing.assert_close(first, _logits(quantize_copy(_merged(peft_model)), ids), rtol=0, atol=0)
+    peft_model.set_adapter("other")
+    for p in peft_model.parameters():  # set_adapter makes the active adapter trainable; freeze it again
+        p.requires_grad_(False)
+    backend.sync(peft_model)
+    switched = _logits(quantize_copy(_merged(peft_model)), ids)
+    assert not torch.allclose(switched, first, atol=1e-3)
+    torch.testing.assert_close(_logits(backend.model, ids), switched, rtol=0, atol=0)
+
+
 def _merged(peft_model):
     import copy
 

@@ -85,7 +85,7 @@ def _merged_weight(layer: nn.Linear, lora: nn.Module | None) -> torch.Tensor:
 
 def _frozen_state(layer: nn.Linear, lora: nn.Module | None) -> tuple | None:
     """None when an optimizer step may change the layer (its weight, bias or adapters require grad);
-    else what identifies its fixed value (the tensors, the adapters' on/merged flags).
+    else what identifies its fixed value (the tensors, the active adapters and their on/merged flags).
 
     Parameter version counters cannot tell whether a step touched a layer: fused AdamW (the loop's
     optimizer) updates parameters in place without bumping them, so a trainable layer is always
@@ -93,7 +93,8 @@ def _frozen_state(layer: nn.Linear, lora: nn.Module | None) -> tuple | None:
     tensors = [t for t in [layer.weight, layer.bias] + (list(lora.parameters()) if lora is not None else []) if t is not None]
     if any(t.requires_grad for t in tensors):
         return None
-    return tuple(id(t) for t in tensors) + ((lora.disable_adapters, lora.merged) if lora is not None else ())
+    flags = (lora.disable_adapters, lora.merged, tuple(lora.active_adapters)) if lora is not None else ()
+    return tuple(id(t) for t in tensors) + flags
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
