@@ -91,9 +91,8 @@ def evaluate(
             a time (at most two models in memory); each loaded model is freed after use.
         prompts: text, conversations, token-id lists or prompt records (anything with ``.prompt``).
         reward: the gold reward: a reward source (``prompts, completions -> floats``) or a spec for ``resolve_reward``.
-        proxy_reward: optionally a second reward (e.g. a trained reward model) also reported per model.
-        extra_rewards: name -> more rewards scored on the same completions (e.g. each annotator group's),
-            reported per model under ``extra_rewards[name]`` as ``{"mean", "se"}``.
+        proxy_reward, extra_rewards: a second reward (e.g. a reward model), and name -> more rewards
+            (e.g. each annotator group's), scored on the same completions and reported per model.
         tie_tolerance: win-rate rows whose rewards differ by at most this much are ties.
         algorithms: display name -> algorithm label for frontier plots; else read from the run's config.yaml.
         keep_completions: also return every sampled row under ``results["completions"][name]``.
@@ -105,14 +104,12 @@ def evaluate(
         prompts × num_samples completions: ``reward_mean/std/se``, ``kl``, ``kl_se`` (sequence KL to the reference, 0 for
         it), ``kl_per_token``, ``win_rate`` (see :func:`~preftune.eval.metrics.win_rate`; None for the reference),
         ``length_mean/se`` (tokens, with the EOS), ``eos_rate``, ``distinct_1/2``, ``repeated_3gram(_se)``,
-        ``proxy_reward_mean/se``, ``extra_rewards``; ``n``, ``spec``, ``algorithm``, ``seconds``, ``samples`` (first ``num_examples``).
-    """
+        ``proxy_reward_mean/se``, ``extra_rewards`` ({name: {mean, se}}); ``n``, ``spec``, ``algorithm``, ``seconds``,
+        ``samples`` (first ``num_examples``)."""
     if REFERENCE in models:
         raise ValueError(f"{REFERENCE!r} names the reference model; give the model another name")
-    rewards = (_reward(reward), _reward(proxy_reward) if proxy_reward is not None else None,
-               {name: _reward(r) for name, r in (extra_rewards or {}).items()})
-    texts = [_prompt_value(p) for p in prompts]
-    repeated = [p for p in texts for _ in range(num_samples)]  # prompt-major, as `preftune generate`
+    rewards = _rewards(reward, proxy_reward, extra_rewards)
+    texts = [_prompt_value(p) for p in prompts]; repeated = [p for p in texts for _ in range(num_samples)]  # prompt-major
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
                     text_as_chat=text_as_chat)
     results: dict = {"settings": _settings(sampling, num_samples, texts, repeated, reward, proxy_reward, tie_tolerance,
@@ -120,9 +117,13 @@ def evaluate(
     summary = dict(tie_tolerance=tie_tolerance, num_samples=num_samples, num_examples=num_examples)
     completions = _compare(models, reference, results["models"], repeated, sampling, rewards, summary, dict(algorithms or {}),
                            progress, device, on_model)
-    if keep_completions:
-        results["completions"] = completions
-    return results
+    return {**results, "completions": completions} if keep_completions else results
+
+
+def _rewards(reward, proxy_reward, extra_rewards) -> tuple:
+    """(gold, proxy or None, {name: extra reward}) as callables."""
+    return (_reward(reward), _reward(proxy_reward) if proxy_reward is not None else None,
+            {name: _reward(r) for name, r in (extra_rewards or {}).items()})
 
 
 def _compare(models: Mapping[str, ModelSpec], reference: ModelSpec, out: dict, repeated: list, sampling: dict,
