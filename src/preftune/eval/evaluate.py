@@ -106,10 +106,9 @@ def evaluate(
         ``length_mean/se`` (tokens, with the EOS), ``eos_rate``, ``distinct_1/2``, ``repeated_3gram(_se)``,
         ``proxy_reward_mean/se``, ``extra_rewards`` ({name: {mean, se}}); ``n``, ``spec``, ``algorithm``, ``seconds``,
         ``samples`` (first ``num_examples``)."""
-    if REFERENCE in models:
-        raise ValueError(f"{REFERENCE!r} names the reference model; give the model another name")
-    rewards = _rewards(reward, proxy_reward, extra_rewards)
-    texts = [_prompt_value(p) for p in prompts]; repeated = [p for p in texts for _ in range(num_samples)]  # prompt-major
+    rewards = _rewards(models, reward, proxy_reward, extra_rewards)
+    texts = [_prompt_value(p) for p in prompts]
+    repeated = [p for p in texts for _ in range(num_samples)]  # prompt-major, as `preftune generate`
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
                     text_as_chat=text_as_chat)
     results: dict = {"settings": _settings(sampling, num_samples, texts, repeated, reward, proxy_reward, tie_tolerance,
@@ -120,8 +119,10 @@ def evaluate(
     return {**results, "completions": completions} if keep_completions else results
 
 
-def _rewards(reward, proxy_reward, extra_rewards) -> tuple:
-    """(gold, proxy or None, {name: extra reward}) as callables."""
+def _rewards(models: Mapping, reward, proxy_reward, extra_rewards) -> tuple:
+    """(gold, proxy or None, {name: extra reward}) as callables; refuses a model named like the reference."""
+    if REFERENCE in models:
+        raise ValueError(f"{REFERENCE!r} names the reference model; give the model another name")
     return (_reward(reward), _reward(proxy_reward) if proxy_reward is not None else None,
             {name: _reward(r) for name, r in (extra_rewards or {}).items()})
 
