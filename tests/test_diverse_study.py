@@ -4,6 +4,7 @@ import html
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,33 +97,53 @@ def _records(out):
 
 
 def test_study_resumes_job_by_job(tmp_path, monkeypatch, caplog):
-    """A finished study reruns nothing; a policy killed mid-training continues from its newest checkpoint."""
+    """A finished study reruns nothing and keeps no checkpoints; a policy killed mid-training continues
+    from its newest checkpoint to the uninterrupted run's weights; save_steps is not part of the keys."""
+    import preftune.train.loop as loop
     from preftune.experiments.diverse import load_diverse_config, plan_stages, run_diverse_study
 
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "study"
-    cfg = load_diverse_config("configs/studies/diverse_quick.yaml", [
-        f"output_dir={out}", "mixes=[0.8]", "reward_methods=[pooled]", "policy_methods=[dpo, rloo_min]", "save_steps=1",
-        "train_overrides=[train.progress_bar=false]"])
+    overrides = [f"output_dir={out}", "mixes=[0.8]", "reward_methods=[pooled]", "policy_methods=[dpo, rloo_min]",
+                 "train_overrides=[train.progress_bar=false]"]
+    cfg = load_diverse_config("configs/studies/diverse_quick.yaml", [*overrides, "save_steps=1"])
     run_diverse_study(cfg, progress=False)
     first, records = json.loads((out / "results.json").read_text()), _records(out)
     ran = {r["name"] for r in map(json.loads, records.values())}
     assert {n for n, _ in plan_stages(cfg)} <= ran  # every planned stage left its record
+    assert not list(out.rglob("step-0*")), "a finished run keeps no checkpoints"
 
-    run_diverse_study(cfg, progress=False)  # finished: nothing reruns, the same numbers come out
+    # finished: nothing reruns, the same numbers come out, also with another save_steps
+    run_diverse_study(load_diverse_config("configs/studies/diverse_quick.yaml", [*overrides, "save_steps=3"]), progress=False)
     assert _records(out) == records and json.loads((out / "results.json").read_text())["models"] == first["models"]
 
-    run_dir = out / "gold" / "rloo_min"  # killed after its first step: record and final model missing
-    before = _weights(run_dir / "model")
-    (out / "jobs" / "gold_rloo_min.json").unlink()
-    shutil.rmtree(run_dir / "model")
-    shutil.rmtree(run_dir / "checkpoints" / "step-000002")
-    with caplog.at_level(logging.INFO):
-        run_diverse_study(cfg, progress=False)
-    assert "resumed from" in caplog.text and "step-000001 at step 1" in caplog.text
-    assert "job mix80 dpo: done earlier" in caplog.text and "job mix80 reward-pooled: done earlier" in caplog.text
+    # killed after the first checkpoint of the reward model, then of the RL policy: records and models missing
+    run_dirs = {"mix80_reward-pooled": out / "mix80" / "reward-pooled", "gold_rloo_min": out / "gold" / "rloo_min"}
+    before = {job: _weights(d / "model") for job, d in run_dirs.items()}
+    for job, run_dir in run_dirs.items():
+        (out / "jobs" / f"{job}.json").unlink()
+        shutil.rmtree(run_dir)
+    save, to_kill = loop.save_checkpoint, list(run_dirs.values())
+
+    def killed_after_the_first(output_dir, step, **kw):
+        save(output_dir, step, **kw)
+        if to_kill and Path(output_dir) == to_kill[0]:
+            to_kill.pop(0)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", killed_after_the_first)
+    caplog.set_level(logging.INFO)
+    for run_dir in run_dirs.values():  # each rerun continues the killed job, then is killed in the next
+        with pytest.raises(KeyboardInterrupt):
+            run_diverse_study(cfg, progress=False)
+        assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000001"] and not (run_dir / "model").exists()
+    run_diverse_study(cfg, progress=False)
+    assert "job mix80 dpo: done earlier" in caplog.text
+    assert caplog.text.count("step-000001 at step 1") == 2  # both continued from their checkpoint
     assert _records(out).keys() == records.keys()
-    after = _weights(run_dir / "model")  # the resumed run's weights are the uninterrupted run's ...
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    for job, run_dir in run_dirs.items():  # the resumed runs' weights are the uninterrupted runs' ...
+        after = _weights(run_dir / "model")
+        assert not (run_dir / "checkpoints").exists()
+        assert before[job].keys() == after.keys() and all(torch.equal(before[job][k], after[k]) for k in after), job
     # ... so the kept evaluation still describes them
     assert json.loads((out / "results.json").read_text())["models"] == first["models"]

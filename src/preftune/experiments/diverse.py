@@ -38,13 +38,12 @@ from preftune.eval.report import write_report
 from preftune.experiments.costs import LOAD, estimate_seconds
 from preftune.experiments.diverse_labels import assign, calm, fit_linear_em, longer, sample_pairs, write_held_out
 from preftune.experiments.diverse_report import GOLD, minority_summary, neural_em, plots, policy_name, summary
-from preftune.experiments.jobs import StudyJobs, fingerprint, train_run
+from preftune.experiments.jobs import StudyJobs, fingerprint, key_args, train_resumable, train_run
 from preftune.experiments.progress import StudyProgress
 from preftune.experiments.sentiment import machine, split_prompts
 from preftune.models.cache import write_jsonl
 from preftune.rewards.spec import resolve_reward
 from preftune.run_config import load_run_config
-from preftune.train.loop import train
 
 log = logging.getLogger("preftune.experiments")
 
@@ -92,7 +91,8 @@ class DiverseStudyConfig:
     train_overrides: list[str] = doc(factory=list, help="Extra dotted overrides for every training run (e.g. model.dtype=bf16).")
     eval_samples: int = doc(2, "Completions per test prompt, model and group in the evaluation.")
     save_steps: int = doc(
-        10, "Every training run writes a checkpoint every N steps, so a killed study continues it from its newest one. 0 = only at the end.",
+        10, "Every training run writes a checkpoint every N steps, so a killed study continues it from its newest one "
+        "(deleted once the run is done; not part of the jobs' keys). 0 = only at the end.",
     )
     seed: int = doc(0, "Seed of sampling, annotator assignment and training.")
 
@@ -259,8 +259,8 @@ class _DiverseStudy(StudyJobs):
                "em": fit_linear_em(pairs, len(cfg.groups), cfg.seed, arm_dir / "em_components.json")}
         for method in cfg.reward_methods:
             args = _reward_overrides(cfg, method, pairs_path, held_path, arm_dir / f"reward-{method}", len(pairs))
-            record = self.job(f"{name} reward-{method}", fingerprint("reward", pairs_key, held_key, args),
-                              lambda: _train_reward(args, method))
+            key = fingerprint("reward", pairs_key, held_key, key_args(args))
+            record = self.job(f"{name} reward-{method}", key, lambda: _train_reward(args, method, key))
             report = record["result"]
             self.configs[f"{name}/reward-{method}"] = report.pop("config")
             arm["reward_models"][method] = {g: v["accuracy"] for g, v in report["groups"].items()}
@@ -269,8 +269,8 @@ class _DiverseStudy(StudyJobs):
         trained = {}
         for method in _split_methods(cfg.policy_methods)[0]:
             args = _policy_overrides(cfg, method, pairs_path, arm_dir / method, self.out / "train_prompts.jsonl")
-            key = fingerprint("policy", pairs_key, args)
-            record = self.job(f"{name} {method}", key, lambda: train_run(args, arm_dir / method, key))
+            key = fingerprint("policy", pairs_key, key_args(args))
+            record = self.job(f"{name} {method}", key, lambda: train_run(args, key, keep_checkpoints=False))
             self.configs[f"{name}/{method}"] = record["result"]["config"]
             trained[policy_name(name, method)] = (record["result"]["model_dir"], key)
         return arm, trained
@@ -281,8 +281,8 @@ class _DiverseStudy(StudyJobs):
         for method in _split_methods(cfg.policy_methods)[1]:
             run_dir = self.out / GOLD / method
             args = _policy_overrides(cfg, method, None, run_dir, self.out / "train_prompts.jsonl")
-            key = fingerprint("policy", prompts, args)
-            record = self.job(f"{GOLD} {method}", key, lambda: train_run(args, run_dir, key))
+            key = fingerprint("policy", prompts, key_args(args))
+            record = self.job(f"{GOLD} {method}", key, lambda: train_run(args, key, keep_checkpoints=False))
             self.configs[f"{GOLD}/{method}"] = record["result"]["config"]
             trained[policy_name(GOLD, method)] = (record["result"]["model_dir"], key)
         return trained
@@ -355,13 +355,14 @@ def _reward_overrides(cfg: DiverseStudyConfig, method: str, pairs: Path, held: P
             f"train.num_epochs={cfg.offline_epochs}", f"train.learning_rate={cfg.reward_learning_rate}", *extra, *cfg.train_overrides]
 
 
-def _train_reward(args: list[str], method: str) -> dict:
-    """Train the reward model(s) of ``reward.groups = method``: {"groups": {g: held-out report}, "config"}
-    (the mixture's: {"groups": {g: its component's report}, "components", "em", "config"})."""
+def _train_reward(args: list[str], method: str, key: str) -> dict:
+    """Train the reward model(s) of ``reward.groups = method``, each continuing a killed run of the same
+    key and deleting its checkpoints when done: {"groups": {g: held-out report}, "config"} (the
+    mixture's: {"groups": {g: its component's report}, "components", "em", "config"})."""
     run = load_run_config(None, args)
     report: dict = {"groups": {}}
     for member in ALGORITHMS["reward"].member_runs(run):  # per_group: one run per group
-        train(member)
+        train_resumable(member, fingerprint(key, str(member.output_dir)), keep_checkpoints=False)
         result = json.loads((Path(member.output_dir) / "reward_eval.json").read_text())
         report["groups"].update(result["groups"])
     if method == "mixture":

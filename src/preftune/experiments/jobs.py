@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,12 +24,12 @@ from typing import Any
 from preftune.config import run_config_to_dict
 from preftune.eval.evaluate import REFERENCE
 from preftune.run_config import load_run_config
-from preftune.train.checkpoint import list_checkpoints
+from preftune.train.checkpoint import checkpoints_dir, list_checkpoints
 from preftune.train.loop import train
 
 log = logging.getLogger("preftune.experiments")
 
-__all__ = ["Ledger", "StudyJobs", "fingerprint", "train_run"]
+__all__ = ["Ledger", "StudyJobs", "fingerprint", "key_args", "train_resumable", "train_run"]
 
 
 def fingerprint(*parts: Any) -> str:
@@ -93,11 +94,23 @@ class Ledger:
         return record
 
 
-def train_run(overrides: list[str], run_dir: Path, key: str) -> dict:
-    """Train the run ``overrides`` describe, continuing from its newest checkpoint when ``run_dir``
-    holds checkpoints of a run with the same ``key`` (a killed job), else from the start. Returns
-    ``{"model_dir", "config"}``."""
+# Overrides that change how a run is kept or shown, not what it learns: left out of job keys, so that
+# changing them does not redo finished jobs.
+NOT_IN_KEYS = ("train.save_steps=", "train.save_total_limit=", "train.progress_bar=")
 
+
+def key_args(overrides: list[str]) -> list[str]:
+    """``overrides`` without those that cannot change a run's result (``NOT_IN_KEYS``)."""
+    return [o for o in overrides if not o.startswith(NOT_IN_KEYS)]
+
+
+def train_resumable(run: Any, key: str, *, keep_checkpoints: bool = True) -> Any:
+    """Train ``run`` (a RunConfig), continuing from its newest checkpoint when its output folder holds
+    checkpoints of a run with the same ``key`` (a killed job), else from the start. With
+    ``keep_checkpoints=False`` the checkpoints, only needed to continue a killed run, are deleted once
+    the final model is saved. Returns the loop's TrainResult."""
+
+    run_dir = Path(run.output_dir)
     marker = run_dir / "study_job.json"
     resume = False
     if list_checkpoints(run_dir) and marker.is_file():
@@ -105,16 +118,27 @@ def train_run(overrides: list[str], run_dir: Path, key: str) -> dict:
             resume = json.loads(marker.read_text(encoding="utf-8")).get("key") == key
         except (OSError, json.JSONDecodeError):
             resume = False
-    run = load_run_config(None, [*overrides, *(["train.resume_from=latest"] if resume else [])])
     if resume:
         log.info("resuming %s from its newest checkpoint", run_dir)
+        run.train.resume_from = "latest"
     run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"key": key}), encoding="utf-8")
     result = train(run)
-    config = run_config_to_dict(run)
-    config["train"].pop("resume_from", None)  # the same run whether or not it was resumed
-    return {"model_dir": str(result.model_dir), "config": config}
+    run.train.resume_from = None  # the same run whether or not it was resumed
+    if not keep_checkpoints:
+        shutil.rmtree(checkpoints_dir(run_dir), ignore_errors=True)
+    return result
 
+
+def train_run(overrides: list[str], key: str, *, keep_checkpoints: bool = True) -> dict:
+    """Train the run ``overrides`` describe through :func:`train_resumable`. Returns
+    ``{"model_dir", "config"}``."""
+
+    run = load_run_config(None, overrides)
+    result = train_resumable(run, key, keep_checkpoints=keep_checkpoints)
+    config = run_config_to_dict(run)
+    config["train"].pop("resume_from", None)
+    return {"model_dir": str(result.model_dir), "config": config}
 
 
 class StudyJobs:

@@ -235,7 +235,7 @@ class _Study(StudyJobs):
         args = job_overrides(self.cfg, name, label, overrides, Path(pairs_path), self.out)
         key = fingerprint("train", upstream_key, args)
         run_dir = self.out / "runs" / label
-        record = self.job(f"train {label}", key, lambda: train_run(args, run_dir, key))
+        record = self.job(f"train {label}", key, lambda: train_run(args, key))
         self.configs[label] = record["result"]["config"]
         return run_dir, key
 
@@ -379,7 +379,7 @@ def proxy_overrides(cfg: StudyConfig, pairs: Path, out: Path) -> list[str]:
 
 def train_proxy(cfg: StudyConfig, pairs: Path, out: Path) -> dict:
     args = proxy_overrides(cfg, pairs, out)
-    result = train_run(args, out / "runs" / "proxy-reward-model", fingerprint("proxy", args))
+    result = train_run(args, fingerprint("proxy", args))
     return {"model_dir": str(Path(result["model_dir"]).parent), "config": result["config"]}
 
 
