@@ -59,6 +59,26 @@ def test_quick_study_runs_and_its_report_shows_its_results(tmp_path):
     assert gains[("mix80", "dpo_conditioned")]["gain"]["B"] == cond["reward_mean"] - cond["reference_reward_mean"]
 
 
+def test_reward_models_alone_on_more_pairs_per_prompt(tmp_path):
+    """pairs_per_prompt=2 draws 4 samples per prompt, paired disjointly, for training and held-out pairs;
+    with no policy_methods the study trains and reports the reward models only."""
+    out = tmp_path / "study"
+    args = ["study", "configs/studies/diverse_quick.yaml", f"output_dir={out}", "mixes=[0.8]", "reward_methods=[pooled]"]
+    proc = cli(*args, "pairs_per_prompt=2", "policy_methods=[]", env={"PREFTUNE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["models"] == {} and set(results["arms"]["mix80"]["reward_models"]) == {"pooled"}
+    samples = json.loads((out / "jobs" / "sample_train_pairs.json").read_text())["result"]
+    prompts = [r["prompt"] for r in samples]
+    assert len(samples) > 40 and all(prompts.count(p) <= 2 for p in prompts)  # 40 prompts, up to 2 pairs each
+    assert sum(prompts.count(p) == 2 for p in set(prompts)) > 30
+    assert all(r["a"] != r["b"] for r in samples)
+    held = [json.loads(line) for line in (out / "held_out_pairs.jsonl").read_text().splitlines()]
+    assert len({(r["prompt"], r["chosen"], r["rejected"]) for r in held if r["group"] == "A"}) > 8  # 8 test prompts
+    proc = cli(*args, "pairs_per_prompt=0")
+    assert proc.returncode == 2 and "study.pairs_per_prompt: must be >= 1, got 0" in proc.stderr
+
+
 def test_study_config_errors_are_one_line():
     proc = cli("study", "configs/studies/diverse_quick.yaml", "policy_methods=[dpo,ppo]")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -69,6 +89,7 @@ def test_study_config_errors_are_one_line():
 
 def test_full_study_is_sized_for_a_cpu_afternoon():
     """configs/studies/diverse.yaml says it takes about 2.0 h on a quiet 2-core CPU; the estimate keeps it true."""
+    from preftune.experiments.costs import LOAD
     from preftune.experiments.diverse import load_diverse_config, plan_stages
 
     cfg = load_diverse_config("configs/studies/diverse.yaml", [])
@@ -82,6 +103,9 @@ def test_full_study_is_sized_for_a_cpu_afternoon():
     assert sum(n.startswith("evaluate mix80/dpo_conditioned") for n in names) == 2
     assert sum(s for _, s in stages) / 3600 == pytest.approx(2.0, abs=0.1)
     assert sum(s for _, s in stages) < sum(s for _, s in plan_stages(load_diverse_config("configs/studies/diverse.yaml", ["online_steps=40"])))
+    more = dict(plan_stages(load_diverse_config("configs/studies/diverse.yaml", ["pairs_per_prompt=2"])))
+    for stage in ("sample train pairs", "mix80 reward-pooled", "mix80 dpo"):  # twice the rows, one model load
+        assert more[stage] - LOAD == pytest.approx(2 * (dict(stages)[stage] - LOAD))
 
 
 def _weights(model_dir):

@@ -30,9 +30,10 @@ PAIRS_PER_PROMPT = 0.87
 def estimate_seconds(cfg: Any, kind: str) -> float:
     """Estimated seconds of one stage: 'pairs', 'evaluate' (one model), 'best_of_n_curve', 'reward'
     (the proxy reward model) or a training job's algorithm name, for a ``StudyConfig``."""
-    pairs = PAIRS_PER_PROMPT * cfg.train_prompts
+    per_prompt = getattr(cfg, "pairs_per_prompt", 1)  # the diverse study's; the sentiment study draws one pair
+    pairs = PAIRS_PER_PROMPT * cfg.train_prompts * per_prompt
     if kind == "pairs":
-        return LOAD + SAMPLE * 2 * cfg.train_prompts * cfg.max_new_tokens
+        return LOAD + SAMPLE * 2 * per_prompt * cfg.train_prompts * cfg.max_new_tokens
     if kind == "evaluate":
         return LOAD + EVAL * cfg.test_prompts * cfg.eval_samples * cfg.max_new_tokens
     if kind == "best_of_n_curve":

@@ -90,6 +90,10 @@ class DiverseStudyConfig:
     micro_batch_size: int = doc(8, "Rows per forward pass.")
     train_overrides: list[str] = doc(factory=list, help="Extra dotted overrides for every training run (e.g. model.dtype=bf16).")
     eval_samples: int = doc(2, "Completions per test prompt, model and group in the evaluation.")
+    pairs_per_prompt: int = doc(
+        1, "Pairs per prompt, training and held-out: π_ref draws 2 × this many samples per prompt, paired disjointly. "
+        "More pairs make the reward models learn (README: what the full study found); training costs grow in proportion.",
+    )
     save_steps: int = doc(
         10, "Every training run writes a checkpoint every N steps, so a killed study continues it from its newest one "
         "(deleted once the run is done; not part of the jobs' keys). 0 = only at the end.",
@@ -110,6 +114,8 @@ class DiverseStudyConfig:
                 raise ConfigError(f"{path}.mixes: each share must lie strictly between 0 and 1, got {mix}")
             if min(round(mix * self.annotators), self.annotators - round(mix * self.annotators)) < 1:
                 raise ConfigError(f"{path}.mixes: mix {mix} of {self.annotators} annotators leaves a group without annotators")
+        if self.pairs_per_prompt < 1:
+            raise ConfigError(f"{path}.pairs_per_prompt: must be >= 1, got {self.pairs_per_prompt}")
         if self.test_prompts > self.held_out or self.train_prompts < 2:
             raise ConfigError(f"{path}: need train_prompts >= 2 and test_prompts <= held_out")
 
@@ -235,11 +241,13 @@ class _DiverseStudy(StudyJobs):
                             plots=plots(cfg.groups, results))
 
     def samples(self, split: str, prompts: list, seed: int) -> tuple[str, list[dict]]:
-        """π_ref's two samples per prompt of ``split`` (a job, whose record holds them); (its key, the pairs)."""
+        """π_ref's sample pairs on the prompts of ``split`` (a job, whose record holds them); (its key, the pairs)."""
         cfg = self.cfg
-        key = fingerprint("samples", cfg.model, prompts, cfg.max_new_tokens, seed, cfg.seed)
+        more = [] if cfg.pairs_per_prompt == 1 else [cfg.pairs_per_prompt]  # one pair each: the keys of earlier runs
+        key = fingerprint("samples", cfg.model, prompts, cfg.max_new_tokens, seed, cfg.seed, *more)
         record = self.job(f"sample {split} pairs", key, lambda: sample_pairs(
-            cfg.model, prompts, max_new_tokens=cfg.max_new_tokens, seed=seed, model_seed=cfg.seed, progress=self.show_bars))
+            cfg.model, prompts, max_new_tokens=cfg.max_new_tokens, seed=seed, model_seed=cfg.seed, progress=self.show_bars,
+            pairs_per_prompt=cfg.pairs_per_prompt))
         return key, record["result"]
 
     def arm(self, mix: float, samples: list[dict], labels_key: str, held_path: Path, held_key: str) -> tuple[dict, dict]:

@@ -30,11 +30,13 @@ def longer(prompts, completions) -> list[float]:
     return [len(c) / 10 for c in completions]
 
 
-def sample_pairs(model_name: str, prompts: list, *, max_new_tokens: int, seed: int, model_seed: int, progress: bool) -> list[dict]:
-    """Two samples per prompt from π_ref: [{"prompt", "a", "b"}] (identical or empty samples dropped)."""
+def sample_pairs(model_name: str, prompts: list, *, max_new_tokens: int, seed: int, model_seed: int, progress: bool,
+                 pairs_per_prompt: int = 1) -> list[dict]:
+    """2 × ``pairs_per_prompt`` samples per prompt from π_ref, paired disjointly (1st with 2nd, 3rd with
+    4th, ...): [{"prompt", "a", "b"}] (identical or empty samples dropped)."""
 
     model, tok = load_model(model_name, seed=model_seed)
-    rows = generate_completions(model, tok, [p for p in prompts for _ in range(2)], max_new_tokens=max_new_tokens,
+    rows = generate_completions(model, tok, [p for p in prompts for _ in range(2 * pairs_per_prompt)], max_new_tokens=max_new_tokens,
                                 temperature=1.0, batch_size=16, seed=seed, progress=progress)
     del model
     pairs = [{"prompt": a["prompt"], "a": a["completion"], "b": b["completion"]} for a, b in zip(rows[::2], rows[1::2])]
