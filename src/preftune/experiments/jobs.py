@@ -10,6 +10,7 @@ it does not. A training job killed midway continues from its newest checkpoint (
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -120,11 +121,10 @@ def train_resumable(run: Any, key: str, *, keep_checkpoints: bool = True) -> Any
             resume = False
     if resume:
         log.info("resuming %s from its newest checkpoint", run_dir)
-        run.train.resume_from = "latest"
+        run = dataclasses.replace(run, train=dataclasses.replace(run.train, resume_from="latest"))
     run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"key": key}), encoding="utf-8")
     result = train(run)
-    run.train.resume_from = None  # the same run whether or not it was resumed
     if not keep_checkpoints:
         shutil.rmtree(checkpoints_dir(run_dir), ignore_errors=True)
     return result
@@ -136,9 +136,7 @@ def train_run(overrides: list[str], key: str, *, keep_checkpoints: bool = True) 
 
     run = load_run_config(None, overrides)
     result = train_resumable(run, key, keep_checkpoints=keep_checkpoints)
-    config = run_config_to_dict(run)
-    config["train"].pop("resume_from", None)
-    return {"model_dir": str(result.model_dir), "config": config}
+    return {"model_dir": str(result.model_dir), "config": run_config_to_dict(run)}
 
 
 class StudyJobs:
