@@ -28,6 +28,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from preftune.algorithms import ALGORITHMS
 from preftune.config import ConfigError, apply_overrides, doc, from_dict, read_yaml, run_config_to_dict, to_dict
@@ -51,6 +52,9 @@ __all__ = ["DiverseStudyConfig", "calm", "load_diverse_config", "longer", "plan_
 
 # The full study's full-weight reward models took 1.8-2.4x (median 1.9x) the LoRA runs' cost per row.
 FULL_WEIGHTS = 1.9
+# Reward models on the MiniLM sentence encoder (reward_backbone: minilm-l6-v2), same pairs: 0.10-0.12x the
+# SmolLM2 ones' CPU seconds, 0.2x their wall seconds on one thread against two (the full study, 2026-12-02).
+ENCODER_SHARE = 0.2
 POLICY_METHODS = ("dpo", "grdpo", "dpo_conditioned", "rloo_mean", "rloo_min")
 REWARD_METHODS = ("pooled", "per_group", "conditioned", "mixture")
 
@@ -85,6 +89,10 @@ class DiverseStudyConfig:
     lora: bool = doc(True, "Train LoRA adapters (r=16) instead of all weights (policies only).")
     learning_rate: float = doc(5e-4, "Learning rate of the policies.")
     reward_learning_rate: float = doc(1e-4, "Learning rate of the reward models.")
+    reward_backbone: Optional[str] = doc(
+        None, "The reward models' backbone (reward.backbone), e.g. 'minilm-l6-v2', the packaged sentence encoder; "
+        "unset: `model`, π_ref's own backbone.",
+    )
     offline_epochs: int = doc(2, "Passes over the pairs (reward models and DPO-family policies).")
     online_steps: int = doc(20, "Rollouts of the RLOO policies.")
     micro_batch_size: int = doc(8, "Rows per forward pass.")
@@ -128,14 +136,15 @@ def load_diverse_config(path: str | None, overrides: list[str]) -> DiverseStudyC
 def plan_stages(cfg: DiverseStudyConfig) -> list[tuple[str, float]]:
     """Every stage of the study in order, with its estimated seconds on a quiet 2-core CPU from the per-row
     costs of ``preftune.experiments.costs`` (measured on the sentiment study's SmolLM2 LoRA runs). This
-    study's reward models train all weights (``FULL_WEIGHTS`` times the LoRA cost per row, measured here);
+    study's reward models train all weights (``FULL_WEIGHTS`` times the LoRA cost per row, measured here;
+    ``ENCODER_SHARE`` of that on the MiniLM encoder, the only other backbone measured);
     the mixture adds ~8 forward passes over the pairs (its E-steps). The RLOO policies on the gold rewards
     accumulate 2 micro-batches per step and are trained once for all arms. The evaluation samples π_ref
     and each plain policy once, scored by every group, and π_ref and the conditioned policies once per
     group with the group in the prompt."""
     stages = [("sample train pairs", estimate_seconds(cfg, "pairs")),
               ("sample test pairs", estimate_seconds(dataclasses.replace(cfg, train_prompts=cfg.test_prompts), "pairs"))]
-    reward = LOAD + FULL_WEIGHTS * (estimate_seconds(cfg, "reward") - LOAD)
+    reward = LOAD + FULL_WEIGHTS * (ENCODER_SHARE if cfg.reward_backbone else 1.0) * (estimate_seconds(cfg, "reward") - LOAD)
     rewards = {"pooled": reward, "conditioned": reward, "per_group": reward + LOAD * (len(cfg.groups) - 1),
                "mixture": LOAD + (reward - LOAD) * (1 + 8 / (3 * cfg.offline_epochs))}
     rloo = LOAD + 2 * (estimate_seconds(cfg, "rloo") - LOAD)
@@ -353,7 +362,7 @@ def _common(cfg: DiverseStudyConfig, out: Path) -> list[str]:
 
 
 def _reward_overrides(cfg: DiverseStudyConfig, method: str, pairs: Path, held: Path, out: Path, num_pairs: int) -> list[str]:
-    extra = [f"reward.groups={method}"]
+    extra = [f"reward.groups={method}", *([f"reward.backbone={cfg.reward_backbone}"] if cfg.reward_backbone else [])]
     if method == "mixture":
         # The EM's schedule follows the run's length: a quarter pooled warm-up, then 6 E-steps or so.
         steps = -(-num_pairs // cfg.micro_batch_size) * cfg.offline_epochs
