@@ -72,6 +72,8 @@ def test_reward_models_alone_on_more_pairs_per_prompt(tmp_path):
     config = results["configs"]["mix80/reward-pooled"]  # the reward model is the sentence encoder, π_ref the tiny llama
     assert config["reward"]["backbone"] == "minilm-l6-v2" and config["model"]["name"] == "tiny-random-llama"
     assert json.loads((out / "mix80" / "reward-pooled" / "model" / "config.json").read_text())["model_type"] == "bert"
+    page = (out / "report.html").read_text()  # no policies: no policy plots, the EM and reward-model ones
+    assert page.count('src="data:image/png;base64,') == 2 and not (out / "group_tradeoff.png").exists()
     samples = json.loads((out / "jobs" / "sample_train_pairs.json").read_text())["result"]
     prompts = [r["prompt"] for r in samples]
     assert len(samples) > 40 and all(prompts.count(p) <= 2 for p in prompts)  # 40 prompts, up to 2 pairs each

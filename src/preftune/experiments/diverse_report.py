@@ -70,8 +70,8 @@ def _tradeoff_plot(groups: list[str], results: dict) -> bytes:
 def plots(groups: list[str], results: dict) -> dict[str, bytes]:
     """What each policy gains for each group (the main plot); per group its gold reward vs KL of every
     policy; both mixtures' responsibilities; the reward models' accuracy per group."""
-    out = {"group_tradeoff": _tradeoff_plot(groups, results)} if results["arms"] else {}
-    for g in groups:
+    out = {"group_tradeoff": _tradeoff_plot(groups, results)} if results["arms"] and results["models"] else {}
+    for g in groups if results["models"] else []:  # none in a run of the reward models alone
         points = [{"algorithm": label.split("/")[1].split(" @")[0], "label": label.split("/")[0], "kl": m["kl"],
                    "reward": m["reward_mean"], "kl_se": m.get("kl_se"), "reward_se": m.get("reward_se")}
                   for label, m in results["models"].items() if label.endswith(f"@{g}")]
