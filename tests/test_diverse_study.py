@@ -74,6 +74,11 @@ def test_reward_models_alone_on_more_pairs_per_prompt(tmp_path):
     assert json.loads((out / "mix80" / "reward-pooled" / "model" / "config.json").read_text())["model_type"] == "bert"
     page = (out / "report.html").read_text()  # no policies: no policy plots, the EM and reward-model ones
     assert page.count('src="data:image/png;base64,') == 2 and not (out / "group_tradeoff.png").exists()
+    (table,) = results["tables"].values()  # the accuracies as a table, in the page and in results.md
+    acc = results["arms"]["mix80"]["reward_models"]["pooled"]
+    assert table["rows"] == [["mix80", "pooled", acc["A"], acc["B"], *results["arms"]["mix80"]["pairs"].values()]]
+    assert f'<td data-key="{html.escape(table["columns"][3])}">{format_number(acc["B"])}</td>' in page
+    assert f"| mix80 | pooled | {format_number(acc['A'])} | {format_number(acc['B'])} |" in (out / "results.md").read_text()
     samples = json.loads((out / "jobs" / "sample_train_pairs.json").read_text())["result"]
     prompts = [r["prompt"] for r in samples]
     assert len(samples) > 40 and all(prompts.count(p) <= 2 for p in prompts)  # 40 prompts, up to 2 pairs each

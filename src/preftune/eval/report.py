@@ -56,7 +56,7 @@ MODEL_COLUMNS = [
 BEST_OF_N_COLUMNS = [("n", "n"), ("kl", "KL (closed form)"), ("gold_mean", "gold reward"), ("gold_se", "± SE"),
                      ("proxy_mean", "proxy reward"), ("proxy_se", "± SE")]
 _TEXT = ' class="text"'
-_KNOWN_SECTIONS = ("title", "created", "claims", "settings", "models", "best_of_n", "configs", "environment")
+_KNOWN_SECTIONS = ("title", "created", "claims", "settings", "tables", "models", "best_of_n", "configs", "environment")
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
@@ -105,8 +105,9 @@ def write_report(
 
     Args:
         results: from :func:`preftune.eval.evaluate` (``settings``, ``models``), optionally with
-            ``best_of_n`` (from :func:`~preftune.eval.best_of_n_curve`); other top-level keys are
-            kept in the JSON and shown in the report as JSON.
+            ``best_of_n`` (from :func:`~preftune.eval.best_of_n_curve`) and ``tables`` (title ->
+            {"columns", "rows"}, shown as tables); other top-level keys are kept in the JSON and
+            shown in the report as JSON.
         configs: the exact configs used (name -> dict), stored in results.json and shown verbatim.
         plots: name -> PNG bytes, embedded in the report in this order.
 
@@ -157,6 +158,8 @@ def render_html(data: Mapping, plots: Mapping[str, bytes]) -> str:
         if settings.get("kl_exact_sampling") is False:
             parts.append('<p class="caveat">Samples were drawn with temperature ≠ 1 or top_p &lt; 1: the KL column '
                          "is the mean log-ratio on those samples, not KL(π‖π_ref) of the models.</p>")
+    for title, table in (data.get("tables") or {}).items():
+        parts += [f"<h2>{e(str(title))}</h2>", _plain_table(table)]
     if plots:
         parts.append("<h2>Plots</h2>")
         parts += [_figure(name, png) for name, png in plots.items()]
@@ -278,6 +281,15 @@ def _key_value_table(values: Mapping, cls: str) -> str:
         for k, v in values.items()
     ]
     return _scroll(f'<table class="{cls}">' + "".join(rows) + "</table>")
+
+
+def _plain_table(table: Mapping) -> str:
+    """A ``tables`` entry of results.json ({"columns": [...], "rows": [[...], ...]}) as HTML."""
+    e = html.escape
+    head = "".join(f"<th>{e(str(c))}</th>" for c in table["columns"])
+    rows = "".join("<tr>" + "".join(f'<td data-key="{e(str(c))}">{e(format_number(v))}</td>' for c, v in zip(table["columns"], row))
+                   + "</tr>" for row in table["rows"])
+    return _scroll(f"<table><tr>{head}</tr>{rows}</table>")
 
 
 def _scroll(table: str) -> str:

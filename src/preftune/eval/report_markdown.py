@@ -29,11 +29,14 @@ MARKDOWN_MODEL_COLUMNS = [
 
 
 def render_markdown(data: Mapping) -> str:
-    """Markdown of a parsed ``results.json``: title, claims (verdict sentence, comparisons, notes), the
-    models table and the best-of-n curve."""
+    """Markdown of a parsed ``results.json``: title, claims (verdict sentence, comparisons, notes), its
+    ``tables``, the models table and the best-of-n curve."""
     parts = [f"# {data.get('title', 'report')}", "", f"Created {data.get('created', '')}; the numbers of `results.json`.", ""]
     for claim in data.get("claims") or []:
         parts += _claim(claim)
+    for title, table in (data.get("tables") or {}).items():
+        parts += [f"## {title}", ""]
+        parts += _table([str(c) for c in table["columns"]], [[format_number(v) for v in row] for row in table["rows"]])
     models = data.get("models") or {}
     if models:
         columns = [(k, h) for k, h in MARKDOWN_MODEL_COLUMNS if any(lookup(m, k) is not None for m in models.values())]

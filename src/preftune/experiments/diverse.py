@@ -38,7 +38,7 @@ from preftune.eval.evaluate import REFERENCE, evaluate
 from preftune.eval.report import write_report
 from preftune.experiments.costs import LOAD, estimate_seconds
 from preftune.experiments.diverse_labels import assign, calm, fit_linear_em, longer, sample_pairs, write_held_out
-from preftune.experiments.diverse_report import GOLD, minority_summary, neural_em, plots, policy_name, summary
+from preftune.experiments.diverse_report import GOLD, minority_summary, neural_em, plots, policy_name, reward_tables, summary
 from preftune.experiments.jobs import StudyJobs, fingerprint, key_args, train_resumable, train_run
 from preftune.experiments.progress import StudyProgress
 from preftune.experiments.sentiment import machine, split_prompts
@@ -241,7 +241,9 @@ class _DiverseStudy(StudyJobs):
         for name, arm in arms.items():
             arm["summary"] = minority_summary(arm)
         results = {"settings": {"groups": cfg.groups, "group_rewards": cfg.group_rewards, "mixes": cfg.mixes,
-                                "annotators": cfg.annotators, "model": cfg.model, "test_prompts": len(test_prompts)},
+                                "annotators": cfg.annotators, "model": cfg.model, "reward_backbone": cfg.reward_backbone or cfg.model,
+                                "pairs_per_prompt": cfg.pairs_per_prompt, "test_prompts": len(test_prompts)},
+                   "tables": reward_tables(cfg.groups, arms, held_stats),
                    "models": models, "held_out_pairs": held_stats, "arms": arms,
                    "timings_seconds": {**{k: round(v, 1) for k, v in self.timings.items()},
                                        "total (all jobs, as they ran)": round(sum(self.timings.values()), 1)},

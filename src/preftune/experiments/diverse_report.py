@@ -8,7 +8,7 @@ from pathlib import Path
 
 from preftune.eval.plots import bar_plot, frontier_plot
 
-__all__ = ["GOLD", "group_gains", "minority_summary", "neural_em", "plots", "policy_name", "summary"]
+__all__ = ["GOLD", "group_gains", "minority_summary", "neural_em", "plots", "policy_name", "reward_tables", "summary"]
 
 GOLD = "gold"  # the folder and name prefix of the policies trained on the gold rewards, shared by all arms
 
@@ -41,6 +41,16 @@ def minority_summary(arm: dict) -> dict:
         g = per_group[minority]
         out[f"minority_gold_gain_{method}"] = g["gold_reward"] - g["reference_gold_reward"]
     return out
+
+
+def reward_tables(groups: list[str], arms: dict, held_out: dict) -> dict:
+    """The reward models' held-out accuracy per arm, method and group, as a report table (results.json
+    ``tables``), with each group's training pairs."""
+    columns = ["arm", "reward model", *(f"accuracy {g} ({held_out[g]} pairs)" for g in groups),
+               *(f"training pairs {g}" for g in groups)]
+    rows = [[arm, method, *(acc[g] for g in groups), *(data["pairs"][g] for g in groups)]
+            for arm, data in arms.items() for method, acc in data["reward_models"].items()]
+    return {"Reward models: accuracy on each group's held-out pairs": {"columns": columns, "rows": rows}} if rows else {}
 
 
 def group_gains(groups: list[str], results: dict) -> list[dict]:
