@@ -98,6 +98,17 @@ def test_study_config_errors_are_one_line():
     assert proc.returncode == 2 and "study.mixes: each share must lie strictly between 0 and 1, got 1.0" in proc.stderr
 
 
+
+def test_a_group_too_small_for_a_batch_is_a_one_line_error(tmp_path):
+    """Group B's own reward model gets 4 of the quick study's pairs, fewer than a micro-batch of 8."""
+    out = tmp_path / "study"
+    proc = cli("study", "configs/studies/diverse_quick.yaml", f"output_dir={out}", "mixes=[0.8]", "reward_methods=[per_group]",
+               "policy_methods=[]", env={"PREFTUNE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{out / 'mix80' / 'pairs.jsonl'}: " in proc.stderr and f"training rows for {out / 'mix80' / 'reward-per_group' / 'group-B'}" in proc.stderr
+    assert "fewer than one global batch of 8 (train.micro_batch_size 8" in proc.stderr
+
+
 def test_full_study_is_sized_for_a_cpu_afternoon():
     """configs/studies/diverse.yaml says it takes about 1.3 h on a quiet 2-core CPU; the estimate keeps it true."""
     from preftune.experiments.costs import LOAD

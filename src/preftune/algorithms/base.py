@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from preftune.config import ConfigError
 from preftune.data.collate import collate_completions, collate_pairs
 from preftune.data.loaders import load_records
 from preftune.data.source import OfflineSource
@@ -92,6 +93,12 @@ class Algorithm(nn.Module):
     def make_source(self, examples: list[dict], accelerator: Any):
         """The batch source the loop draws optimizer steps from (offline: the tokenized dataset)."""
         t = self.run.train
+        batch = t.micro_batch_size * t.grad_accum_steps * accelerator.num_processes
+        if len(examples) < batch:
+            raise ConfigError(
+                f"{self.run.data.path}: {len(examples)} training rows for {self.run.output_dir}, fewer than one global batch of "
+                f"{batch} (train.micro_batch_size {t.micro_batch_size} x train.grad_accum_steps {t.grad_accum_steps} x "
+                f"{accelerator.num_processes} processes); lower train.micro_batch_size or add data")
         return OfflineSource(
             examples,
             self.collate,
