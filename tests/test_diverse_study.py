@@ -99,6 +99,36 @@ def test_study_config_errors_are_one_line():
 
 
 
+def test_a_finished_group_model_is_kept_when_its_job_is_killed_in_the_next(tmp_path, monkeypatch):
+    import preftune.experiments.diverse as diverse
+    from preftune.experiments.jobs import finished
+
+    calls = []
+    real = diverse.train_resumable
+
+    def killed_in_group_b(member, key, **kw):
+        calls.append(member.output_dir)
+        if str(member.output_dir).endswith("group-B") and len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(member, key, **kw)
+
+    monkeypatch.setattr(diverse, "train_resumable", killed_in_group_b)
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "study"
+    cfg = diverse.load_diverse_config("configs/studies/diverse_quick.yaml", [
+        f"output_dir={out}", "mixes=[0.5]", "reward_methods=[per_group]", "policy_methods=[]", "train_overrides=[train.micro_batch_size=2]"])
+    with pytest.raises(KeyboardInterrupt):
+        diverse.run_diverse_study(cfg, progress=False)
+    group_a = out / "mix50" / "reward-per_group" / "group-A"
+    assert (group_a / "model").is_dir() and json.loads((group_a / "study_job.json").read_text())["finished"] is True
+    before = _weights(group_a / "model")
+    diverse.run_diverse_study(cfg, progress=False)
+    assert [Path(c).name for c in calls] == ["group-A", "group-B", "group-B"]  # A was not trained again
+    after = _weights(group_a / "model")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not finished(group_a, "another key")
+
+
 def test_a_group_too_small_for_a_batch_is_a_one_line_error(tmp_path):
     """Group B's own reward model gets 4 of the quick study's pairs, fewer than a micro-batch of 8."""
     out = tmp_path / "study"

@@ -100,6 +100,10 @@ class PPO(OnlineAlgorithm):
         if self._ptx_examples:
             t = self.run.train
             pad = self.tokenizer.pad_token_id
+            batch = t.micro_batch_size * t.grad_accum_steps * accelerator.num_processes
+            if len(self._ptx_examples) < batch:
+                raise ConfigError(f"{self.config.ptx_data}: {len(self._ptx_examples)} ptx rows, fewer than one global batch "
+                                  f"of {batch} (train.micro_batch_size x train.grad_accum_steps x processes); add rows")
             source.companion = OfflineSource(
                 self._ptx_examples, lambda rows: collate_completions(rows, pad), micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
                 world_size=accelerator.num_processes, rank=accelerator.process_index, seed=t.seed + 1,

@@ -39,7 +39,7 @@ from preftune.eval.report import write_report
 from preftune.experiments.costs import LOAD, estimate_seconds
 from preftune.experiments.diverse_labels import assign, calm, fit_linear_em, longer, sample_pairs, write_held_out
 from preftune.experiments.diverse_report import GOLD, minority_summary, neural_em, plots, policy_name, reward_tables, summary
-from preftune.experiments.jobs import StudyJobs, fingerprint, key_args, train_resumable, train_run
+from preftune.experiments.jobs import StudyJobs, finished, fingerprint, key_args, train_resumable, train_run
 from preftune.experiments.progress import StudyProgress
 from preftune.experiments.sentiment import machine, split_prompts
 from preftune.models.cache import write_jsonl
@@ -144,7 +144,8 @@ def plan_stages(cfg: DiverseStudyConfig) -> list[tuple[str, float]]:
     group with the group in the prompt."""
     stages = [("sample train pairs", estimate_seconds(cfg, "pairs")),
               ("sample test pairs", estimate_seconds(dataclasses.replace(cfg, train_prompts=cfg.test_prompts), "pairs"))]
-    reward = LOAD + FULL_WEIGHTS * (ENCODER_SHARE if cfg.reward_backbone else 1.0) * (estimate_seconds(cfg, "reward") - LOAD)
+    share = ENCODER_SHARE if cfg.reward_backbone == "minilm-l6-v2" else 1.0  # another backbone: as SmolLM2, unmeasured
+    reward = LOAD + FULL_WEIGHTS * share * (estimate_seconds(cfg, "reward") - LOAD)
     rewards = {"pooled": reward, "conditioned": reward, "per_group": reward + LOAD * (len(cfg.groups) - 1),
                "mixture": LOAD + (reward - LOAD) * (1 + 8 / (3 * cfg.offline_epochs))}
     rloo = LOAD + 2 * (estimate_seconds(cfg, "rloo") - LOAD)
@@ -376,12 +377,14 @@ def _reward_overrides(cfg: DiverseStudyConfig, method: str, pairs: Path, held: P
 
 def _train_reward(args: list[str], method: str, key: str) -> dict:
     """Train the reward model(s) of ``reward.groups = method``, each continuing a killed run of the same
-    key and deleting its checkpoints when done: {"groups": {g: held-out report}, "config"} (the
-    mixture's: {"groups": {g: its component's report}, "components", "em", "config"})."""
+    key (a finished one is kept) and deleting its checkpoints when done: {"groups": {g: held-out report},
+    "config"} (the mixture's: {"groups": {g: its component's report}, "components", "em", "config"})."""
     run = load_run_config(None, args)
     report: dict = {"groups": {}}
     for member in ALGORITHMS["reward"].member_runs(run):  # per_group: one run per group
-        train_resumable(member, fingerprint(key, str(member.output_dir)), keep_checkpoints=False)
+        member_key = fingerprint(key, str(member.output_dir))
+        if not finished(member.output_dir, member_key):
+            train_resumable(member, member_key, keep_checkpoints=False)
         result = json.loads((Path(member.output_dir) / "reward_eval.json").read_text())
         report["groups"].update(result["groups"])
     if method == "mixture":

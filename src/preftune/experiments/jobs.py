@@ -30,7 +30,7 @@ from preftune.train.loop import train
 
 log = logging.getLogger("preftune.experiments")
 
-__all__ = ["Ledger", "StudyJobs", "fingerprint", "key_args", "train_resumable", "train_run"]
+__all__ = ["Ledger", "StudyJobs", "fingerprint", "finished", "key_args", "train_resumable", "train_run"]
 
 
 def fingerprint(*parts: Any) -> str:
@@ -125,9 +125,20 @@ def train_resumable(run: Any, key: str, *, keep_checkpoints: bool = True) -> Any
     run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"key": key}), encoding="utf-8")
     result = train(run)
+    marker.write_text(json.dumps({"key": key, "finished": True}), encoding="utf-8")
     if not keep_checkpoints:
         shutil.rmtree(checkpoints_dir(run_dir), ignore_errors=True)
     return result
+
+
+def finished(run_dir: str | Path, key: str) -> bool:
+    """Whether :func:`train_resumable` finished a run of this ``key`` in ``run_dir`` (e.g. the first
+    group's model of a job killed during the second's)."""
+    try:
+        marker = json.loads((Path(run_dir) / "study_job.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return marker.get("key") == key and marker.get("finished") is True
 
 
 def train_run(overrides: list[str], key: str, *, keep_checkpoints: bool = True) -> dict:
