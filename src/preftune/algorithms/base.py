@@ -92,23 +92,23 @@ class Algorithm(nn.Module):
 
     def make_source(self, examples: list[dict], accelerator: Any):
         """The batch source the loop draws optimizer steps from (offline: the tokenized dataset)."""
+        return self.offline_source(examples, self.collate, accelerator, source=self.run.data.path, rows="training rows",
+                                   seed=self.run.train.seed,
+                                   length_of=self.example_length if self.run.data.group_by_length else None)
+
+    def offline_source(self, examples: list[dict], collate, accelerator: Any, *, source: str, rows: str, seed: int,
+                       length_of=None) -> OfflineSource:
+        """An OfflineSource of ``examples`` batched by the run's settings; fewer rows than one global batch
+        is a ConfigError naming ``source`` (the file) and the settings."""
         t = self.run.train
         batch = t.micro_batch_size * t.grad_accum_steps * accelerator.num_processes
         if len(examples) < batch:
             raise ConfigError(
-                f"{self.run.data.path}: {len(examples)} training rows for {self.run.output_dir}, fewer than one global batch of "
+                f"{source}: {len(examples)} {rows} for {self.run.output_dir}, fewer than one global batch of "
                 f"{batch} (train.micro_batch_size {t.micro_batch_size} x train.grad_accum_steps {t.grad_accum_steps} x "
                 f"{accelerator.num_processes} processes); lower train.micro_batch_size or add data")
-        return OfflineSource(
-            examples,
-            self.collate,
-            micro_batch_size=t.micro_batch_size,
-            grad_accum_steps=t.grad_accum_steps,
-            world_size=accelerator.num_processes,
-            rank=accelerator.process_index,
-            seed=t.seed,
-            length_of=self.example_length if self.run.data.group_by_length else None,
-        )
+        return OfflineSource(examples, collate, micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
+                             world_size=accelerator.num_processes, rank=accelerator.process_index, seed=seed, length_of=length_of)
 
     def tokenize(self, records: list, source: str) -> tuple[list[dict], Any]:
         """Records -> tokenized examples (+ a truncation report)."""

@@ -20,7 +20,6 @@ from preftune.config import ConfigError, doc
 from preftune.data.batches import PTX_PREFIX
 from preftune.data.collate import collate_completions
 from preftune.data.loaders import load_records
-from preftune.data.source import OfflineSource
 from preftune.data.tokenize import tokenize_sft
 from preftune.losses.rl import explained_variance, ppo_policy_loss, ppo_value_loss
 from preftune.losses.sft import sft_loss
@@ -98,16 +97,9 @@ class PPO(OnlineAlgorithm):
     def make_source(self, examples, accelerator):
         source = super().make_source(examples, accelerator)
         if self._ptx_examples:
-            t = self.run.train
             pad = self.tokenizer.pad_token_id
-            batch = t.micro_batch_size * t.grad_accum_steps * accelerator.num_processes
-            if len(self._ptx_examples) < batch:
-                raise ConfigError(f"{self.config.ptx_data}: {len(self._ptx_examples)} ptx rows, fewer than one global batch "
-                                  f"of {batch} (train.micro_batch_size x train.grad_accum_steps x processes); add rows")
-            source.companion = OfflineSource(
-                self._ptx_examples, lambda rows: collate_completions(rows, pad), micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
-                world_size=accelerator.num_processes, rank=accelerator.process_index, seed=t.seed + 1,
-            )
+            source.companion = self.offline_source(self._ptx_examples, lambda rows: collate_completions(rows, pad), accelerator,
+                                                   source=self.config.ptx_data, rows="ptx rows", seed=self.run.train.seed + 1)
         return source
 
     # -- values ----------------------------------------------------------------------------------
